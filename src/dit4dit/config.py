@@ -1,0 +1,505 @@
+"""Typed, frozen configuration for every part of dit4dit, and the named preset registry.
+
+Every config is a frozen dataclass. Presets are plain functions returning a full `DiT4DiTConfig`;
+`override(cfg, ["action.num_layers=8", "lambda_video=0.5"])` applies dotted CLI overrides with
+type checking, so the same config system serves `train`, `serve`, `info` and `bench`.
+
+Conventions (see docs/conventions.md):
+- flow time `tau` in [0, 1], 0 = data, 1 = noise;
+- `feature_blocks = L` means blocks 0..L-1 are run (the paper's "layer 18" is `feature_blocks=18`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Callable, Literal
+
+# --------------------------------------------------------------------------------------------
+# Part configs
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VideoDiTConfig:
+    """Arguments of `diffusers.CosmosTransformer3DModel`, spelled out (never rely on its defaults).
+
+    `in_channels` counts the latent channels plus the condition-mask channel, as in the
+    official checkpoints (16 + 1 = 17 for the 2B model).
+    """
+
+    in_channels: int = 17
+    out_channels: int = 16
+    num_attention_heads: int = 16
+    attention_head_dim: int = 128
+    num_layers: int = 28
+    mlp_ratio: float = 4.0
+    text_embed_dim: int = 1024
+    adaln_lora_dim: int = 256
+    max_size: tuple[int, int, int] = (128, 240, 240)
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    rope_scale: tuple[float, float, float] = (1.0, 3.0, 3.0)
+    concat_padding_mask: bool = True
+    extra_pos_embed_type: str | None = None
+    use_crossattn_projection: bool = True
+    crossattn_proj_in_channels: int = 100352
+    encoder_hidden_states_channels: int = 1024
+    # Multiplier applied to tau before the sinusoidal timestep embedding. The pretrained Cosmos
+    # checkpoints take tau unscaled (1.0); a model trained from scratch separates tau far better
+    # with 1000 (the sinusoid barely varies over [0, 1] otherwise).
+    timestep_scale: float = 1.0
+    # fps handed to the rotary embedding (None = image-style temporal positions).
+    rope_fps: float | None = None
+
+    @property
+    def width(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def latent_channels(self) -> int:
+        return self.in_channels - 1
+
+    @property
+    def text_input_dim(self) -> int:
+        """Width of the text embedding the transformer takes (before its own projection)."""
+        return self.crossattn_proj_in_channels if self.use_crossattn_projection else self.text_embed_dim
+
+    def diffusers_kwargs(self) -> dict[str, Any]:
+        skip = {"timestep_scale", "rope_fps"}
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
+        for k in ("max_size", "patch_size", "rope_scale"):
+            out[k] = tuple(out[k])
+        return out
+
+
+@dataclass(frozen=True)
+class ActionDiTConfig:
+    """GR00T-N1-style action DiT (DESIGN §4)."""
+
+    num_layers: int = 16
+    num_attention_heads: int = 12
+    attention_head_dim: int = 64
+    cross_attention_dim: int = 2048  # width of the video features
+    mlp_hidden: int = 2560  # state encoder / action decoder MLP width
+    action_dim: int = 32  # padded
+    state_dim: int = 64  # padded
+    action_horizon: int = 16
+    num_future_tokens: int = 32
+    max_seq_len: int = 1024
+    dropout: float = 0.2
+    # Learned positions added to the video features before cross-attention (Cosmos hidden
+    # states carry no absolute position: RoPE only).
+    feature_pos_embed: bool = True
+    max_feature_tokens: int = 4096
+
+    @property
+    def width(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+
+@dataclass(frozen=True)
+class CodecConfig:
+    """Latent codec: `pixel` (parameter-free space-to-depth) or `wan_vae` (frozen Wan2.1 VAE)."""
+
+    kind: Literal["pixel", "wan_vae"] = "wan_vae"
+    pixel_factor: int = 8  # space-to-depth factor of the pixel codec
+    path: str | None = None  # folder holding the VAE (diffusers layout); None = `<backbone>/vae`
+    subfolder: str | None = "vae"
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """Text conditioning: `tiny` (small trainable encoder) or `cosmos_reason1` (frozen Qwen2.5-VL)."""
+
+    kind: Literal["tiny", "cosmos_reason1"] = "cosmos_reason1"
+    path: str | None = None  # Qwen2.5-VL folder; None = `<backbone>/text_encoder`
+    max_length: int = 512
+    # tiny encoder
+    width: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+
+
+@dataclass(frozen=True)
+class InputConfig:
+    """What one training sample / one policy call holds (the evaluation protocol of a model)."""
+
+    cameras: tuple[str, ...] = ("image",)
+    camera_layout: Literal["side_by_side", "single"] = "single"
+    image_size: tuple[int, int] = (224, 224)  # (H, W) of the combined image
+    num_cond_frames: int = 1
+    num_future_frames: int = 8
+    frame_stride: int = 1  # dataset frames between consecutive future frames
+    fps: float = 10.0
+
+    @property
+    def num_frames(self) -> int:
+        return self.num_cond_frames + self.num_future_frames
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and run settings (paper appendix / DESIGN §5 for the 2B recipe)."""
+
+    steps: int = 100_000
+    batch_size: int = 8  # per process
+    grad_accum: int = 1
+    lr_video: float = 1e-5
+    lr_action: float = 1e-4
+    lr_other: float = 1e-4  # trainable text encoder and anything else
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 1e-8
+    warmup_steps: int = 5_000
+    min_lr: float = 5e-7
+    grad_clip: float = 1.0
+    ema_decay: float | None = None  # EMA of the trainable weights (used for inference when set)
+    precision: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    seed: int = 0
+    num_workers: int = 2
+    log_every: int = 10
+    save_every: int = 1_000
+    keep_last: int = 3
+    image_every: int = 0  # every N steps log predicted vs real future frames (0 = off)
+    eval_every: int = 0  # every N steps a closed-loop evaluation (0 = off)
+    fused_adam: bool = True  # fused AdamW on CUDA
+    distributed: Literal["auto", "ddp", "fsdp"] = "auto"  # auto: FSDP2 for the 2B model, DDP otherwise
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "dit4dit"
+
+
+@dataclass(frozen=True)
+class DiT4DiTConfig:
+    name: str = "custom"
+    video: VideoDiTConfig = field(default_factory=VideoDiTConfig)
+    action: ActionDiTConfig = field(default_factory=ActionDiTConfig)
+    codec: CodecConfig = field(default_factory=CodecConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    inputs: InputConfig = field(default_factory=InputConfig)
+
+    # --- feature extraction ---
+    feature_blocks: int = 18  # number of video-DiT blocks run for the features (paper: layer 18)
+    tau_f: float = 0.995  # fixed feature flow time (first sigma of the Cosmos scheduler, 1 step)
+    tau_f_buckets: int | None = None  # Algorithm 1: draw tau_f from {0/T, ..., T/T} during training
+    feature_denoise_steps: int = 1  # Euler steps of the video DiT before extraction (ablation)
+    feature_grad: Literal["end_to_end", "detached"] = "end_to_end"
+
+    # --- losses ---
+    mode: Literal["joint", "action_only", "video_only"] = "joint"
+    lambda_video: float = 1.0
+    tau_a_alpha: float = 1.5
+    tau_a_beta: float = 1.0
+    tau_a_scale: float = 0.999  # tau_a = Beta(alpha, beta) / scale (clamped to 1)
+    repeated_diffusion_steps: int = 4
+    # Fraction of the batch that carries the video loss (1.0 = every sample); thinning it is a
+    # throughput lever for small CPU runs.
+    video_loss_fraction: float = 1.0
+    share_video_passes: bool = True  # run tau_v and tau_f passes as one batched forward
+
+    # --- inference ---
+    num_action_steps: int = 4
+    num_video_steps: int = 10
+
+    # --- memory ---
+    gradient_checkpointing: bool = False
+
+    # --- data and training ---
+    schema: str = "metaworld_sawyer"  # embodiment schema (dit4dit.data.schema)
+    normalization: Literal["min_max", "quantile"] = "min_max"
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "DiT4DiTConfig":
+        return _from_dict(cls, d, "config")
+
+    def validate(self) -> "DiT4DiTConfig":
+        errs = []
+        if not 1 <= self.feature_blocks <= self.video.num_layers:
+            errs.append(f"feature_blocks={self.feature_blocks} must be in [1, video.num_layers={self.video.num_layers}]")
+        if not 0.0 <= self.tau_f <= 1.0:
+            errs.append(f"tau_f={self.tau_f} must be in [0, 1]")
+        if self.tau_f_buckets is not None and self.tau_f_buckets < 1:
+            errs.append(f"tau_f_buckets={self.tau_f_buckets} must be >= 1")
+        if self.action.cross_attention_dim != self.video.width:
+            errs.append(
+                f"action.cross_attention_dim={self.action.cross_attention_dim} must equal the video DiT width "
+                f"{self.video.width}"
+            )
+        if self.repeated_diffusion_steps < 1:
+            errs.append("repeated_diffusion_steps must be >= 1")
+        if not 0.0 < self.video_loss_fraction <= 1.0:
+            errs.append(f"video_loss_fraction={self.video_loss_fraction} must be in (0, 1]")
+        if self.lambda_video < 0:
+            errs.append("lambda_video must be >= 0")
+        if self.num_action_steps < 1 or self.num_video_steps < 1 or self.feature_denoise_steps < 1:
+            errs.append("step counts must be >= 1")
+        if self.codec.kind == "pixel":
+            f = self.codec.pixel_factor
+            want = 3 * f * f + 1
+            if self.video.in_channels != want:
+                errs.append(f"pixel codec with factor {f} gives {want - 1} latent channels; video.in_channels must be {want}")
+            h, w = self.inputs.image_size
+            ph, pw = self.video.patch_size[1:]
+            if h % (f * ph) or w % (f * pw):
+                errs.append(f"inputs.image_size={self.inputs.image_size} must be divisible by {f}x patch {ph}")
+        if self.codec.kind == "wan_vae" and self.video.in_channels != 17:
+            errs.append("the Wan2.1 VAE has 16 latent channels; video.in_channels must be 17")
+        if self.inputs.num_cond_frames < 1 or self.inputs.num_future_frames < 1:
+            errs.append("inputs need at least one conditioning and one future frame")
+        if self.mode not in ("joint", "action_only", "video_only"):
+            errs.append(f"mode={self.mode!r} must be joint | action_only | video_only")
+        if self.feature_grad not in ("end_to_end", "detached"):
+            errs.append(f"feature_grad={self.feature_grad!r} must be end_to_end | detached")
+        t = self.train
+        if t.steps < 1 or t.batch_size < 1 or t.grad_accum < 1:
+            errs.append("train.steps, train.batch_size and train.grad_accum must be >= 1")
+        if min(t.lr_video, t.lr_action, t.lr_other) < 0 or t.min_lr < 0:
+            errs.append("learning rates must be >= 0")
+        if t.warmup_steps < 0 or t.keep_last < 1 or t.save_every < 1 or t.log_every < 1:
+            errs.append("train.warmup_steps >= 0, train.keep_last/save_every/log_every >= 1")
+        if t.ema_decay is not None and not 0.0 < t.ema_decay < 1.0:
+            errs.append(f"train.ema_decay={t.ema_decay} must be in (0, 1)")
+        if errs:
+            raise ConfigError(f"invalid config {self.name!r}:\n  - " + "\n  - ".join(errs))
+        return self
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value (named in the message)."""
+
+
+# --------------------------------------------------------------------------------------------
+# dict <-> dataclass and CLI overrides
+# --------------------------------------------------------------------------------------------
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return _from_dict(tp, value, where)
+    if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
+        if value is None and type(None) in args:
+            return None
+        last: Exception | None = None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(a, value, where)
+            except ConfigError as e:
+                last = e
+        raise ConfigError(f"{where}: {value!r} does not fit {tp}") from last
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(args[0], v, where) for v in value)
+        if len(args) != len(value):
+            raise ConfigError(f"{where}: expected {len(args)} values, got {value!r}")
+        return tuple(_coerce(a, v, where) for a, v in zip(args, value))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    if tp is type(None):
+        if value is not None:
+            raise ConfigError(f"{where}: expected null, got {value!r}")
+        return None
+    return value
+
+
+def _from_dict(cls: Any, d: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; valid keys: {sorted(names)}")
+    kwargs = {k: _coerce(hints[k], v, f"{where}.{k}") for k, v in d.items()}
+    return cls(**kwargs)
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        low = text.lower()
+        if low in ("true", "false"):
+            return low == "true"
+        if low in ("none", "null"):
+            return None
+        if "," in text:
+            return [_parse_value(t) for t in text.split(",")]
+        return text
+
+
+def override(cfg: Any, assignments: list[str] | tuple[str, ...]) -> Any:
+    """Apply `key.sub=value` assignments (values parsed as JSON where possible)."""
+    for item in assignments:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE (for example action.num_layers=8)")
+        key, text = item.split("=", 1)
+        cfg = _set_path(cfg, key.strip().split("."), _parse_value(text.strip()), key)
+    return cfg
+
+
+def _set_path(obj: Any, path: list[str], value: Any, full: str) -> Any:
+    hints = typing.get_type_hints(type(obj))
+    head = path[0]
+    if head not in hints:
+        valid = sorted(f.name for f in fields(obj))
+        raise ConfigError(f"override {full!r}: {type(obj).__name__} has no field {head!r}; valid: {valid}")
+    if len(path) == 1:
+        new = _coerce(hints[head], value, full)
+    else:
+        new = _set_path(getattr(obj, head), path[1:], value, full)
+    return replace(obj, **{head: new})
+
+
+# --------------------------------------------------------------------------------------------
+# Presets
+# --------------------------------------------------------------------------------------------
+
+PRESETS: dict[str, Callable[[], DiT4DiTConfig]] = {}
+
+
+def register_preset(name: str) -> Callable[[Callable[[], DiT4DiTConfig]], Callable[[], DiT4DiTConfig]]:
+    def deco(fn: Callable[[], DiT4DiTConfig]) -> Callable[[], DiT4DiTConfig]:
+        PRESETS[name] = fn
+        return fn
+
+    return deco
+
+
+def get_preset(name: str, overrides: list[str] | tuple[str, ...] = ()) -> DiT4DiTConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; available: {sorted(PRESETS)}")
+    cfg = override(PRESETS[name](), overrides)
+    return cfg.validate()
+
+
+@register_preset("cosmos-2b")
+def _cosmos_2b() -> DiT4DiTConfig:
+    """The paper's model: Cosmos-Predict2.5-2B video DiT + DiT-B action DiT, one 224x224 view."""
+    return DiT4DiTConfig(
+        name="cosmos-2b",
+        video=VideoDiTConfig(),
+        action=ActionDiTConfig(),
+        codec=CodecConfig(kind="wan_vae"),
+        text=TextConfig(kind="cosmos_reason1"),
+        inputs=InputConfig(cameras=("image",), camera_layout="single", image_size=(224, 224),
+                           num_cond_frames=1, num_future_frames=8, fps=16.0),
+        feature_blocks=18,
+        gradient_checkpointing=True,
+    )
+
+
+@register_preset("libero")
+def _libero() -> DiT4DiTConfig:
+    """LIBERO input shape: primary + wrist views side by side (224 x 448), 1 + 4 frames, horizon 8."""
+    base = _cosmos_2b()
+    return replace(
+        base,
+        name="libero",
+        schema="libero_franka",
+        action=replace(base.action, action_horizon=8),
+        inputs=InputConfig(cameras=("image", "wrist_image"), camera_layout="side_by_side",
+                           image_size=(224, 448), num_cond_frames=1, num_future_frames=4, fps=20.0),
+    )
+
+
+@register_preset("robocasa-gr1")
+def _robocasa_gr1() -> DiT4DiTConfig:
+    """RoboCasa-GR1 input shape: one ego view 224 x 224, 1 + 8 frames, horizon 16."""
+    base = _cosmos_2b()
+    return replace(
+        base,
+        name="robocasa-gr1",
+        schema="robocasa_gr1",
+        inputs=InputConfig(cameras=("ego_view",), camera_layout="single", image_size=(224, 224),
+                           num_cond_frames=1, num_future_frames=8, fps=20.0),
+    )
+
+
+@register_preset("tiny")
+def _tiny() -> DiT4DiTConfig:
+    """A few-million-parameter model trained from scratch on CPU: pixel codec, tiny text encoder."""
+    video = VideoDiTConfig(
+        in_channels=3 * 4 * 4 + 1,
+        out_channels=3 * 4 * 4,
+        num_attention_heads=4,
+        attention_head_dim=32,
+        num_layers=4,
+        mlp_ratio=4.0,
+        text_embed_dim=128,
+        adaln_lora_dim=32,
+        max_size=(32, 64, 64),
+        patch_size=(1, 2, 2),
+        rope_scale=(1.0, 1.0, 1.0),
+        concat_padding_mask=True,
+        extra_pos_embed_type=None,
+        use_crossattn_projection=False,
+        crossattn_proj_in_channels=128,
+        encoder_hidden_states_channels=128,
+        timestep_scale=1000.0,
+    )
+    action = ActionDiTConfig(
+        num_layers=4,
+        num_attention_heads=4,
+        attention_head_dim=32,
+        cross_attention_dim=video.width,
+        mlp_hidden=256,
+        action_horizon=8,
+        num_future_tokens=8,
+        max_seq_len=128,
+        dropout=0.1,
+        max_feature_tokens=1024,
+    )
+    return DiT4DiTConfig(
+        name="tiny",
+        video=video,
+        action=action,
+        codec=CodecConfig(kind="pixel", pixel_factor=4),
+        text=TextConfig(kind="tiny", max_length=32, width=128, num_layers=1, num_heads=4),
+        inputs=InputConfig(cameras=("image",), camera_layout="single", image_size=(64, 64),
+                           num_cond_frames=1, num_future_frames=2, frame_stride=4, fps=20.0),
+        feature_blocks=3,
+        tau_f=0.995,
+        lambda_video=1.0,
+        repeated_diffusion_steps=4,
+        gradient_checkpointing=False,
+        schema="metaworld_sawyer",
+        train=TrainConfig(steps=2_000, batch_size=32, lr_video=1e-3, lr_action=1e-3, lr_other=1e-3,
+                          weight_decay=1e-4, warmup_steps=100, min_lr=1e-5, ema_decay=0.995,
+                          num_workers=1, log_every=25, save_every=500, keep_last=2),
+    )
+
+
+def preset_names() -> list[str]:
+    return sorted(PRESETS)

@@ -1,0 +1,321 @@
+"""Latent codecs: map video frames in [-1, 1] to the (normalised) latent space the video DiT sees.
+
+Two codecs share one interface (`LatentCodec`):
+
+- `PixelCodec(factor)`: parameter-free space-to-depth. A frame (3, H, W) becomes
+  (3 * f * f, H / f, W / f); `decode` is its exact inverse. Used by the tiny models trained from
+  scratch on CPU.
+- `WanVAECodec`: the frozen Wan2.1 VAE (`diffusers.AutoencoderKLWan`) used by Cosmos-Predict2.5.
+  Causal in time: T = 1 + 4k frames give 1 + k latent frames, the first frame is encoded on its
+  own, so the conditioning frame alone can be encoded without padding the clip.
+
+Normalisation (DESIGN §3): latents are `(z - latents_mean) / latents_std`, with the *true*
+standard deviation from the VAE config. The diffusers Cosmos pipeline stores `1 / std` in an
+attribute that is also called `latents_std` and multiplies by it; code that divides by that
+attribute multiplies by std instead. We never read the pipeline attribute: the statistics come
+straight from `vae.config`.
+
+Tensor layout everywhere: (B, C, T, H, W).
+"""
+
+from __future__ import annotations
+
+import json
+import operator
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from dit4dit.config import CodecConfig
+
+__all__ = ["LatentCodec", "PixelCodec", "WanVAECodec", "build_codec"]
+
+
+class LatentCodec(nn.Module):
+    """Base class of frozen / parameter-free codecs.
+
+    Subclasses set `latent_channels`, `spatial_factor` (pixels per latent cell along H and W) and
+    `temporal_factor` (1 for per-frame codecs, 4 for the causal Wan VAE).
+    """
+
+    latent_channels: int
+    spatial_factor: int
+    temporal_factor: int
+
+    # ---- shapes -----------------------------------------------------------------------------
+
+    def num_latent_frames(self, num_frames: int) -> int:
+        """Number of latent frames for a clip of `num_frames` frames (ValueError if invalid)."""
+        try:
+            if isinstance(num_frames, bool):
+                raise TypeError
+            num_frames = operator.index(num_frames)
+        except TypeError:
+            raise ValueError(f"{type(self).__name__}: num_frames must be an int, got {num_frames!r}") from None
+        tf = self.temporal_factor
+        if num_frames < 1:
+            raise ValueError(f"{type(self).__name__}: num_frames must be >= 1, got {num_frames}")
+        if tf == 1:
+            return num_frames
+        if (num_frames - 1) % tf != 0:
+            lo = 1 + tf * ((num_frames - 1) // tf)
+            raise ValueError(
+                f"{type(self).__name__} is causal with temporal factor {tf}: a clip must hold 1 + {tf}*k frames "
+                f"(1, {1 + tf}, {1 + 2 * tf}, ...), got {num_frames} (nearest valid: {lo} or {lo + tf})"
+            )
+        return 1 + (num_frames - 1) // tf
+
+    def num_frames(self, num_latent_frames: int) -> int:
+        """Inverse of `num_latent_frames`: frames produced by decoding `num_latent_frames` latents."""
+        if num_latent_frames < 1:
+            raise ValueError(f"num_latent_frames must be >= 1, got {num_latent_frames}")
+        return 1 + self.temporal_factor * (num_latent_frames - 1)
+
+    def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+        """(C, T', H/f, W/f) for a clip of the given size (ValueError if it does not divide)."""
+        self._check_spatial(height, width)
+        f = self.spatial_factor
+        return (self.latent_channels, self.num_latent_frames(num_frames), height // f, width // f)
+
+    def _check_spatial(self, height: int, width: int) -> None:
+        f = self.spatial_factor
+        if height % f or width % f or height < f or width < f:
+            raise ValueError(
+                f"{type(self).__name__}: frame size {height}x{width} must be a positive multiple of the spatial "
+                f"factor {f}"
+            )
+
+    def _check_frames(self, frames: Tensor) -> None:
+        if not isinstance(frames, Tensor) or frames.ndim != 5:
+            shape = tuple(frames.shape) if isinstance(frames, Tensor) else type(frames).__name__
+            raise ValueError(f"{type(self).__name__}.encode expects frames (B, 3, T, H, W), got {shape}")
+        if frames.shape[1] != 3:
+            raise ValueError(
+                f"{type(self).__name__}.encode expects 3 colour channels in dim 1 (B, 3, T, H, W), got shape "
+                f"{tuple(frames.shape)}"
+            )
+        self.num_latent_frames(int(frames.shape[2]))
+        self._check_spatial(int(frames.shape[3]), int(frames.shape[4]))
+
+    def _check_latents(self, latents: Tensor) -> None:
+        if not isinstance(latents, Tensor) or latents.ndim != 5 or latents.shape[1] != self.latent_channels:
+            shape = tuple(latents.shape) if isinstance(latents, Tensor) else type(latents).__name__
+            raise ValueError(
+                f"{type(self).__name__}.decode expects latents (B, {self.latent_channels}, T, h, w), got {shape}"
+            )
+
+    # ---- codec ------------------------------------------------------------------------------
+
+    def encode(self, frames: Tensor) -> Tensor:
+        """(B, 3, T, H, W) in [-1, 1] -> normalised latents (B, C, T', H/f, W/f)."""
+        raise NotImplementedError
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """Normalised latents (B, C, T', h, w) -> frames (B, 3, T, h*f, w*f) in [-1, 1]."""
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return (
+            f"latent_channels={self.latent_channels}, spatial_factor={self.spatial_factor}, "
+            f"temporal_factor={self.temporal_factor}"
+        )
+
+
+class PixelCodec(LatentCodec):
+    """Parameter-free space-to-depth codec: (3, T, H, W) -> (3*f*f, T, H/f, W/f), exact inverse.
+
+    Channel order of the latents is (colour, row offset, column offset), i.e. channel
+    `c * f * f + dy * f + dx` holds pixel `(f * i + dy, f * j + dx)` of colour `c`.
+    Pixel values are kept as they are (frames in [-1, 1] are already roughly unit scale).
+    """
+
+    def __init__(self, factor: int = 8):
+        super().__init__()
+        if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
+            raise ValueError(f"PixelCodec factor must be a positive int, got {factor!r}")
+        self.factor = factor
+        self.latent_channels = 3 * factor * factor
+        self.spatial_factor = factor
+        self.temporal_factor = 1
+
+    def encode(self, frames: Tensor) -> Tensor:
+        self._check_frames(frames)
+        b, c, t, h, w = frames.shape
+        f = self.factor
+        x = frames.reshape(b, c, t, h // f, f, w // f, f)
+        x = x.permute(0, 1, 4, 6, 2, 3, 5)  # b, c, dy, dx, t, i, j
+        return x.reshape(b, c * f * f, t, h // f, w // f)
+
+    def decode(self, latents: Tensor) -> Tensor:
+        self._check_latents(latents)
+        b, _, t, h, w = latents.shape
+        f = self.factor
+        x = latents.reshape(b, 3, f, f, t, h, w)
+        x = x.permute(0, 1, 4, 5, 2, 6, 3)  # b, c, t, i, dy, j, dx
+        return x.reshape(b, 3, t, h * f, w * f).clamp(-1.0, 1.0)
+
+
+class WanVAECodec(LatentCodec):
+    """Frozen Wan2.1 VAE (`diffusers.AutoencoderKLWan`) with Cosmos latent normalisation.
+
+    `encode` is deterministic (posterior mode) and returns `(z - mean) / std` in float32;
+    `decode` applies `z * std + mean`, runs the VAE decoder and clamps to [-1, 1].
+    The VAE is always in eval mode, never gets gradients, and both directions run under no_grad.
+    """
+
+    def __init__(self, vae: nn.Module, source: str | None = None):
+        super().__init__()
+        cfg = vae.config
+        for key in ("z_dim", "latents_mean", "latents_std", "temperal_downsample"):
+            if cfg.get(key) is None:
+                raise ValueError(f"VAE config{_where(source)} lacks {key!r}; is this an AutoencoderKLWan?")
+        z_dim = int(cfg.z_dim)
+        mean = torch.tensor(list(cfg.latents_mean), dtype=torch.float32)
+        std = torch.tensor(list(cfg.latents_std), dtype=torch.float32)
+        if mean.numel() != z_dim or std.numel() != z_dim:
+            raise ValueError(
+                f"VAE config{_where(source)}: latents_mean/latents_std need {z_dim} values (z_dim), got "
+                f"{mean.numel()} and {std.numel()}"
+            )
+        if not bool((std > 0).all()):
+            raise ValueError(f"VAE config{_where(source)}: latents_std must be positive, got {std.tolist()}")
+
+        self.vae = vae
+        self.source = source
+        self.latent_channels = z_dim
+        down = list(cfg.temperal_downsample)
+        patch = getattr(cfg, "patch_size", None) or 1
+        self.spatial_factor = (2 ** len(down)) * int(patch)
+        self.temporal_factor = 2 ** sum(bool(d) for d in down)
+        # True statistics, shape (1, C, 1, 1, 1). Not saved in state_dict: they belong to the VAE config.
+        self.register_buffer("latents_mean", mean.view(1, z_dim, 1, 1, 1), persistent=False)
+        self.register_buffer("latents_std", std.view(1, z_dim, 1, 1, 1), persistent=False)
+        self._freeze()
+
+    def _freeze(self) -> None:
+        self.vae.eval()
+        self.vae.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "WanVAECodec":
+        # The VAE is frozen: keep it in eval mode whatever the parent module does.
+        super().train(mode)
+        self.vae.eval()
+        return self
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.vae.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.vae.parameters()).device
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        subfolder: str | None = "vae",
+        dtype: torch.dtype = torch.float32,
+    ) -> "WanVAECodec":
+        """Load `AutoencoderKLWan` from a local folder (never the hub).
+
+        `path` is either a diffusers pipeline folder holding `<subfolder>/config.json` (the Cosmos
+        checkpoint layout, `subfolder="vae"`), or the VAE folder itself (`config.json` directly in
+        `path`; then `subfolder` may be None or is ignored when `path/subfolder` does not exist).
+        """
+        from diffusers import AutoencoderKLWan
+
+        folder = resolve_vae_folder(path, subfolder)
+        try:
+            vae = AutoencoderKLWan.from_pretrained(
+                str(folder), torch_dtype=dtype, local_files_only=True, use_safetensors=True
+            )
+        except (OSError, ValueError, EnvironmentError) as e:
+            raise OSError(f"could not load the Wan VAE from {folder}: {e}") from e
+        return cls(vae, source=str(folder))
+
+    @torch.no_grad()
+    def encode(self, frames: Tensor) -> Tensor:
+        self._check_frames(frames)
+        x = frames.to(device=self.device, dtype=self.dtype)
+        posterior = self.vae.encode(x).latent_dist
+        z = posterior.mode().float()
+        return (z - self.latents_mean) / self.latents_std
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        self._check_latents(latents)
+        z = latents.float().to(self.latents_mean.device) * self.latents_std + self.latents_mean
+        out = self.vae.decode(z.to(dtype=self.dtype)).sample
+        return out.float().clamp(-1.0, 1.0)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (f", source={self.source!r}" if self.source else "")
+
+
+def _where(source: str | None) -> str:
+    return f" ({source})" if source else ""
+
+
+def resolve_vae_folder(path: str | Path, subfolder: str | None = "vae") -> Path:
+    """Find the folder holding the VAE's `config.json`; clear FileNotFoundError naming the paths tried."""
+    if path is None:
+        raise FileNotFoundError("no VAE path given (set codec.path or the backbone folder)")
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise FileNotFoundError(f"VAE folder not found: {root}")
+    if not root.is_dir():
+        raise FileNotFoundError(f"VAE path is not a folder: {root}")
+    tried = []
+    if subfolder:
+        sub = root / subfolder
+        tried.append(sub / "config.json")
+        if (sub / "config.json").is_file():
+            return _check_vae_config(sub)
+    tried.append(root / "config.json")
+    if (root / "config.json").is_file() and _looks_like_vae(root / "config.json"):
+        return _check_vae_config(root)
+    if subfolder and not (root / subfolder).exists():
+        raise FileNotFoundError(
+            f"VAE subfolder not found: {root / subfolder} (and {root} holds no AutoencoderKLWan config.json); "
+            f"expected a diffusers layout <path>/{subfolder}/config.json"
+        )
+    raise FileNotFoundError("VAE config.json not found; tried: " + ", ".join(str(t) for t in tried))
+
+
+def _looks_like_vae(config_file: Path) -> bool:
+    try:
+        d = json.loads(config_file.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return d.get("_class_name") == "AutoencoderKLWan" or "latents_std" in d
+
+
+def _check_vae_config(folder: Path) -> Path:
+    cfg_file = folder / "config.json"
+    try:
+        d = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"VAE config is not valid JSON: {cfg_file}: {e}") from e
+    name = d.get("_class_name")
+    if name is not None and name != "AutoencoderKLWan":
+        raise ValueError(f"{cfg_file} describes a {name}, expected an AutoencoderKLWan (Wan2.1 VAE)")
+    if not any(folder.glob("*.safetensors")):
+        raise FileNotFoundError(f"VAE folder {folder} has a config.json but no weight file (*.safetensors)")
+    return folder
+
+
+def build_codec(cfg: CodecConfig, backbone: str | None = None) -> LatentCodec:
+    """Codec from config: `pixel` -> PixelCodec; `wan_vae` -> VAE from `cfg.path` or `<backbone>/<subfolder>`."""
+    if cfg.kind == "pixel":
+        return PixelCodec(cfg.pixel_factor)
+    if cfg.kind == "wan_vae":
+        path = cfg.path if cfg.path is not None else backbone
+        if path is None:
+            raise ValueError(
+                "codec.kind='wan_vae' needs a VAE folder: set codec.path or give the Cosmos backbone folder "
+                "(which holds vae/)"
+            )
+        return WanVAECodec.from_pretrained(path, subfolder=cfg.subfolder)
+    raise ValueError(f"unknown codec kind {cfg.kind!r}; expected 'pixel' or 'wan_vae'")

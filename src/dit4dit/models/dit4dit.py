@@ -1,0 +1,342 @@
+"""DiT4DiT: the joint video-action model (the paper's Algorithms 1 and 2).
+
+Training step (`loss`):
+  1. encode the clip (conditioning + future frames) with the frozen codec;
+  2. video loss: future latents at `tau_v ~ U[0, 1]`, predict the velocity, MSE on future frames;
+  3. features: future latents at `tau_f`, run the video DiT up to `feature_blocks` and take the
+     hidden states `h` (B, tokens, width) — in one batched forward with step 2 when possible;
+  4. action loss: `repeated_diffusion_steps` draws of `tau_a = Beta(1.5, 1) / 0.999` and noise per
+     sample, the action DiT predicts the velocity from `h` and the state; masked MSE;
+  5. total = L_action + lambda * L_video.
+
+Inference (`predict_action`): encode the conditioning frame(s) alone, draw one future noise
+latent, one truncated feature pass at `tau_f`, then `num_action_steps` Euler steps of the action
+DiT from noise (tau = 1) to the action chunk (tau = 0). `predict_video` integrates the video DiT
+instead and decodes the predicted future frames.
+
+Batch contract (what the data pipeline produces):
+  video (B, 3, T, H, W) in [-1, 1], T = num_cond_frames + num_future_frames
+  state (B, state_dim), state_mask (B, state_dim) bool
+  actions (B, H, action_dim), action_mask (B, H, action_dim) bool
+  instruction list[str]; optional future_mask (B, num_future_frames) bool
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import flow
+from ..config import DiT4DiTConfig
+from .action_dit import ActionDiT
+from .codecs import LatentCodec, build_codec
+from .text import EmbeddingCache, TextEncoder, build_text_encoder
+from .video_dit import VideoDiT
+
+
+class DiT4DiT(nn.Module):
+    def __init__(self, cfg: DiT4DiTConfig, video_dit: VideoDiT, action_dit: ActionDiT, codec: LatentCodec,
+                 text_encoder: TextEncoder | None, text_cache: EmbeddingCache | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.video_dit = video_dit
+        self.action_dit = action_dit
+        self.codec = codec
+        # A frozen text encoder (the 7B Cosmos-Reason1) is optional once its embeddings are cached.
+        self.text_encoder = text_encoder
+        self.text_cache = text_cache
+        self.video_dit.gradient_checkpointing = cfg.gradient_checkpointing
+        # Inference-time memo of text embeddings per prompt (weights are fixed while serving);
+        # cleared whenever the model switches mode, so training never sees a stale embedding.
+        self._text_memo: dict[str, torch.Tensor] = {}
+
+    def train(self, mode: bool = True) -> "DiT4DiT":
+        self._text_memo.clear()
+        return super().train(mode)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_config(cls, cfg: DiT4DiTConfig, backbone: str | None = None, *, text_cache_dir: str | None = None,
+                    load_text_encoder: bool = True, video_dtype: torch.dtype | None = None) -> "DiT4DiT":
+        """Build a model. With `backbone`, the video DiT (and the VAE / text encoder, unless their
+        configs name other folders) are loaded from that local Cosmos-Predict2.5 diffusers folder."""
+        cfg.validate()
+        if backbone is not None:
+            video = VideoDiT.from_pretrained(backbone, cfg.video, torch_dtype=video_dtype or torch.bfloat16)
+        else:
+            video = VideoDiT(cfg.video)
+            if video_dtype is not None:
+                video.to(video_dtype)
+        action = ActionDiT(cfg.action)
+        codec = build_codec(cfg.codec, backbone)
+        text = None
+        if cfg.text.kind == "tiny" or load_text_encoder:
+            text = build_text_encoder(cfg.text, cfg.video.text_input_dim, backbone)
+        cache = EmbeddingCache(text_cache_dir) if text_cache_dir else None
+        return cls(cfg, video, action, codec, text, cache)
+
+    # ------------------------------------------------------------------ encoders
+    def encode_text(self, prompts: list[str]) -> torch.Tensor:
+        """(B, L, D) text embedding; frozen encoders go through the on-disk cache when one is set.
+
+        In eval mode without autograd (serving), embeddings are memoised per prompt.
+        """
+        if not self.training and not torch.is_grad_enabled():
+            missing = [p for p in dict.fromkeys(prompts) if p not in self._text_memo]
+            if missing:
+                for p, e in zip(missing, self._encode_text(missing)):
+                    self._text_memo[p] = e
+            return torch.stack([self._text_memo[p] for p in prompts])
+        return self._encode_text(prompts)
+
+    def _encode_text(self, prompts: list[str]) -> torch.Tensor:
+        enc = self.text_encoder
+        if enc is not None and enc.trainable:
+            return enc(prompts)
+        if self.text_cache is not None and enc is not None:
+            out = self.text_cache.embed(enc, prompts)
+        elif enc is not None:
+            with torch.no_grad():
+                out = enc(prompts)
+        else:
+            raise RuntimeError("no text encoder loaded and no embedding cache set: run `dit4dit embed-text` "
+                               "or load the text encoder")
+        return out.to(self.device)
+
+    @torch.no_grad()
+    def encode_video(self, video: torch.Tensor) -> torch.Tensor:
+        """Frames (B, 3, T, H, W) in [-1, 1] -> normalised latents (B, C, T', h, w) in the DiT's dtype."""
+        return self.codec.encode(video).to(self.video_dtype)
+
+    @property
+    def num_cond_latents(self) -> int:
+        return self.codec.num_latent_frames(self.cfg.inputs.num_cond_frames)
+
+    @property
+    def num_future_latents(self) -> int:
+        return self.codec.num_latent_frames(self.cfg.inputs.num_frames) - self.num_cond_latents
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.action_dit.parameters()).device
+
+    @property
+    def video_dtype(self) -> torch.dtype:
+        return next(self.video_dit.parameters()).dtype
+
+    # ------------------------------------------------------------------ training
+    def loss(self, batch: dict[str, Any], generator: torch.Generator | None = None
+             ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Dual flow-matching loss. Returns (total, {"loss", "loss_action", "loss_video"})."""
+        cfg = self.cfg
+        video = batch["video"].to(self.device)
+        b = video.shape[0]
+        latents = self.encode_video(video)
+        n_cond = self.num_cond_latents
+        text = self.encode_text(list(batch["instruction"]))
+        dev = latents.device
+
+        need_video = cfg.mode == "video_only" or (cfg.mode == "joint" and cfg.lambda_video > 0)
+        need_action = cfg.mode != "video_only"
+        parts: dict[str, torch.Tensor] = {}
+
+        # Video-loss rows (tau_v) and feature rows (tau_f).
+        if need_video:
+            nv = max(1, math.ceil(cfg.video_loss_fraction * b)) if need_action else b
+            tau_v = flow.sample_tau_v(nv, generator=generator, device=dev)
+            noise_v = torch.randn(latents[:nv].shape, generator=generator, device=dev, dtype=latents.dtype)
+            xv, tsv, cmv = self.video_dit.video2world_inputs(latents[:nv], noise_v, tau_v, n_cond)
+        if need_action:
+            tau_f = flow.sample_tau_f(b, cfg.tau_f, cfg.tau_f_buckets, generator=generator, device=dev)
+            xf, tsf, cmf = self._feature_inputs(latents, tau_f, text, generator)
+
+        features = velocity = None
+        shared = need_video and need_action and cfg.share_video_passes and cfg.feature_grad == "end_to_end"
+        if shared:
+            features, velocity = self.video_dit.features_and_velocity(
+                torch.cat([xv, xf]), torch.cat([tsv, tsf]), torch.cat([cmv, cmf]), torch.cat([text[:nv], text]),
+                num_blocks=cfg.feature_blocks, num_velocity=nv)
+        else:
+            if need_video:
+                velocity = self.video_dit(xv, tsv, cmv, text[:nv])
+            if need_action:
+                grad = contextlib.nullcontext() if cfg.feature_grad == "end_to_end" else torch.no_grad()
+                with grad:
+                    features = self.video_dit.features(xf, tsf, cmf, text, cfg.feature_blocks)
+        if features is not None and cfg.feature_grad == "detached":
+            features = features.detach()
+
+        if need_video:
+            target = flow.target_velocity(latents[:nv], noise_v)
+            mask = self._future_latent_mask(batch, nv, velocity)
+            parts["loss_video"] = flow.masked_mse(velocity[:, :, n_cond:], target[:, :, n_cond:], mask)
+        if need_action:
+            parts["loss_action"] = self._action_loss(features.float(), batch, generator)
+
+        if cfg.mode == "video_only":
+            total = parts["loss_video"]
+        elif cfg.mode == "action_only" or not need_video:
+            total = parts["loss_action"]
+        else:
+            total = parts["loss_action"] + cfg.lambda_video * parts["loss_video"]
+        logs = {k: float(v.detach()) for k, v in parts.items()}
+        logs["loss"] = float(total.detach())
+        return total, logs
+
+    def _feature_inputs(self, latents: torch.Tensor, tau_f: torch.Tensor, text: torch.Tensor,
+                        generator: torch.Generator | None):
+        """Video DiT input for the feature pass at `tau_f`.
+
+        One step (default): the ground-truth future latents noised to `tau_f` (the paper's
+        z_{t+1}^{tau_f}). Several steps (ablation): future latents Euler-integrated from pure noise
+        (tau = 1) down to `tau_f` by the video DiT, exactly as at inference.
+        """
+        n_cond = self.num_cond_latents
+        noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+        if self.cfg.feature_denoise_steps == 1:
+            return self.video_dit.video2world_inputs(latents, noise, tau_f, n_cond)
+        future = self._denoise_future(latents[:, :, :n_cond], noise[:, :, n_cond:], text, tau_f)
+        return self.video_dit.assemble(latents[:, :, :n_cond], future, tau_f)
+
+    @torch.no_grad()
+    def _denoise_future(self, cond: torch.Tensor, future: torch.Tensor, text: torch.Tensor,
+                        tau_end: torch.Tensor) -> torch.Tensor:
+        """`feature_denoise_steps - 1` Euler steps of the full video DiT from tau = 1 to `tau_end`."""
+        steps = self.cfg.feature_denoise_steps - 1
+        n_cond = cond.shape[2]
+        one = torch.ones_like(tau_end)
+        for i in range(steps):
+            t = one + (tau_end - one) * (i / steps)
+            t_next = one + (tau_end - one) * ((i + 1) / steps)
+            x, ts, cm = self.video_dit.assemble(cond, future, t)
+            v = self.video_dit(x, ts, cm, text)[:, :, n_cond:]
+            future = future - (t - t_next).view(-1, 1, 1, 1, 1).to(future.dtype) * v
+        return future
+
+    def _future_latent_mask(self, batch: dict[str, Any], nv: int, velocity: torch.Tensor) -> torch.Tensor | None:
+        """Per-latent-frame mask of real (not end-of-episode padding) future frames, where the codec
+        maps frames to latent frames one to one; None otherwise (padding repeats the last frame)."""
+        fm = batch.get("future_mask")
+        if fm is None or self.codec.temporal_factor != 1:
+            return None
+        c, h, w = velocity.shape[1], velocity.shape[3], velocity.shape[4]
+        m = fm[:nv].to(velocity.device).bool().view(nv, 1, -1, 1, 1)
+        return m.expand(nv, c, m.shape[2], h, w)
+
+    def _action_loss(self, features: torch.Tensor, batch: dict[str, Any], generator) -> torch.Tensor:
+        cfg = self.cfg
+        r = cfg.repeated_diffusion_steps
+        dev = features.device
+        mask = batch["action_mask"].to(dev).repeat_interleave(r, 0)
+        # Padded dimensions and steps carry no data: zero them so they cannot reach the inputs.
+        actions = batch["actions"].to(dev).float().repeat_interleave(r, 0) * mask
+        state = batch["state"].to(dev).float().repeat_interleave(r, 0)
+        feats = features.repeat_interleave(r, 0)
+        n = actions.shape[0]
+        tau_a = flow.sample_tau_a(n, cfg.tau_a_alpha, cfg.tau_a_beta, cfg.tau_a_scale, generator=generator, device=dev)
+        noise = torch.randn(actions.shape, generator=generator, device=dev)
+        noisy = flow.interpolate(actions, noise, tau_a)
+        pred = self.action_dit(noisy, tau_a, state, feats)
+        return flow.masked_mse(pred, flow.target_velocity(actions, noise), mask)
+
+    # ------------------------------------------------------------------ inference
+    @torch.no_grad()
+    def extract_features(self, cond_video: torch.Tensor, text: torch.Tensor,
+                         generator: torch.Generator | None = None) -> torch.Tensor:
+        """Features (B, tokens, width) for conditioning frames (B, 3, Tc, H, W): one future noise
+        latent, optional denoising steps, one truncated pass at `tau_f`."""
+        cfg = self.cfg
+        cond = self.encode_video(cond_video)
+        b, c, _, h, w = cond.shape
+        future = torch.randn((b, c, self.num_future_latents, h, w), generator=generator, device=cond.device,
+                             dtype=cond.dtype)
+        tau_f = torch.full((b,), cfg.tau_f, device=cond.device)
+        if cfg.feature_denoise_steps > 1:
+            future = self._denoise_future(cond, future, text, tau_f)
+        x, ts, cm = self.video_dit.assemble(cond, future, tau_f)
+        return self.video_dit.features(x, ts, cm, text, cfg.feature_blocks)
+
+    @torch.no_grad()
+    def predict_action(self, cond_video: torch.Tensor, state: torch.Tensor, instruction: list[str] | None = None,
+                       *, text: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                       num_steps: int | None = None) -> torch.Tensor:
+        """Normalised action chunk (B, H, action_dim) from conditioning frames and state."""
+        if text is None:
+            if instruction is None:
+                raise ValueError("predict_action needs `instruction` or a precomputed `text` embedding")
+            text = self.encode_text(list(instruction))
+        cond_video = cond_video.to(self.device)
+        state = state.to(self.device).float()
+        feats = self.extract_features(cond_video, text.to(self.video_dtype), generator).float()
+        b = feats.shape[0]
+        noise = torch.randn((b, self.cfg.action.action_horizon, self.cfg.action.action_dim), generator=generator,
+                            device=feats.device)
+        return flow.euler_sample(lambda x, tau: self.action_dit(x, tau, state, feats), noise,
+                                 num_steps or self.cfg.num_action_steps)
+
+    @torch.no_grad()
+    def predict_video(self, cond_video: torch.Tensor, instruction: list[str] | None = None, *,
+                      text: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                      num_steps: int | None = None) -> torch.Tensor:
+        """Predicted future frames (B, 3, num_future_frames, H, W) in [-1, 1] by Euler sampling."""
+        if text is None:
+            text = self.encode_text(list(instruction or []))
+        cond = self.encode_video(cond_video.to(self.device))
+        b, c, n_cond, h, w = cond.shape
+        text = text.to(self.video_dtype)
+        noise = torch.randn((b, c, self.num_future_latents, h, w), generator=generator, device=cond.device,
+                            dtype=cond.dtype)
+
+        def velocity(future, tau):
+            x, ts, cm = self.video_dit.assemble(cond, future, tau)
+            return self.video_dit(x, ts, cm, text)[:, :, n_cond:]
+
+        future = flow.euler_sample(velocity, noise, num_steps or self.cfg.num_video_steps)
+        frames = self.codec.decode(torch.cat([cond, future], dim=2).float())
+        return frames[:, :, self.cfg.inputs.num_cond_frames:].clamp(-1, 1)
+
+    # ------------------------------------------------------------------ bookkeeping
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        """Parts that carry trainable weights (the codec and a frozen text encoder never do)."""
+        out: dict[str, nn.Module] = {"video_dit": self.video_dit, "action_dit": self.action_dit}
+        if self.text_encoder is not None and self.text_encoder.trainable:
+            out["text_encoder"] = self.text_encoder
+        return out
+
+
+def parameter_counts(cfg: DiT4DiTConfig) -> dict[str, int]:
+    """Parameter counts per part, computed on the meta device (no weights allocated)."""
+    with torch.device("meta"):
+        video = VideoDiT(cfg.video)
+        action = ActionDiT(cfg.action)
+        text = build_text_encoder(cfg.text, cfg.video.text_input_dim, None) if cfg.text.kind == "tiny" else None
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    tr = video.transformer
+    proj = n(tr.crossattn_proj) if cfg.video.use_crossattn_projection else 0
+    counts = {
+        "video_dit": n(video),
+        "video_dit_blocks": n(tr.transformer_blocks),
+        "video_dit_per_block": n(tr.transformer_blocks[0]),
+        "video_dit_feature_path": n(video) - n(tr.transformer_blocks) + n(tr.transformer_blocks[: cfg.feature_blocks])
+        - n(tr.norm_out) - n(tr.proj_out),
+        "text_projection": proj,
+        "action_dit": n(action),
+        "text_encoder_trainable": n(text) if text is not None else 0,
+        "codec_frozen": _frozen_codec_params(cfg),
+    }
+    counts["trainable_total"] = counts["video_dit"] + counts["action_dit"] + counts["text_encoder_trainable"]
+    return counts
+
+
+def _frozen_codec_params(cfg: DiT4DiTConfig) -> int:
+    """The pixel codec has no weights; the Wan2.1 VAE's default diffusers config is the released one."""
+    if cfg.codec.kind == "pixel":
+        return 0
+    from diffusers import AutoencoderKLWan
+
+    with torch.device("meta"):
+        return sum(p.numel() for p in AutoencoderKLWan().parameters())

@@ -1,0 +1,745 @@
+"""Checkpoints: crash-safe folders of safetensors + JSON (no pickle anywhere).
+
+Layout of a run folder::
+
+    RUN/
+      checkpoints/
+        latest                    # text: the name of the newest complete checkpoint ("step_000300")
+        step_000200/
+        step_000300/
+          config.json             # the resolved DiT4DiTConfig (DiT4DiTConfig.to_json())
+          model.safetensors       # trainable weights only: video_dit.* action_dit.* [text_encoder.*]
+          ema.safetensors         # EMA of the same weights (when train.ema_decay is set)
+          optimizer.safetensors   # AdamW moments and step counts, keyed "<weight name>/<state key>"
+          optimizer.json          # parameter groups (names, hyper-parameters, weight names)
+          rng.safetensors         # RNG states of every rank (torch CPU/CUDA, numpy, python, loss noise)
+          trainer_state.json      # step, epoch, data position, scheduler, file sizes, format version
+          processor.json          # schema + normalisation statistics + input protocol (if any)
+      metrics.jsonl  train.log  [tensorboard/]  [images/]
+
+Frozen parts (the VAE codec, a frozen text encoder) are never saved: ``config.json`` and the
+backbone path recorded in ``trainer_state.json`` say where they come from.
+
+Crash safety: a checkpoint is written into ``checkpoints/.tmp-step_XXXXXX-*`` (every file fsynced),
+the folder is renamed into place with ``os.replace`` (atomic), then ``latest`` is replaced
+atomically the same way, and only then are old checkpoints beyond ``keep_last`` removed. A crash
+at any point leaves the previous checkpoint and pointer intact; leftovers of an interrupted save
+are removed by the next save.
+
+Reading: :func:`load_checkpoint` accepts a run folder, its ``checkpoints/`` folder or one
+checkpoint folder; :func:`load_policy` rebuilds the model (EMA weights when present) and the
+processor from a checkpoint folder alone — that is how a stranger loads one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..config import ConfigError, DiT4DiTConfig
+
+log = logging.getLogger("dit4dit.train")
+
+FORMAT = "dit4dit.checkpoint"
+FORMAT_VERSION = 1
+CHECKPOINTS_DIR = "checkpoints"
+LATEST_FILE = "latest"
+CONFIG_FILE = "config.json"
+MODEL_FILE = "model.safetensors"
+EMA_FILE = "ema.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+OPTIMIZER_META_FILE = "optimizer.json"
+RNG_FILE = "rng.safetensors"
+STATE_FILE = "trainer_state.json"
+PROCESSOR_FILE = "processor.json"
+REQUIRED_FILES = (CONFIG_FILE, MODEL_FILE, STATE_FILE)
+
+# Config fields a resumed run may change: the run length, logging, checkpoint cadence, workers.
+RESUME_MAY_DIFFER = frozenset({
+    "train.steps", "train.log_every", "train.save_every", "train.keep_last", "train.image_every",
+    "train.eval_every", "train.tensorboard", "train.wandb", "train.wandb_project", "train.num_workers",
+})
+
+# Test hook: "STEP:SECONDS" makes the save of checkpoint STEP pause for SECONDS after writing the
+# weights (and drop a `_paused` marker in the temporary folder), so a test can kill the process
+# in the middle of a save.
+SAVE_PAUSE_ENV = "DIT4DIT_TEST_SAVE_PAUSE"
+
+_STEP_RE = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, incomplete, corrupted or does not match the model/config."""
+
+
+# --------------------------------------------------------------------------------------------
+# Names and discovery
+# --------------------------------------------------------------------------------------------
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{int(step):06d}"
+
+
+def parse_step(name: str) -> int | None:
+    m = _STEP_RE.match(name)
+    return int(m.group(1)) if m else None
+
+
+def checkpoints_root(run_dir: str | os.PathLike) -> Path:
+    return Path(run_dir) / CHECKPOINTS_DIR
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Complete checkpoints of a run (those holding ``trainer_state.json``), oldest first."""
+    root = checkpoints_root(run_dir)
+    if not root.is_dir():
+        return []
+    out = []
+    for p in root.iterdir():
+        step = parse_step(p.name)
+        if step is not None and p.is_dir() and (p / STATE_FILE).is_file():
+            out.append((step, p))
+    return sorted(out)
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint ``latest`` names, else the newest complete one, else None."""
+    root = checkpoints_root(run_dir)
+    ptr = root / LATEST_FILE
+    if ptr.is_file():
+        name = ptr.read_text().strip()
+        cand = root / name
+        if parse_step(name) is not None and (cand / STATE_FILE).is_file():
+            return cand
+        log.warning("%s names %r, which is not a complete checkpoint; using the newest complete one", ptr, name)
+    found = list_checkpoints(run_dir)
+    return found[-1][1] if found else None
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint folder from a run folder, a ``checkpoints/`` folder or a checkpoint folder."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise CheckpointError(f"{p}: no such file or folder")
+    if p.is_file():
+        if p.name in (STATE_FILE, CONFIG_FILE, MODEL_FILE):
+            return p.parent
+        raise CheckpointError(f"{p}: expected a checkpoint folder or a run folder, got a file")
+    if any((p / f).exists() for f in REQUIRED_FILES):
+        return p
+    run = p.parent if p.name == CHECKPOINTS_DIR else p
+    if not checkpoints_root(run).is_dir():
+        raise CheckpointError(f"{p}: neither a checkpoint folder (holding {', '.join(REQUIRED_FILES)}) nor a run "
+                              f"folder (holding {CHECKPOINTS_DIR}/)")
+    found = latest_checkpoint(run)
+    if found is None:
+        raise CheckpointError(f"{run}: the run folder holds no complete checkpoint under {CHECKPOINTS_DIR}/")
+    return found
+
+
+# --------------------------------------------------------------------------------------------
+# Low-level writing (fsync) and reading (validation)
+# --------------------------------------------------------------------------------------------
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(str(path), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on directories
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _prepare_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous CPU tensors, none sharing storage (safetensors refuses shared storage)."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for k, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{k}: expected a tensor, got {type(t).__name__}")
+        t = t.detach()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        t = t.contiguous()
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr in seen or storage.nbytes() != t.numel() * t.element_size():
+            t = t.clone()
+            ptr = t.untyped_storage().data_ptr()
+        if t.numel():
+            seen.add(ptr)
+        out[k] = t
+    return out
+
+
+def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any] | None = None) -> None:
+    from safetensors.torch import save_file
+
+    meta = {k: str(v) for k, v in (metadata or {}).items()}
+    save_file(_prepare_tensors(tensors), str(path), metadata=meta)
+    _fsync_path(path)
+
+
+def _safetensors_header(path: Path) -> dict[str, Any]:
+    """Parse and check a safetensors header against the file size (catches truncation and garbage)."""
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e})") from e
+    if size < 8:
+        raise CheckpointError(f"{path}: corrupted safetensors file ({size} bytes, no header)")
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if n <= 0 or n > size - 8 or n > 512 * 1024 * 1024:
+            raise CheckpointError(f"{path}: corrupted safetensors file (header length {n} does not fit a file of "
+                                  f"{size} bytes)")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+    except (UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{path}: corrupted safetensors file (unreadable header: {e})") from e
+    data_len = size - 8 - n
+    end = 0
+    for k, v in header.items():
+        if k == "__metadata__":
+            continue
+        try:
+            a, b = v["data_offsets"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: corrupted safetensors file (bad entry for {k!r})") from e
+        end = max(end, int(b))
+    if end != data_len:
+        raise CheckpointError(f"{path}: corrupted or truncated safetensors file (the header describes {end} bytes of "
+                              f"tensor data, the file holds {data_len})")
+    return header
+
+
+def read_safetensors(path: str | os.PathLike, what: str | None = None) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file on CPU, with clear errors for missing/corrupted files."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing {what or 'file'}")
+    _safetensors_header(path)
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        raise CheckpointError(f"{path}: corrupted safetensors file ({type(e).__name__}: {e})") from e
+
+
+def safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+    return dict(_safetensors_header(Path(path)).get("__metadata__") or {})
+
+
+def _read_json(path: Path, what: str) -> Any:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing {what}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{path}: corrupted {what} ({e})") from e
+
+
+# --------------------------------------------------------------------------------------------
+# State dicts of the trainable parts
+# --------------------------------------------------------------------------------------------
+
+
+def trainable_state_dict(model: nn.Module, to_cpu: Callable[[torch.Tensor], torch.Tensor] | None = None
+                         ) -> dict[str, torch.Tensor]:
+    """``{part.key: tensor}`` over ``model.trainable_modules()`` (the content of model.safetensors).
+
+    ``to_cpu`` turns each tensor into a full CPU tensor (default: detach + copy to CPU; pass
+    ``distributed.to_full_cpu`` under FSDP2, where it gathers the shards).
+    """
+    from .distributed import to_full_cpu
+
+    conv = to_cpu or to_full_cpu
+    out: dict[str, torch.Tensor] = {}
+    for part, module in model.trainable_modules().items():
+        for k, v in module.state_dict().items():
+            out[f"{part}.{k}"] = conv(v)
+    return out
+
+
+def _shape(t: torch.Tensor) -> tuple[int, ...]:
+    return tuple(int(s) for s in t.shape)
+
+
+def check_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Raise :class:`CheckpointError` naming missing/unexpected keys and shape mismatches."""
+    expected: dict[str, tuple[int, ...]] = {}
+    for part, module in model.trainable_modules().items():
+        for k, v in module.state_dict().items():
+            expected[f"{part}.{k}"] = _shape(v)
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [(k, _shape(state[k]), expected[k]) for k in expected if k in state and _shape(state[k]) != expected[k]]
+    if not (missing or unexpected or mismatched):
+        return
+    lines = []
+    for k, a, b in mismatched[:10]:
+        lines.append(f"{k}: checkpoint shape {a} vs model shape {b}")
+    if len(mismatched) > 10:
+        lines.append(f"... and {len(mismatched) - 10} more shape mismatches")
+    if missing:
+        lines.append(f"missing in the checkpoint ({len(missing)}): " + ", ".join(missing[:8])
+                     + (" ..." if len(missing) > 8 else ""))
+    if unexpected:
+        lines.append(f"not in the model ({len(unexpected)}): " + ", ".join(unexpected[:8])
+                     + (" ..." if len(unexpected) > 8 else ""))
+    raise CheckpointError(f"{source}: the weights do not match the model built from the config:\n  - "
+                          + "\n  - ".join(lines))
+
+
+@torch.no_grad()
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Copy ``state`` (keys as in model.safetensors) into the trainable parts (DTensor-aware)."""
+    from .distributed import place_like
+
+    check_weights(model, state, source)
+    for part, module in model.trainable_modules().items():
+        for k, target in module.state_dict().items():
+            target.copy_(place_like(state[f"{part}.{k}"], target))
+
+
+# --------------------------------------------------------------------------------------------
+# Optimiser state <-> tensors + JSON
+# --------------------------------------------------------------------------------------------
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, torch.Tensor):
+        return v.item() if v.numel() == 1 else v.tolist()
+    if isinstance(v, (np.generic,)):
+        return v.item()
+    if isinstance(v, (str, int, float, bool)) or v is None:
+        return v
+    return str(v)
+
+
+def optimizer_state_tensors(optimizer: torch.optim.Optimizer,
+                            to_cpu: Callable[[torch.Tensor], torch.Tensor] | None = None
+                            ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``({"<weight>/<key>": tensor}, json_meta)`` for an optimiser built by ``optim.build_optimizer``.
+
+    Collective under FSDP2 (every rank calls it; gathers shards in a fixed order).
+    """
+    from .distributed import to_full_cpu
+
+    conv = to_cpu or to_full_cpu
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    groups = []
+    for g in optimizer.param_groups:
+        names = g.get("param_names")
+        if names is None or len(names) != len(g["params"]):
+            raise ValueError("optimizer groups must carry 'param_names' (build it with optim.build_optimizer)")
+        for name, p in zip(names, g["params"]):
+            st = optimizer.state.get(p, {})
+            for k in sorted(st):
+                v = st[k]
+                if isinstance(v, torch.Tensor):
+                    tensors[f"{name}/{k}"] = conv(v)
+                else:
+                    scalars.setdefault(name, {})[k] = _jsonable(v)
+        groups.append({k: _jsonable(v) for k, v in g.items() if k != "params"})
+    meta = {"format": FORMAT, "version": FORMAT_VERSION, "class": type(optimizer).__name__,
+            "param_groups": groups, "scalar_state": scalars}
+    return tensors, meta
+
+
+@torch.no_grad()
+def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
+                         source: str = "optimizer") -> None:
+    """Restore moments and step counts saved by :func:`optimizer_state_tensors` (DTensor-aware).
+
+    Hyper-parameters stay those of the current optimiser (the resumed config is checked to
+    match); the groups and the weights in each group must be the same.
+    """
+    from .distributed import place_like
+
+    saved = meta.get("param_groups", [])
+    cur_names = [g.get("name") for g in optimizer.param_groups]
+    saved_names = [g.get("name") for g in saved]
+    if cur_names != saved_names:
+        raise CheckpointError(f"{source}: parameter groups {saved_names} in the checkpoint, {cur_names} in the "
+                              f"optimiser")
+    for g, s in zip(optimizer.param_groups, saved):
+        a, b = list(g["param_names"]), list(s.get("param_names", []))
+        if a != b:
+            only_ckpt = sorted(set(b) - set(a))[:5]
+            only_model = sorted(set(a) - set(b))[:5]
+            raise CheckpointError(f"{source}: group {g['name']!r} holds different weights (checkpoint only: "
+                                  f"{only_ckpt}, model only: {only_model}, or a different order)")
+    by_param: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        name, _, k = key.rpartition("/")
+        by_param.setdefault(name, {})[k] = t
+    scalars = meta.get("scalar_state", {})
+    for g in optimizer.param_groups:
+        on_device = bool(g.get("fused") or g.get("capturable"))
+        for name, p in zip(g["param_names"], g["params"]):
+            saved_state = by_param.get(name)
+            if not saved_state:
+                optimizer.state.pop(p, None)
+                continue
+            st: dict[str, Any] = {}
+            for k, t in saved_state.items():
+                if k == "step":
+                    dev = (p.to_local().device if hasattr(p, "to_local") else p.device) if on_device else "cpu"
+                    st[k] = t.to(device=dev, dtype=torch.float32).clone()
+                else:
+                    if _shape(t) != _shape(p):
+                        raise CheckpointError(f"{source}: state {k!r} of {name}: checkpoint shape {_shape(t)} vs "
+                                              f"parameter shape {_shape(p)}")
+                    st[k] = place_like(t, p).clone() if t.dtype == p.dtype else place_like(t.to(p.dtype), p).clone()
+            st.update(scalars.get(name, {}))
+            optimizer.state[p] = st
+
+
+# --------------------------------------------------------------------------------------------
+# RNG states as tensors
+# --------------------------------------------------------------------------------------------
+
+
+def capture_rng(generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """This process's RNG states as tensors: torch CPU (+ CUDA), numpy, python ``random`` and
+    the loss-noise generator."""
+    out: dict[str, torch.Tensor] = {"torch_cpu": torch.get_rng_state().clone()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["torch_cuda"] = torch.cuda.get_rng_state().clone()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    out["numpy_keys"] = torch.from_numpy(np.asarray(keys, dtype=np.int64).copy())
+    out["numpy_meta"] = torch.tensor([int(pos), int(has_gauss)], dtype=torch.int64)
+    out["numpy_gauss"] = torch.tensor([float(cached)], dtype=torch.float64)
+    version, internal, gauss_next = random.getstate()
+    out["python_state"] = torch.tensor(list(internal), dtype=torch.int64)
+    out["python_meta"] = torch.tensor([int(version), int(gauss_next is not None)], dtype=torch.int64)
+    out["python_gauss"] = torch.tensor([0.0 if gauss_next is None else float(gauss_next)], dtype=torch.float64)
+    if generator is not None:
+        out["loss_generator"] = generator.get_state().clone()
+    return out
+
+
+def restore_rng(state: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> None:
+    """Inverse of :func:`capture_rng` (a CUDA state is skipped, with a warning, on a CPU-only host)."""
+    torch.set_rng_state(state["torch_cpu"].to(torch.uint8))
+    if "torch_cuda" in state:
+        if torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["torch_cuda"].to(torch.uint8))
+        else:
+            log.warning("the checkpoint holds a CUDA RNG state but CUDA is not available: not restored")
+    keys = state["numpy_keys"].numpy().astype(np.uint32)
+    pos, has_gauss = (int(x) for x in state["numpy_meta"].tolist())
+    np.random.set_state(("MT19937", keys, pos, has_gauss, float(state["numpy_gauss"][0])))
+    version, has_next = (int(x) for x in state["python_meta"].tolist())
+    gauss = float(state["python_gauss"][0]) if has_next else None
+    random.setstate((version, tuple(int(x) for x in state["python_state"].tolist()), gauss))
+    if generator is not None:
+        if "loss_generator" not in state:
+            raise CheckpointError("the checkpoint holds no loss-noise generator state")
+        generator.set_state(state["loss_generator"].to(torch.uint8))
+
+
+def rank_rng(all_states: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor] | None:
+    """The ``rank{r}/...`` entries of a gathered RNG dict, without the prefix (None if absent)."""
+    prefix = f"rank{rank}/"
+    out = {k[len(prefix):]: v for k, v in all_states.items() if k.startswith(prefix)}
+    return out or None
+
+
+# --------------------------------------------------------------------------------------------
+# Saving
+# --------------------------------------------------------------------------------------------
+
+
+def _maybe_pause(step: int, tmp: Path) -> None:
+    spec = os.environ.get(SAVE_PAUSE_ENV)
+    if not spec:
+        return
+    try:
+        want, seconds = spec.split(":")
+        want_step, secs = int(want), float(seconds)
+    except ValueError:
+        log.warning("ignoring malformed %s=%r (expected STEP:SECONDS)", SAVE_PAUSE_ENV, spec)
+        return
+    if want_step == step:
+        (tmp / "_paused").write_text(str(os.getpid()))
+        time.sleep(secs)
+
+
+def _remove_stale(root: Path) -> None:
+    for p in root.iterdir():
+        if p.name.startswith((".tmp-", ".old-")) or p.name == LATEST_FILE + ".tmp":
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+
+
+def write_latest(root: Path, name: str) -> None:
+    tmp = root / (LATEST_FILE + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(name + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, root / LATEST_FILE)
+    _fsync_path(root)
+
+
+def prune_checkpoints(run_dir: str | os.PathLike, keep_last: int, protect: Iterable[Path] = ()) -> list[Path]:
+    """Remove all but the newest ``keep_last`` complete checkpoints (never those in ``protect``)."""
+    keep_last = max(1, int(keep_last))
+    found = list_checkpoints(run_dir)
+    protected = {Path(p).resolve() for p in protect}
+    removed = []
+    for _, p in found[:-keep_last]:
+        if p.resolve() in protected:
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+    return removed
+
+
+def save_checkpoint(run_dir: str | os.PathLike, step: int, *, config: DiT4DiTConfig,
+                    model_state: dict[str, torch.Tensor], trainer_state: dict[str, Any],
+                    ema_state: dict[str, torch.Tensor] | None = None,
+                    optimizer_state: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None,
+                    rng_state: dict[str, torch.Tensor] | None = None, processor: Any = None,
+                    keep_last: int = 3) -> Path:
+    """Write ``RUN/checkpoints/step_XXXXXX`` atomically, point ``latest`` at it, prune old ones.
+
+    Tensors must already be full CPU tensors (the trainer gathers them on every rank, rank 0
+    calls this). Returns the checkpoint folder.
+    """
+    root = checkpoints_root(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    _remove_stale(root)
+    name = step_dir_name(step)
+    tmp = root / f".tmp-{name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    meta = {"format": FORMAT, "version": str(FORMAT_VERSION), "step": str(int(step))}
+    try:
+        _write_json(tmp / CONFIG_FILE, json.loads(config.to_json()))
+        _write_safetensors(tmp / MODEL_FILE, model_state, {**meta, "content": "trainable weights"})
+        if ema_state is not None:
+            _write_safetensors(tmp / EMA_FILE, ema_state, {**meta, "content": "EMA of the trainable weights"})
+        _maybe_pause(step, tmp)
+        if optimizer_state is not None:
+            tensors, ometa = optimizer_state
+            _write_safetensors(tmp / OPTIMIZER_FILE, tensors, meta)
+            _write_json(tmp / OPTIMIZER_META_FILE, ometa)
+        if rng_state is not None:
+            _write_safetensors(tmp / RNG_FILE, rng_state, meta)
+        if processor is not None:
+            processor.save(tmp)
+            if (tmp / PROCESSOR_FILE).is_file():
+                _fsync_path(tmp / PROCESSOR_FILE)
+        state = dict(trainer_state)
+        state.update({"format": FORMAT, "version": FORMAT_VERSION, "step": int(step),
+                      "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                      "files": {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}})
+        _write_json(tmp / STATE_FILE, state)  # written last: its presence marks a complete folder
+        _fsync_path(tmp)
+        final = root / name
+        old = None
+        if final.exists():
+            old = root / f".old-{name}-{uuid.uuid4().hex[:8]}"
+            os.replace(final, old)
+        os.replace(tmp, final)
+        _fsync_path(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    write_latest(root, name)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    prune_checkpoints(run_dir, keep_last, protect=[final])
+    return final
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Checkpoint:
+    """A validated checkpoint folder; tensors are read on demand."""
+
+    path: Path
+    config: DiT4DiTConfig
+    config_dict: dict[str, Any]
+    state: dict[str, Any]
+    files: list[str] = field(default_factory=list)
+
+    @property
+    def step(self) -> int:
+        return int(self.state.get("step", 0))
+
+    @property
+    def has_ema(self) -> bool:
+        return (self.path / EMA_FILE).is_file()
+
+    @property
+    def has_optimizer(self) -> bool:
+        return (self.path / OPTIMIZER_FILE).is_file() and (self.path / OPTIMIZER_META_FILE).is_file()
+
+    @property
+    def has_processor(self) -> bool:
+        return (self.path / PROCESSOR_FILE).is_file()
+
+    def model_state(self) -> dict[str, torch.Tensor]:
+        return read_safetensors(self.path / MODEL_FILE, "model weights")
+
+    def ema_state(self) -> dict[str, torch.Tensor] | None:
+        return read_safetensors(self.path / EMA_FILE, "EMA weights") if self.has_ema else None
+
+    def optimizer_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        if not self.has_optimizer:
+            raise CheckpointError(f"{self.path}: no optimiser state ({OPTIMIZER_FILE} + {OPTIMIZER_META_FILE})")
+        return (read_safetensors(self.path / OPTIMIZER_FILE, "optimiser state"),
+                _read_json(self.path / OPTIMIZER_META_FILE, "optimiser metadata"))
+
+    def rng_state(self) -> dict[str, torch.Tensor] | None:
+        p = self.path / RNG_FILE
+        return read_safetensors(p, "RNG states") if p.is_file() else None
+
+    def processor(self) -> Any:
+        if not self.has_processor:
+            return None
+        from ..data.processor import Processor
+
+        try:
+            return Processor.load(self.path)
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"{self.path / PROCESSOR_FILE}: cannot load the processor ({e})") from e
+
+
+def load_checkpoint(path: str | os.PathLike, validate: bool = True) -> Checkpoint:
+    """Open a checkpoint (run folder, ``checkpoints/`` folder or checkpoint folder) and check it:
+    required files present, recorded file sizes match, safetensors headers readable, config valid."""
+    ck = resolve_checkpoint(path)
+    present = sorted(p.name for p in ck.iterdir()) if ck.is_dir() else []
+    missing = [f for f in REQUIRED_FILES if not (ck / f).is_file()]
+    if missing:
+        raise CheckpointError(f"{ck}: incomplete checkpoint, missing {missing} (present: {present})")
+    state = _read_json(ck / STATE_FILE, "trainer state")
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{ck / STATE_FILE}: expected a JSON object")
+    if state.get("format", FORMAT) != FORMAT:
+        raise CheckpointError(f"{ck / STATE_FILE}: format {state.get('format')!r}, expected {FORMAT!r}")
+    if int(state.get("version", FORMAT_VERSION)) > FORMAT_VERSION:
+        raise CheckpointError(f"{ck}: checkpoint format version {state.get('version')} is newer than this "
+                              f"dit4dit ({FORMAT_VERSION}); upgrade dit4dit")
+    if validate:
+        for fname, size in (state.get("files") or {}).items():
+            p = ck / fname
+            if not p.is_file():
+                raise CheckpointError(f"{p}: missing (listed in {STATE_FILE})")
+            if p.stat().st_size != int(size):
+                raise CheckpointError(f"{p}: {p.stat().st_size} bytes, {STATE_FILE} recorded {size}: the file is "
+                                      f"truncated or was modified")
+        for fname in present:
+            if fname.endswith(".safetensors"):
+                _safetensors_header(ck / fname)
+    cfg_dict = _read_json(ck / CONFIG_FILE, "config")
+    try:
+        cfg = DiT4DiTConfig.from_dict(cfg_dict).validate()
+    except (ConfigError, TypeError) as e:
+        raise CheckpointError(f"{ck / CONFIG_FILE}: not a valid dit4dit config ({e})") from e
+    return Checkpoint(ck, cfg, cfg_dict, state, present)
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+def config_differences(saved: dict[str, Any], requested: DiT4DiTConfig | dict[str, Any],
+                       ignore: Iterable[str] = RESUME_MAY_DIFFER) -> list[tuple[str, Any, Any]]:
+    """``[(key, saved, requested)]`` for every differing config field outside ``ignore``."""
+    req = json.loads(requested.to_json()) if isinstance(requested, DiT4DiTConfig) else requested
+    a, b = _flatten(json.loads(json.dumps(saved))), _flatten(req)
+    skip = set(ignore)
+    return [(k, a.get(k, "<absent>"), b.get(k, "<absent>")) for k in sorted(set(a) | set(b))
+            if k not in skip and a.get(k, "<absent>") != b.get(k, "<absent>")]
+
+
+def check_resume_config(checkpoint: Checkpoint, requested: DiT4DiTConfig) -> None:
+    """Raise ``ConfigError`` when the requested config differs from the checkpoint's outside
+    :data:`RESUME_MAY_DIFFER`."""
+    diffs = config_differences(checkpoint.config_dict, requested)
+    if diffs:
+        lines = "\n  - ".join(f"{k}: checkpoint {a!r}, requested {b!r}" for k, a, b in diffs[:20])
+        raise ConfigError(f"cannot resume from {checkpoint.path}: the requested config differs from the "
+                          f"checkpoint's (only {', '.join(sorted(RESUME_MAY_DIFFER))} may change):\n  - {lines}")
+
+
+def load_policy(path: str | os.PathLike, device: str | torch.device = "cpu", *, backbone: str | None = None,
+                use_ema: bool = True, video_dtype: torch.dtype | None = None, text_cache_dir: str | None = None,
+                load_text_encoder: bool = True) -> tuple[nn.Module, Any, DiT4DiTConfig]:
+    """Rebuild a trained policy from a checkpoint: ``(model in eval mode, processor or None, cfg)``.
+
+    The model is built from the checkpoint's ``config.json``; frozen parts (VAE, frozen text
+    encoder) come from ``backbone`` (default: the backbone folder recorded at training time, when
+    it exists). Weights are the EMA weights when present (``use_ema``), else the raw ones.
+    """
+    from ..models.dit4dit import DiT4DiT
+
+    ck = load_checkpoint(path)
+    cfg = ck.config
+    if backbone is None:
+        recorded = ck.state.get("backbone")
+        if recorded and Path(recorded).exists():
+            backbone = recorded
+    try:
+        model = DiT4DiT.from_config(cfg, backbone, text_cache_dir=text_cache_dir, load_text_encoder=load_text_encoder,
+                                    video_dtype=video_dtype)
+    except (FileNotFoundError, OSError) as e:
+        raise CheckpointError(f"{ck.path}: cannot build the model's frozen parts ({e}); pass backbone= (the "
+                              f"Cosmos-Predict2.5 folder the run was trained from)") from e
+    if use_ema and ck.has_ema:
+        weights, source = ck.ema_state(), str(ck.path / EMA_FILE)
+    else:
+        weights, source = ck.model_state(), str(ck.path / MODEL_FILE)
+    load_weights(model, weights, source)
+    model.to(device)
+    model.eval()
+    return model, ck.processor(), cfg
