@@ -8,7 +8,6 @@ real LeRobot folders (v3.0 and v2.1) built by ``tests/lerobot_fixtures.py``.
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -17,7 +16,7 @@ import torch
 
 from dit4dit.config import InputConfig
 from dit4dit.data.loader import batch_order, make_loader
-from dit4dit.data.normalize import NormalizationError, Normalizer, compute_dataset_stats
+from dit4dit.data.normalize import NormalizationError, Normalizer
 from dit4dit.data.processor import Processor, ProcessorError
 from dit4dit.data.samples import SampleIndex, TrainingSamples, collate
 from dit4dit.data.schema import Camera, EmbodimentSchema, Part, get_schema

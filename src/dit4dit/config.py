@@ -451,8 +451,8 @@ def _robocasa_gr1() -> DiT4DiTConfig:
 def _tiny() -> DiT4DiTConfig:
     """A few-million-parameter model trained from scratch on CPU: pixel codec, tiny text encoder."""
     video = VideoDiTConfig(
-        in_channels=3 * 4 * 4 + 1,
-        out_channels=3 * 4 * 4,
+        in_channels=3 * 8 * 8 + 1,
+        out_channels=3 * 8 * 8,
         num_attention_heads=4,
         attention_head_dim=32,
         num_layers=4,
@@ -485,7 +485,7 @@ def _tiny() -> DiT4DiTConfig:
         name="tiny",
         video=video,
         action=action,
-        codec=CodecConfig(kind="pixel", pixel_factor=4),
+        codec=CodecConfig(kind="pixel", pixel_factor=8),
         text=TextConfig(kind="tiny", max_length=32, width=128, num_layers=1, num_heads=4),
         inputs=InputConfig(cameras=("image",), camera_layout="single", image_size=(64, 64),
                            num_cond_frames=1, num_future_frames=2, frame_stride=4, fps=20.0),

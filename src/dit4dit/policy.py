@@ -27,19 +27,9 @@ class Policy:
         return self.model.cfg
 
     def metadata(self) -> dict[str, Any]:
-        cfg = self.cfg
-        return {
-            "embodiment": self.processor.schema.name,
-            "cameras": list(self.processor.schema.camera_keys),
-            "image_size": list(cfg.inputs.image_size),
-            "num_cond_frames": cfg.inputs.num_cond_frames,
-            "action_horizon": cfg.action.action_horizon,
-            "action_dim": self.processor.schema.action_dim,
-            "action_names": list(self.processor.schema.action_names),
-            "state_dim": self.processor.schema.state_dim,
-            "fps": cfg.inputs.fps,
-            "preset": cfg.name,
-        }
+        """What a client must send and will receive (the checkpoint's evaluation protocol)."""
+        return {**self.processor.protocol(), "preset": self.cfg.name,
+                "num_action_steps": self.cfg.num_action_steps, "embodiment": self.processor.schema.name}
 
     @torch.no_grad()
     def infer(self, obs: dict[str, Any]) -> dict[str, Any]:

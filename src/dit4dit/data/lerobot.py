@@ -31,8 +31,10 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import threading
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -162,6 +164,36 @@ def arrow_to_numpy(col: pa.ChunkedArray | pa.Array, where: str = "") -> np.ndarr
             raise DatasetError(f"{where}: {arr.null_count} null values")
         return arr.to_numpy(zero_copy_only=False)
     return np.array(arr.to_pylist(), dtype=object)
+
+
+def _map(fn, items: list) -> list:
+    """``[fn(x) for x in items]``, on a few threads when there are many (I/O bound; in order)."""
+    if len(items) < 16:
+        return [fn(x) for x in items]
+    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as ex:
+        return list(ex.map(fn, items))
+
+
+def _declared_hw(ft: dict) -> tuple[int, int] | None:
+    """(height, width) from a visual feature's shape/names, or None when unclear."""
+    shape = list(ft.get("shape") or [])
+    names = [str(n).lower() for n in (ft.get("names") or [])] if isinstance(ft.get("names"), list) else []
+    if len(shape) != 3:
+        return None
+    if "height" in names and "width" in names and len(names) == 3:
+        return int(shape[names.index("height")]), int(shape[names.index("width")])
+    if shape[2] in (1, 3, 4):
+        return int(shape[0]), int(shape[1])
+    if shape[0] in (1, 3, 4):
+        return int(shape[1]), int(shape[2])
+    return None
+
+
+def _fill(template: str, **values) -> str:
+    try:
+        return template.format(**values)
+    except (KeyError, IndexError, ValueError) as e:
+        raise DatasetError(f"meta/info.json: cannot fill path template {template!r}: {e!r}") from e
 
 
 def _read_json(path: Path) -> Any:
@@ -332,13 +364,13 @@ class LeRobotDataset:
             fmt = dict(episode_chunk=chunk, chunk_index=chunk, episode_index=ep)
             videos = {}
             for key in self.video_keys:
-                videos[key] = (self.root / video_tpl.format(video_key=key, **fmt), 0.0, None)
+                videos[key] = (self.root / _fill(video_tpl, video_key=key, **fmt), 0.0, None)
             metas.append(
                 dict(
                     index=ep,
                     length=int(r["length"]),
                     tasks=tuple(str(t) for t in (r.get("tasks") or [])),
-                    data_file=self.root / data_tpl.format(**fmt),
+                    data_file=self.root / _fill(data_tpl, **fmt),
                     videos=videos,
                     meta_file=meta / "episodes.jsonl",
                 )
@@ -387,7 +419,10 @@ class LeRobotDataset:
         video_tpl = self.info.get("video_path") or V3_VIDEO_PATH
         metas = []
         for f in files:
-            schema_names = set(pq.read_schema(f).names) if f.is_file() else set()
+            try:
+                schema_names = set(pq.read_schema(f).names)
+            except (pa.ArrowException, OSError) as e:
+                raise DatasetError(f"{f}: cannot read parquet: {e}") from e
             need = ["episode_index", "length", "data/chunk_index", "data/file_index"]
             for key in self.video_keys:
                 need += [f"videos/{key}/chunk_index", f"videos/{key}/file_index", f"videos/{key}/from_timestamp"]
@@ -407,12 +442,13 @@ class LeRobotDataset:
                             f"{f}: episode {ep}: dataset_to_index - dataset_from_index = {span} "
                             f"but length = {length}"
                         )
-                dfile = self.root / data_tpl.format(
-                    chunk_index=int(t["data/chunk_index"][i]), file_index=int(t["data/file_index"][i])
+                dfile = self.root / _fill(
+                    data_tpl, chunk_index=int(t["data/chunk_index"][i]), file_index=int(t["data/file_index"][i])
                 )
                 videos = {}
                 for key in self.video_keys:
-                    vfile = self.root / video_tpl.format(
+                    vfile = self.root / _fill(
+                        video_tpl,
                         video_key=key,
                         chunk_index=int(t[f"videos/{key}/chunk_index"][i]),
                         file_index=int(t[f"videos/{key}/file_index"][i]),
@@ -455,8 +491,8 @@ class LeRobotDataset:
             by_file.setdefault(m["data_file"], []).append(m)
 
         per_ep: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray | None]] = {}
-        for dfile, ms in by_file.items():
-            per_ep.update(self._scan_data_file(dfile, ms))
+        for res in _map(lambda item: self._scan_data_file(*item), list(by_file.items())):
+            per_ep.update(res)
 
         start = 0
         for m in metas:
@@ -493,6 +529,11 @@ class LeRobotDataset:
             if ft["dtype"] == "image" and all(self._image_dir(key, m["index"]) is not None for m in ms):
                 self._image_files.add((key, dfile))
                 continue
+            if ft["dtype"] == "image":
+                raise DatasetError(
+                    f"{dfile}: {ep_desc}: declared image key {key!r} is neither a parquet column nor stored "
+                    f"as files under {self.root / 'images' / key}"
+                )
             raise DatasetError(f"{dfile}: {ep_desc}: declared key {key!r} is missing from the parquet file")
         for key in ("episode_index", "frame_index"):
             if key not in names:
@@ -577,11 +618,20 @@ class LeRobotDataset:
                 to_ts = self._metas[ep]["videos"][key][2]
                 need.setdefault((key, vfile), []).append((ep, from_ts + float(rec.timestamps[-1]), to_ts))
         half = 0.5 / self.fps
-        for (key, vfile), items in need.items():
-            eps = [i[0] for i in items]
+
+        def probe(item):
+            (key, vfile), items = item
             if not vfile.is_file():
-                raise DatasetError(f"{vfile}: missing video file (episode {eps[0]}, key {key!r})")
-            info = probe_video(vfile)
+                raise DatasetError(f"{vfile}: missing video file (episode {items[0][0]}, key {key!r})")
+            return probe_video(vfile)
+
+        for ((key, vfile), items), info in zip(need.items(), _map(probe, list(need.items()))):
+            hw = _declared_hw(self.features[key])
+            if hw is not None and hw != (info.height, info.width):
+                raise DatasetError(
+                    f"{vfile}: episode {items[0][0]}, key {key!r}: video is {info.height}x{info.width} "
+                    f"but info.json declares {hw[0]}x{hw[1]}"
+                )
             if info.end is None:
                 continue
             ep, last, _ = max(items, key=lambda x: x[1])
@@ -603,6 +653,7 @@ class LeRobotDataset:
             raise IndexError(f"episode {ep} is not in {self.root} ({len(self.episodes)} episodes)") from None
 
     def episode(self, ep: int) -> Episode:
+        """The :class:`Episode` with episode_index ``ep``."""
         self._record(ep)
         return self.episodes[self._pos[int(ep)]]
 
@@ -641,23 +692,25 @@ class LeRobotDataset:
         """Non-visual column ``key`` over the whole dataset, episodes in order: shape (num_frames, ...)."""
         if key in self._visual:
             raise KeyError(f"{key!r} is a visual feature; use frames()")
-        parts = []
-        cache: dict[Path, np.ndarray] = {}
+        files: dict[Path, list[int]] = OrderedDict()
         for e in self.episodes:
-            rec = self._records[e.index]
-            if rec.data_file not in cache:
-                cache.clear()  # files are visited in episode order; keep one at a time
-                schema = pq.read_schema(rec.data_file)
-                if key not in schema.names:
-                    if key in self.features:
-                        raise DatasetError(f"{rec.data_file}: episode {e.index}: declared key {key!r} is missing")
-                    raise KeyError(f"{key!r} is not a column of {rec.data_file}")
-                t = _read_parquet(rec.data_file, columns=[key])
-                cache[rec.data_file] = arrow_to_numpy(t.column(key), f"{rec.data_file}: key {key!r}")
-            parts.append(cache[rec.data_file][rec.rows])
+            files.setdefault(self._records[e.index].data_file, []).append(e.index)
+
+        def load(item):
+            dfile, eps = item
+            if key not in pq.read_schema(dfile).names:
+                if key in self.features:
+                    raise DatasetError(f"{dfile}: episode {eps[0]}: declared key {key!r} is missing")
+                raise KeyError(f"{key!r} is not a column of {dfile}")
+            col = arrow_to_numpy(_read_parquet(dfile, columns=[key]).column(key), f"{dfile}: key {key!r}")
+            return {ep: col[self._records[ep].rows] for ep in eps}
+
+        parts: dict[int, np.ndarray] = {}
+        for res in _map(load, list(files.items())):
+            parts.update(res)
         if not parts:
             return np.zeros((0,))
-        return np.concatenate(parts, axis=0)
+        return np.concatenate([parts[e.index] for e in self.episodes], axis=0)
 
     def _check_frames(self, rec: _Record, ep: int, frame_indices: Sequence[int]) -> np.ndarray:
         idx = np.asarray(frame_indices, dtype=np.int64).reshape(-1)
@@ -671,6 +724,9 @@ class LeRobotDataset:
         ep = int(ep)
         rec = self._record(ep)
         idx = self._check_frames(rec, ep, frame_indices)
+        if idx.size == 0 and key in self._visual:
+            h, w = _declared_hw(self.features[key]) or (0, 0)
+            return np.zeros((0, h, w, 3), dtype=np.uint8)
         if key in self.video_keys:
             vfile, from_ts = rec.videos[key]
             times = from_ts + rec.timestamps[idx]

@@ -6,8 +6,8 @@ both call the same methods, and the processor travels with every checkpoint as
 ``processor.json``, so the two sides cannot drift apart:
 
 - :meth:`Processor.images`: camera frames (uint8 RGB) -> ``(3, T, H, W)`` float32 in [-1, 1]
-  (optional 180-degree flip per camera, resize with torch bilinear + antialias to the camera's
-  cell, cells combined side by side or in a grid, ``inputs.image_size`` overall);
+  (optional 180-degree flip per camera, resize in uint8 with torch bilinear + antialias to the
+  camera's cell, cells combined side by side or in a grid, ``inputs.image_size`` overall);
 - :meth:`Processor.state` / :meth:`Processor.actions`: normalise and zero-pad to 64 / 32 with masks;
 - :meth:`Processor.unnormalize_actions`: model output -> robot actions (binary grippers snapped);
 - :meth:`Processor.observation`: one policy call's observation dict -> batch-1 model inputs,
@@ -175,17 +175,21 @@ class Processor:
         assert t_count is not None
         ch, cw = self.cell_size
         rows, cols = self.grid
-        canvas = torch.zeros((t_count, 3, ch * rows, cw * cols), dtype=torch.float32)
+        # Resize in uint8 (torch's antialiased bilinear has a fast uint8 channels-last kernel,
+        # ~15x faster than float32; results differ by at most one grey level) and convert once.
+        canvas = torch.zeros((t_count, ch * rows, cw * cols, 3), dtype=torch.uint8)
         for i, (cam, arr) in enumerate(frames):
+            x = torch.from_numpy(np.ascontiguousarray(arr))
             if cam.flip:
-                arr = arr[:, ::-1, ::-1]
-            x = torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).float()
-            if tuple(x.shape[-2:]) != (ch, cw):
-                x = F.interpolate(x, size=(ch, cw), mode="bilinear", align_corners=False, antialias=True)
+                x = x.flip(1, 2)
+            if tuple(x.shape[1:3]) != (ch, cw):
+                x = F.interpolate(x.permute(0, 3, 1, 2), size=(ch, cw), mode="bilinear", align_corners=False,
+                                  antialias=True).permute(0, 2, 3, 1)
             r, c = divmod(i, cols)
-            canvas[:, :, r * ch:(r + 1) * ch, c * cw:(c + 1) * cw] = x
-        out = canvas.mul_(1.0 / 127.5).sub_(1.0).clamp_(-1.0, 1.0)
-        return out.permute(1, 0, 2, 3).contiguous()
+            canvas[:, r * ch:(r + 1) * ch, c * cw:(c + 1) * cw] = x
+        out = torch.empty((3, t_count, ch * rows, cw * cols), dtype=torch.float32)
+        out.copy_(canvas.permute(3, 0, 1, 2))
+        return out.mul_(1.0 / 127.5).sub_(1.0)
 
     @staticmethod
     def _find_camera_key(cams: Mapping[str, Any], cam: Camera) -> str | None:

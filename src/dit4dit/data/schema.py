@@ -21,7 +21,9 @@ against a dataset's features and returns a copy whose keys are the ones the data
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field, replace
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Iterable, Literal, Mapping, Sequence
 
 import numpy as np
@@ -382,6 +384,12 @@ class EmbodimentSchema:
         except TypeError as e:
             raise SchemaError(f"schema: {e}") from e
 
+    def save(self, path: str | Path) -> Path:
+        """Write the schema as JSON; ``get_schema(path)`` reads it back (e.g. ``--schema my_arm.json``)."""
+        path = Path(path)
+        path.write_text(json.dumps(self.to_dict(), indent=2))
+        return path
+
     def describe(self) -> str:
         lines = [f"schema {self.name}: state {self.state_dim}-D, action {self.action_dim}-D, "
                  f"cameras {self.camera_keys} ({self.layout})"]
@@ -434,8 +442,19 @@ def register_schema(schema: EmbodimentSchema, overwrite: bool = False) -> Embodi
 
 
 def get_schema(name: str | EmbodimentSchema) -> EmbodimentSchema:
+    """A registered schema by name (dashes or underscores), or one saved as JSON
+    (``EmbodimentSchema.save``) when ``name`` is the path of a ``.json`` file."""
     if isinstance(name, EmbodimentSchema):
         return name
+    if str(name).endswith(".json"):
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise SchemaError(f"schema file {path} not found")
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise SchemaError(f"schema file {path}: invalid JSON: {e}") from e
+        return EmbodimentSchema.from_dict(d).validate()
     key = name.replace("-", "_")
     if key not in SCHEMAS:
         raise SchemaError(f"unknown schema {name!r}; available: {sorted(SCHEMAS)} "

@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .lerobot import STANDARD_COLUMNS, V3_DATA_PATH, V3_VIDEO_PATH, arrow_to_numpy
+from .lerobot import V3_DATA_PATH, V3_VIDEO_PATH, arrow_to_numpy
 from .video import _ENCODER_CANDIDATES, VideoEncoder
 
 __all__ = ["LeRobotWriter", "compute_feature_stats", "aggregate_stats", "QUANTILES"]
@@ -80,25 +80,49 @@ def _sample_indices(n: int) -> np.ndarray:
     return np.round(np.linspace(0, n - 1, k)).astype(np.int64)
 
 
+def _hist_quantiles(hist: np.ndarray, qs: list[float]) -> np.ndarray:
+    """np.quantile (linear interpolation) of integer data 0..len(hist)-1 given as a histogram."""
+    cum = np.cumsum(hist)
+    n = int(cum[-1])
+    out = []
+    for q in qs:
+        pos = q * (n - 1)
+        lo = int(np.floor(pos))
+        hi = min(lo + 1, n - 1)
+        v_lo = int(np.searchsorted(cum, lo, side="right"))
+        v_hi = int(np.searchsorted(cum, hi, side="right"))
+        out.append(v_lo + (pos - lo) * (v_hi - v_lo))
+    return np.asarray(out, dtype=np.float64)
+
+
 def compute_image_stats(frames: np.ndarray) -> dict[str, np.ndarray]:
-    """Per-channel stats of uint8 (T, H, W, C) frames, normalised to [0, 1], as (C, 1, 1) arrays."""
+    """Per-channel stats of uint8 (T, H, W, C) frames, normalised to [0, 1], as (C, 1, 1) arrays.
+
+    Uses an evenly spaced frame subsample and frames strided down to about 150 px; the stats
+    (quantiles included) are exact for that subsample, computed from 256-bin histograms.
+    """
     idx = _sample_indices(frames.shape[0])
     sub = frames[idx]
     h, w = sub.shape[1:3]
     stride = max(1, int(max(h, w) // 150))  # downsample large frames to about 150 px
     sub = sub[:, ::stride, ::stride, :]
     c = sub.shape[-1]
-    x = sub.reshape(-1, c).astype(np.float64) / 255.0
-    out = {
-        "min": x.min(axis=0),
-        "max": x.max(axis=0),
-        "mean": x.mean(axis=0),
-        "std": x.std(axis=0),
-    }
-    qs = np.quantile(x, list(QUANTILES.values()), axis=0)
-    for name, q in zip(QUANTILES, qs):
-        out[name] = q
-    out = {k: v.reshape(c, 1, 1) for k, v in out.items()}
+    x = np.ascontiguousarray(sub).reshape(-1, c)
+    hists = [np.bincount(x[:, i], minlength=256).astype(np.float64) for i in range(c)]
+    levels = np.arange(256, dtype=np.float64)
+    stats: dict[str, list] = {k: [] for k in ["min", "max", "mean", "std", *QUANTILES]}
+    for hist in hists:
+        n = hist.sum()
+        nz = np.flatnonzero(hist)
+        mean = float((hist * levels).sum() / n)
+        var = float((hist * (levels - mean) ** 2).sum() / n)
+        stats["min"].append(nz[0])
+        stats["max"].append(nz[-1])
+        stats["mean"].append(mean)
+        stats["std"].append(np.sqrt(var))
+        for name, q in zip(QUANTILES, _hist_quantiles(hist, list(QUANTILES.values()))):
+            stats[name].append(q)
+    out = {k: (np.asarray(v, dtype=np.float64) / 255.0).reshape(c, 1, 1) for k, v in stats.items()}
     out["count"] = np.array([len(idx)], dtype=np.int64)
     return out
 
@@ -522,7 +546,16 @@ class LeRobotWriter:
             for key in self.video_keys:
                 self._close_video(key)
             self._write_meta()
+        except BaseException:
+            self.abort()
+            raise
+        try:
             self._check_root()
+        except FileExistsError as e:
+            # something appeared at root while writing: keep the finished (hidden) dataset
+            self._state = "failed"
+            raise FileExistsError(f"{e}; the complete dataset was left at {self.tmp}") from None
+        try:
             self._move_into_place()
         except BaseException:
             self.abort()

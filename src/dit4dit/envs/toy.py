@@ -24,9 +24,9 @@ IMAGE_KEY = "observation.images.image"
 @dataclass
 class ToyReachEnv:
     size: int = 64
-    speed: float = 0.12
-    radius: float = 0.12
-    max_steps: int = 30
+    speed: float = 0.05
+    radius: float = 0.1
+    max_steps: int = 60
 
     def reset(self, seed: int, task: str | None = None) -> dict:
         rng = np.random.default_rng(seed)

@@ -306,10 +306,18 @@ def _check_vae_config(folder: Path) -> Path:
     return folder
 
 
-def build_codec(cfg: CodecConfig, backbone: str | None = None) -> LatentCodec:
-    """Codec from config: `pixel` -> PixelCodec; `wan_vae` -> VAE from `cfg.path` or `<backbone>/<subfolder>`."""
+def build_codec(cfg: CodecConfig, backbone: str | None = None, random_weights: bool = False) -> LatentCodec:
+    """Codec from config: `pixel` -> PixelCodec; `wan_vae` -> VAE from `cfg.path` or `<backbone>/<subfolder>`.
+
+    `random_weights=True` (benchmarks only) builds the released Wan2.1 VAE architecture (the
+    diffusers default config, with its latent mean/std) with random weights instead of loading one.
+    """
     if cfg.kind == "pixel":
         return PixelCodec(cfg.pixel_factor)
+    if cfg.kind == "wan_vae" and random_weights:
+        from diffusers import AutoencoderKLWan
+
+        return WanVAECodec(AutoencoderKLWan(), source="random weights (AutoencoderKLWan default config)")
     if cfg.kind == "wan_vae":
         path = cfg.path if cfg.path is not None else backbone
         if path is None:

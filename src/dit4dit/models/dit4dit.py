@@ -34,7 +34,7 @@ from .. import flow
 from ..config import DiT4DiTConfig
 from .action_dit import ActionDiT
 from .codecs import LatentCodec, build_codec
-from .text import EmbeddingCache, TextEncoder, build_text_encoder
+from .text import CosmosReason1TextEncoder, EmbeddingCache, TextEncoder, build_text_encoder
 from .video_dit import VideoDiT
 
 
@@ -55,15 +55,20 @@ class DiT4DiT(nn.Module):
         self._text_memo: dict[str, torch.Tensor] = {}
 
     def train(self, mode: bool = True) -> "DiT4DiT":
-        self._text_memo.clear()
+        if mode:
+            self._text_memo.clear()
         return super().train(mode)
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_config(cls, cfg: DiT4DiTConfig, backbone: str | None = None, *, text_cache_dir: str | None = None,
-                    load_text_encoder: bool = True, video_dtype: torch.dtype | None = None) -> "DiT4DiT":
+                    load_text_encoder: bool = True, video_dtype: torch.dtype | None = None,
+                    random_weights: bool = False) -> "DiT4DiT":
         """Build a model. With `backbone`, the video DiT (and the VAE / text encoder, unless their
-        configs name other folders) are loaded from that local Cosmos-Predict2.5 diffusers folder."""
+        configs name other folders) are loaded from that local Cosmos-Predict2.5 diffusers folder.
+
+        `random_weights=True` (benchmarks) builds a frozen VAE with random weights when no folder is
+        given, instead of failing."""
         cfg.validate()
         if backbone is not None:
             video = VideoDiT.from_pretrained(backbone, cfg.video, torch_dtype=video_dtype or torch.bfloat16)
@@ -72,12 +77,20 @@ class DiT4DiT(nn.Module):
             if video_dtype is not None:
                 video.to(video_dtype)
         action = ActionDiT(cfg.action)
-        codec = build_codec(cfg.codec, backbone)
+        codec = build_codec(cfg.codec, backbone,
+                            random_weights=random_weights and backbone is None and cfg.codec.path is None)
         text = None
+        identity = None
         if cfg.text.kind == "tiny" or load_text_encoder:
             text = build_text_encoder(cfg.text, cfg.video.text_input_dim, backbone)
+        elif text_cache_dir and (cfg.text.path or backbone):
+            # Serve from the embedding cache alone: the cache key needs only the tokenizer side.
+            identity = CosmosReason1TextEncoder.identity_for(cfg.text.path or backbone,
+                                                             max_length=cfg.text.max_length)
         cache = EmbeddingCache(text_cache_dir) if text_cache_dir else None
-        return cls(cfg, video, action, codec, text, cache)
+        model = cls(cfg, video, action, codec, text, cache)
+        model.text_identity = identity
+        return model
 
     # ------------------------------------------------------------------ encoders
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
@@ -97,7 +110,9 @@ class DiT4DiT(nn.Module):
         enc = self.text_encoder
         if enc is not None and enc.trainable:
             return enc(prompts)
-        if self.text_cache is not None and enc is not None:
+        if self.text_cache is not None and enc is None and getattr(self, "text_identity", None):
+            out = self.text_cache.lookup(self.text_identity, prompts)
+        elif self.text_cache is not None and enc is not None:
             out = self.text_cache.embed(enc, prompts)
         elif enc is not None:
             with torch.no_grad():

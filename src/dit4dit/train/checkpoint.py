@@ -139,7 +139,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
         if p.name in (STATE_FILE, CONFIG_FILE, MODEL_FILE):
             return p.parent
         raise CheckpointError(f"{p}: expected a checkpoint folder or a run folder, got a file")
-    if any((p / f).exists() for f in REQUIRED_FILES):
+    if not (p / CHECKPOINTS_DIR).is_dir() and any((p / f).exists() for f in (MODEL_FILE, STATE_FILE)):
         return p
     run = p.parent if p.name == CHECKPOINTS_DIR else p
     if not checkpoints_root(run).is_dir():

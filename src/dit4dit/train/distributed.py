@@ -22,9 +22,11 @@ full state dicts is collective (every rank calls it).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
@@ -86,12 +88,24 @@ def init_distributed(device: str | torch.device | None = None, timeout_s: float 
     if dev.type == "cuda":
         kwargs["device_id"] = dev
     dist.init_process_group(**kwargs)
+    # The group lives until the process exits: re-creating it in the same process (a second
+    # `train` call) can deadlock FSDP2/DTensor collectives that cached the first group.
+    atexit.register(_destroy_group)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev, backend, True)
 
 
+def _destroy_group() -> None:
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - best effort at exit
+            pass
+
+
 def shutdown(info: DistInfo) -> None:
-    if info.owns_group and dist.is_initialized():
-        dist.destroy_process_group()
+    """End of a training call: wait for every rank (the group itself is destroyed at exit)."""
+    if info.distributed and dist.is_initialized():
+        barrier(info)
 
 
 def barrier(info: DistInfo) -> None:
@@ -213,9 +227,16 @@ def wrap(loss_module: nn.Module, model: nn.Module, strategy: str, info: DistInfo
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
+        import inspect
+
         ids = [info.device.index] if info.device.type == "cuda" else None
-        ddp = DDP(loss_module, device_ids=ids, find_unused_parameters=find_unused_parameters,
-                  broadcast_buffers=False)
+        kwargs: dict[str, Any] = {"device_ids": ids, "find_unused_parameters": find_unused_parameters}
+        # Buffers are constants here (identical on every rank): no per-forward buffer broadcast.
+        if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters:
+            kwargs["forward_sync_buffers"] = False
+        else:
+            kwargs["broadcast_buffers"] = False
+        ddp = DDP(loss_module, **kwargs)
         return Wrapped(ddp, "ddp")
     if strategy == "fsdp":
         roots = apply_fsdp(model, info, bf16=bf16)
@@ -232,6 +253,9 @@ def apply_fsdp(model: nn.Module, info: DistInfo, bf16: bool = False) -> list[nn.
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
+    # The parts return views (slices of hidden states); nothing in the loss modifies them in
+    # place, so FSDP2's warning about in-place ops on views does not apply.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     mesh = init_device_mesh(info.device.type, (info.world_size,))
     kwargs: dict[str, Any] = {"mesh": mesh}
     if bf16:

@@ -47,7 +47,7 @@ class RunLogger:
 
     def __init__(self, run_dir: str | os.PathLike, *, enabled: bool = True, tensorboard: bool = True,
                  wandb: bool = False, wandb_project: str = "dit4dit", config: Mapping[str, Any] | None = None,
-                 run_name: str | None = None, resume: bool = False):
+                 run_name: str | None = None, resume: bool = False, resume_step: int | None = None):
         self.run_dir = Path(run_dir)
         self.enabled = enabled
         self._jsonl = None
@@ -58,6 +58,8 @@ class RunLogger:
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None:
+            truncate_metrics(self.run_dir, resume_step)
         self._jsonl = open(self.run_dir / METRICS_FILE, "a", encoding="utf-8")
         self.backends.append("jsonl")
         self._file_handler = logging.FileHandler(self.run_dir / TEXT_LOG_FILE, encoding="utf-8")
@@ -190,3 +192,21 @@ def read_metrics(run_dir: str | os.PathLike, kind: str | None = "train") -> list
         if kind is None or row.get("kind") == kind:
             rows.append(row)
     return rows
+
+
+def truncate_metrics(run_dir: str | os.PathLike, step: int) -> None:
+    """Drop rows logged after ``step`` (a resumed run logs those steps again)."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if int(row.get("step", 0)) <= step:
+            keep.append(line)
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(x + "\n" for x in keep), encoding="utf-8")
+    os.replace(tmp, path)

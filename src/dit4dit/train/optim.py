@@ -200,17 +200,50 @@ class WarmupCosine:
 # --------------------------------------------------------------------------------------------
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (a view sharing its storage), the tensor itself otherwise."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _sharded_1d(t: torch.Tensor) -> bool:
+    if not hasattr(t, "device_mesh"):
+        return False
+    from torch.distributed.tensor import Shard
+
+    return t.device_mesh.ndim == 1 and all(isinstance(pl, Shard) for pl in t.placements)
+
+
+@torch.no_grad()
 def clip_gradients(params: list[nn.Parameter], max_norm: float) -> float:
     """Clip the global L2 norm of the gradients to ``max_norm`` (no clipping when <= 0) and return
-    the norm before clipping. Works with DTensor (FSDP2) gradients."""
-    grads = [p for p in params if p.grad is not None]
+    the norm before clipping.
+
+    FSDP2 gradients (DTensors sharded on a 1-D mesh) are handled on their local shards: one
+    all-reduce of the squared norm, no per-tensor DTensor dispatch.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return 0.0
     limit = float(max_norm) if max_norm and max_norm > 0 else float("inf")
-    norm = torch.nn.utils.clip_grad_norm_(grads, limit)
-    if hasattr(norm, "full_tensor"):
-        norm = norm.full_tensor()
-    return float(norm)
+    if not any(hasattr(g, "device_mesh") for g in grads):
+        return float(torch.nn.utils.clip_grad_norm_(grads, limit))
+    if not all(_sharded_1d(g) for g in grads):
+        norm = torch.nn.utils.clip_grad_norm_(grads, limit)
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    import torch.distributed as dist
+
+    local = [_local(g) for g in grads]
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for t in local:
+        by_device.setdefault(t.device, []).append(t)
+    sq = sum(torch.stack([n.float() for n in torch._foreach_norm(ts, 2.0)]).pow(2).sum().to(local[0].device)
+             for ts in by_device.values())
+    dist.all_reduce(sq, group=grads[0].device_mesh.get_group())
+    total = sq.sqrt()
+    coef = (limit / (total + 1e-6)).clamp(max=1.0)
+    for ts in by_device.values():
+        torch._foreach_mul_(ts, coef.to(ts[0].device))
+    return float(total)
 
 
 # --------------------------------------------------------------------------------------------
@@ -231,13 +264,17 @@ class EMA:
         self.decay = float(decay)
         self.names = [n for n, _ in named_params]
         self.params = [p for _, p in named_params]
-        self.shadows = [p.detach().clone().float() for p in self.params]
+        # Shadows live on the local shards (plain tensors): updates never pay DTensor dispatch.
+        self.shadows = [_local(p.detach()).clone().float() for p in self.params]
+        self._specs = [(p.device_mesh, p.placements, p.shape, p.stride()) if hasattr(p, "device_mesh") else None
+                       for p in self.params]
         self.num_updates = 0
 
     @torch.no_grad()
     def update(self) -> None:
         weight = 1.0 - self.decay
-        src = [p.detach().float() if p.dtype != torch.float32 else p.detach() for p in self.params]
+        src = [_local(p.detach()) for p in self.params]
+        src = [t.float() if t.dtype != torch.float32 else t for t in src]
         try:
             torch._foreach_lerp_(self.shadows, src, weight)
         except (RuntimeError, NotImplementedError, TypeError):
@@ -246,7 +283,16 @@ class EMA:
         self.num_updates += 1
 
     def named_shadows(self) -> list[tuple[str, torch.Tensor]]:
-        return list(zip(self.names, self.shadows))
+        """``(name, shadow)`` with shadows of sharded parameters as DTensors (gather with ``full_tensor``)."""
+        out = []
+        for n, s, spec in zip(self.names, self.shadows, self._specs):
+            if spec is not None:
+                from torch.distributed.tensor import DTensor
+
+                mesh, placements, shape, stride = spec
+                s = DTensor.from_local(s, mesh, placements, run_check=False, shape=shape, stride=stride)
+            out.append((n, s))
+        return out
 
     @torch.no_grad()
     def load(self, tensors: dict[str, torch.Tensor], place) -> None:
@@ -254,22 +300,23 @@ class EMA:
         missing = [n for n in self.names if n not in tensors]
         if missing:
             raise KeyError(f"EMA state lacks {len(missing)} weight(s), e.g. {missing[:3]}")
-        for n, s in zip(self.names, self.shadows):
+        for n, s, p in zip(self.names, self.shadows, self.params):
             t = tensors[n]
-            if tuple(t.shape) != tuple(s.shape):
-                raise ValueError(f"EMA weight {n}: checkpoint shape {tuple(t.shape)} vs model {tuple(s.shape)}")
-            s.copy_(place(t.float(), s))
+            if tuple(t.shape) != tuple(p.shape):
+                raise ValueError(f"EMA weight {n}: checkpoint shape {tuple(t.shape)} vs model {tuple(p.shape)}")
+            s.copy_(_local(place(t, p)).float())
 
     @contextlib.contextmanager
     def swapped_in(self) -> Iterator[None]:
         """Temporarily put the EMA weights into the model (for evaluation hooks)."""
         with torch.no_grad():
-            backup = [p.detach().clone() for p in self.params]
-            for p, s in zip(self.params, self.shadows):
-                p.copy_(s.to(p.dtype))
+            locals_ = [_local(p.detach()) for p in self.params]
+            backup = [t.clone() for t in locals_]
+            for t, s in zip(locals_, self.shadows):
+                t.copy_(s.to(t.dtype))
         try:
             yield
         finally:
             with torch.no_grad():
-                for p, b in zip(self.params, backup):
-                    p.copy_(b)
+                for t, b in zip(locals_, backup):
+                    t.copy_(b)

@@ -1,0 +1,356 @@
+"""Closed-loop evaluation on MetaWorld, on the held-out layouts 40..49 of each task.
+
+Protocol. Episode ``e`` of a task runs on layout ``EVAL_LAYOUTS[(seed + e) % 10]`` (never a
+demonstration layout, see :mod:`dit4dit.envs.metaworld`). The policy gets the observation dict
+(camera image at the checkpoint's camera size, hand state, instruction) and returns an action
+chunk (H, 4); the first ``replan_every`` actions are executed (default: the checkpoint's
+``replan_every`` when its protocol states one, else the whole chunk), then the policy is asked
+again. An episode ends at the first ``info["success"]`` (success) or after ``max_steps`` steps
+(failure). Episodes beyond 10 per task revisit the held-out layouts; the policy's sampler is
+reseeded per episode (``Policy.seed``), so a revisit is a fresh draw of the stochastic policy.
+
+Parallelism. With a checkpoint path, episodes run in ``workers`` spawned processes; each loads
+the policy itself (``dit4dit.train.checkpoint.load_policy``). An in-memory policy object runs in
+this process.
+
+Outputs: a result dict (per-task successes, rate, Wilson 95% CI, mean steps to success, timing)
+and, with ``out``, ``results.json``, ``results.md`` (a Markdown table) and rollout videos
+(GIF or MP4) under ``out/videos``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from ..envs.metaworld import (
+    DEFAULT_CAMERA,
+    EVAL_LAYOUTS,
+    IMAGE_KEY,
+    INSTRUCTIONS,
+    MAX_PATH_LENGTH,
+    MetaWorldError,
+    cached_env,
+    parse_tasks,
+    JobRunner,
+)
+from .stats import wilson_interval
+
+DEFAULT_IMAGE_SIZE = 64
+
+
+# --------------------------------------------------------------------------------------------
+# protocol of a policy
+# --------------------------------------------------------------------------------------------
+
+
+def policy_protocol(policy: Any) -> dict[str, Any]:
+    """The policy's evaluation protocol (``policy.metadata()``), or {} for a bare object."""
+    meta = getattr(policy, "metadata", None)
+    if callable(meta):
+        try:
+            return dict(meta())
+        except Exception:  # noqa: BLE001 - a bare policy without a processor
+            return {}
+    return {}
+
+
+def _image_size(meta: dict[str, Any], override: int | Sequence[int] | None) -> tuple[int, int]:
+    if override is not None:
+        return (int(override), int(override)) if np.isscalar(override) else tuple(int(v) for v in override)
+    sizes = meta.get("camera_sizes") or {}
+    for key, hw in sizes.items():
+        if key == IMAGE_KEY or str(key).rsplit(".", 1)[-1] == "image":
+            return int(hw[0]), int(hw[1])
+    if sizes:
+        hw = next(iter(sizes.values()))
+        return int(hw[0]), int(hw[1])
+    if meta.get("image_size"):
+        return int(meta["image_size"][0]), int(meta["image_size"][1])
+    return DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE
+
+
+def _replan(meta: dict[str, Any], replan_every: int | None) -> int | None:
+    if replan_every is not None:
+        if replan_every < 1:
+            raise MetaWorldError(f"replan_every={replan_every} must be >= 1")
+        return int(replan_every)
+    for k in ("replan_every", "execute_steps", "action_steps_executed"):
+        if meta.get(k):
+            return int(meta[k])
+    return None  # the whole chunk
+
+
+# --------------------------------------------------------------------------------------------
+# one episode
+# --------------------------------------------------------------------------------------------
+
+
+def run_episode(policy: Any, spec: dict[str, Any]) -> dict[str, Any]:
+    """One closed-loop episode (see the module docstring); ``spec`` from :func:`_specs`."""
+    env = cached_env(spec["task"], spec["camera"], spec["image_size"], spec["max_steps"])
+    bind = getattr(policy, "bind_env", None)
+    if callable(bind):  # oracle policies only (OracleExpertPolicy)
+        bind(env)
+    old_seed = getattr(policy, "seed", None)
+    if old_seed is not None:
+        policy.seed = int(spec["policy_seed"])
+    nc = int(spec["num_cond_frames"])
+    replan = spec["replan_every"]
+    t_env0 = dict(env.timing)
+    start = time.perf_counter()
+    infer_s, calls = 0.0, 0
+    try:
+        obs = env.reset(spec["layout"])
+        history = deque([obs[IMAGE_KEY]] * nc, maxlen=nc)
+        frames = [obs[IMAGE_KEY]] if spec["record"] else None
+        success = done = False
+        while not (success or done):
+            query = dict(obs)
+            if nc > 1:
+                query[IMAGE_KEY] = np.stack(history)
+            t0 = time.perf_counter()
+            chunk = np.asarray(policy.infer(query)["actions"], dtype=np.float32)
+            infer_s += time.perf_counter() - t0
+            calls += 1
+            if chunk.ndim == 1:
+                chunk = chunk[None]
+            if chunk.ndim != 2 or chunk.shape[-1] < 4 or len(chunk) == 0:
+                raise MetaWorldError(f"the policy returned actions of shape {chunk.shape}; expected (H, 4)")
+            n = len(chunk) if replan is None else min(replan, len(chunk))
+            for a in chunk[:n, :4]:
+                obs, success, done = env.step(a)
+                history.append(obs[IMAGE_KEY])
+                if frames is not None:
+                    frames.append(obs[IMAGE_KEY])
+                if success or done:
+                    break
+    finally:
+        if old_seed is not None:
+            policy.seed = old_seed
+    return {
+        "task": spec["task"], "episode": spec["episode"], "layout": spec["layout"], "success": bool(success),
+        "steps": env.steps, "policy_calls": calls, "infer_ms": 1e3 * infer_s / max(1, calls),
+        "wall_s": time.perf_counter() - start,
+        "env_ms_per_step": 1e3 * (env.timing["step_s"] - t_env0["step_s"] + env.timing["render_s"]
+                                  - t_env0["render_s"]) / max(1, env.steps),
+        "frames": np.stack(frames) if frames is not None else None,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# worker processes (checkpoint path)
+# --------------------------------------------------------------------------------------------
+
+_WORKER_POLICY: Any = None
+
+
+def _init_worker(checkpoint: str, device: str, backbone: str | None, threads: int) -> None:
+    global _WORKER_POLICY
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    import torch
+
+    torch.set_num_threads(threads)
+    _WORKER_POLICY = load_checkpoint_policy(checkpoint, device, backbone)
+
+
+def _worker_episode(spec: dict[str, Any]) -> dict[str, Any]:
+    return run_episode(_WORKER_POLICY, spec)
+
+
+def load_checkpoint_policy(checkpoint: str | os.PathLike, device: str = "cpu", backbone: str | None = None):
+    """`Policy(model, processor)` from a run / checkpoint folder."""
+    from ..policy import Policy
+    from ..train.checkpoint import load_policy
+
+    kwargs = {"backbone": backbone} if backbone else {}
+    model, processor, _cfg = load_policy(str(checkpoint), device, **kwargs)
+    if processor is None:
+        raise MetaWorldError(f"{checkpoint}: the checkpoint has no processor (normalisation statistics); "
+                             "cannot run it as a policy")
+    return Policy(model, processor)
+
+
+# --------------------------------------------------------------------------------------------
+# evaluate
+# --------------------------------------------------------------------------------------------
+
+
+def _specs(tasks: list[str], episodes: int, *, seed: int, layouts: Sequence[int], camera: str,
+           image_size: tuple[int, int], max_steps: int, replan_every: int | None, num_cond_frames: int,
+           record_videos: int) -> list[dict[str, Any]]:
+    specs = []
+    for ti, t in enumerate(tasks):
+        for e in range(episodes):
+            specs.append({"task": t, "episode": e, "layout": int(layouts[(seed + e) % len(layouts)]),
+                          "policy_seed": int(seed) * 1_000_003 + ti * 10_007 + e, "camera": camera,
+                          "image_size": image_size, "max_steps": int(max_steps), "replan_every": replan_every,
+                          "num_cond_frames": int(num_cond_frames), "record": e < record_videos})
+    return specs
+
+
+def evaluate(policy_or_checkpoint: Any, tasks: str | Sequence[str], episodes: int = 10, *,
+             replan_every: int | None = None, max_steps: int = MAX_PATH_LENGTH, seed: int = 0, workers: int = 1,
+             record_videos: int = 0, out: str | Path | None = None, camera: str = DEFAULT_CAMERA,
+             image_size: int | Sequence[int] | None = None, device: str = "cpu", backbone: str | None = None,
+             layouts: Sequence[int] = EVAL_LAYOUTS, video_format: str = "gif",
+             progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Success rate per task (Wilson 95% CI) of a policy on held-out MetaWorld layouts.
+
+    ``policy_or_checkpoint``: an object with ``infer(obs) -> {"actions": (H, 4)}`` (run in this
+    process) or a run / checkpoint folder (loaded in each of ``workers`` processes).
+    ``record_videos``: the first N episodes of each task are saved as videos under ``out``.
+    """
+    task_list = parse_tasks(tasks)
+    if episodes < 1:
+        raise MetaWorldError("episodes must be >= 1")
+    if not 1 <= max_steps <= MAX_PATH_LENGTH:
+        raise MetaWorldError(f"max_steps={max_steps} must be in [1, {MAX_PATH_LENGTH}]")
+    if video_format not in ("gif", "mp4"):
+        raise MetaWorldError(f"video_format={video_format!r} must be gif | mp4")
+    bad = [lay for lay in layouts if not 0 <= int(lay) < 50]
+    if bad:
+        raise MetaWorldError(f"layouts {bad} outside 0..49")
+    from_path = isinstance(policy_or_checkpoint, (str, os.PathLike))
+    if from_path:
+        checkpoint = str(policy_or_checkpoint)
+        if not Path(checkpoint).exists():
+            raise MetaWorldError(f"checkpoint {checkpoint} not found")
+        # the protocol comes from one policy loaded here (cheap for small models; a worker reloads it)
+        local_policy = load_checkpoint_policy(checkpoint, device, backbone) if workers <= 1 else None
+        meta = policy_protocol(local_policy) if local_policy is not None else _checkpoint_protocol(checkpoint)
+    else:
+        checkpoint, local_policy = None, policy_or_checkpoint
+        meta = policy_protocol(local_policy)
+        workers = 1  # an in-memory policy cannot be shipped to other processes
+    size = _image_size(meta, image_size)
+    replan = _replan(meta, replan_every)
+    nc = int(meta.get("num_cond_frames") or 1)
+    specs = _specs(task_list, episodes, seed=seed, layouts=list(layouts), camera=camera, image_size=size,
+                   max_steps=max_steps, replan_every=replan, num_cond_frames=nc,
+                   record_videos=record_videos if out is not None else 0)
+
+    start = time.perf_counter()
+    results: list[dict[str, Any]] = []
+    if local_policy is not None:
+        runner = JobRunner(1)
+        jobs = runner.map(functools.partial(run_episode, local_policy), specs)
+    else:
+        threads = max(1, (os.cpu_count() or 1) // max(1, workers))
+        runner = JobRunner(workers, initializer=_init_worker, initargs=(checkpoint, device, backbone, threads))
+        jobs = runner.map(_worker_episode, specs)
+    with runner:
+        for r in jobs:
+            results.append(r)
+            if progress:
+                progress(len(results), len(specs))
+    seconds = time.perf_counter() - start
+
+    videos: list[str] = []
+    if out is not None:
+        out = Path(out).expanduser()
+        out.mkdir(parents=True, exist_ok=True)
+        for r in results:
+            if r["frames"] is not None:
+                name = f"{r['task']}_ep{r['episode']:03d}_layout{r['layout']}_{'success' if r['success'] else 'fail'}"
+                videos.append(str(save_video(r["frames"], out / "videos" / f"{name}.{video_format}")))
+    for r in results:
+        r.pop("frames", None)
+
+    per_task: dict[str, dict[str, Any]] = {}
+    for t in task_list:
+        rs = [r for r in results if r["task"] == t]
+        s = sum(r["success"] for r in rs)
+        steps = [r["steps"] for r in rs if r["success"]]
+        lo, hi = wilson_interval(s, len(rs))
+        per_task[t] = {"instruction": INSTRUCTIONS[t], "successes": s, "episodes": len(rs),
+                       "success_rate": s / len(rs), "ci95": [lo, hi],
+                       "mean_steps_to_success": float(np.mean(steps)) if steps else None,
+                       "layouts": sorted({r["layout"] for r in rs})}
+    n_s = sum(p["successes"] for p in per_task.values())
+    n = len(results)
+    result = {
+        "benchmark": "metaworld",
+        "checkpoint": checkpoint,
+        "per_task": per_task,
+        "success_rate": n_s / n,
+        "ci95": list(wilson_interval(n_s, n)),
+        "mean_task_success_rate": float(np.mean([p["success_rate"] for p in per_task.values()])),
+        "episodes": n,
+        "episodes_per_task": episodes,
+        "protocol": {"replan_every": replan, "action_horizon": meta.get("action_horizon"),
+                     "max_steps": max_steps, "camera": camera, "image_size": list(size),
+                     "num_cond_frames": nc, "layouts": [int(v) for v in layouts], "seed": seed},
+        "timing": {"seconds": seconds, "workers": workers,
+                   "mean_infer_ms": float(np.mean([r["infer_ms"] for r in results])),
+                   "mean_env_ms_per_step": float(np.mean([r["env_ms_per_step"] for r in results]))},
+        "videos": videos,
+        "episodes_detail": results,
+    }
+    if out is not None:
+        (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+        (out / "results.md").write_text(markdown_table(result))
+    return result
+
+
+def _checkpoint_protocol(checkpoint: str) -> dict[str, Any]:
+    """The protocol stored in a checkpoint's processor.json (without building the model)."""
+    try:
+        from ..train.checkpoint import load_checkpoint
+
+        proc = load_checkpoint(checkpoint).processor()
+        return dict(proc.protocol()) if proc is not None else {}
+    except Exception:  # noqa: BLE001 - fall back to the defaults; the workers will fail loudly if broken
+        return {}
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    p = result["protocol"]
+    lines = [
+        f"# MetaWorld evaluation{' of ' + result['checkpoint'] if result.get('checkpoint') else ''}",
+        "",
+        f"Held-out layouts {p['layouts'][0]}..{p['layouts'][-1]}, {result['episodes_per_task']} episodes per task, "
+        f"max {p['max_steps']} steps, replan every {p['replan_every'] or 'chunk'} "
+        f"(horizon {p['action_horizon']}), camera {p['camera']} {p['image_size'][0]}x{p['image_size'][1]}.",
+        "",
+        "| task | instruction | successes | success rate | 95% CI | mean steps to success |",
+        "| --- | --- | ---: | ---: | --- | ---: |",
+    ]
+    for t, r in result["per_task"].items():
+        steps = f"{r['mean_steps_to_success']:.0f}" if r["mean_steps_to_success"] is not None else "-"
+        lines.append(f"| {t} | {r['instruction']} | {r['successes']}/{r['episodes']} | {r['success_rate']:.0%} | "
+                     f"[{r['ci95'][0]:.0%}, {r['ci95'][1]:.0%}] | {steps} |")
+    lo, hi = result["ci95"]
+    lines.append(f"| **all** | | {sum(r['successes'] for r in result['per_task'].values())}/{result['episodes']} | "
+                 f"**{result['success_rate']:.0%}** | [{lo:.0%}, {hi:.0%}] | |")
+    tm = result["timing"]
+    lines += ["", f"{tm['seconds']:.1f} s with {tm['workers']} worker(s); policy call {tm['mean_infer_ms']:.1f} ms, "
+              f"env step + render {tm['mean_env_ms_per_step']:.1f} ms."]
+    if result.get("videos"):
+        lines += ["", "Videos: " + ", ".join(f"[{Path(v).name}](videos/{Path(v).name})" for v in result["videos"])]
+    return "\n".join(lines) + "\n"
+
+
+def save_video(frames: np.ndarray, path: str | Path, fps: float = 20, scale: int = 2) -> Path:
+    """(T, H, W, 3) uint8 -> GIF (Pillow) or MP4 (PyAV, H.264), by the file's suffix."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if scale > 1:
+        frames = frames.repeat(scale, axis=1).repeat(scale, axis=2)
+    if path.suffix == ".gif":
+        from .report import save_gif
+
+        return save_gif(frames, path, fps=fps, scale=1)
+    from ..data.video import VideoEncoder
+
+    enc = VideoEncoder(path, fps, frames.shape[2], frames.shape[1], codec="h264", gop=None)
+    enc.write(frames)
+    enc.close()
+    return path

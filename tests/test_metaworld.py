@@ -1,0 +1,108 @@
+"""MetaWorld plumbing: expert collection into a LeRobot v3.0 dataset, closed-loop evaluation,
+the train/eval layout split, the CLI. Needs the `metaworld` extra (skipped without it)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("metaworld")
+
+from dit4dit.data.lerobot import LeRobotDataset  # noqa: E402
+from dit4dit.data.schema import get_schema  # noqa: E402
+from dit4dit.envs import metaworld as mw  # noqa: E402
+from dit4dit.eval.metaworld import evaluate  # noqa: E402
+
+TASK = "button-press-topdown-v3"
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    out = tmp_path_factory.mktemp("mw") / "ds"
+    r = mw.collect(TASK, 1, out, image_size=64, seed=3, workers=1)
+    return out, r
+
+
+def test_layout_split_is_disjoint():
+    train, held_out = set(mw.TRAIN_LAYOUTS), set(mw.EVAL_LAYOUTS)
+    assert not train & held_out
+    assert train | held_out == set(range(mw.NUM_LAYOUTS))
+    for seed in (0, 7, 39, 123):
+        assert {mw.layout_for_attempt(a, seed)[0] for a in range(200)} <= train
+    # the layouts are a fixed function of LAYOUT_SEED, and distinct
+    vecs = mw.layout_vectors(TASK)
+    assert vecs.shape[0] == mw.NUM_LAYOUTS
+    assert len({v.round(6).tobytes() for v in vecs}) == mw.NUM_LAYOUTS
+    fresh = mw._benchmark.__wrapped__(TASK, mw.LAYOUT_SEED)  # a new MT1: same seed, same layouts
+    env = fresh.train_classes[TASK]()
+    env.set_task(fresh.train_tasks[45])
+    np.testing.assert_array_equal(np.asarray(env._last_rand_vec), vecs[45])
+    env.close()
+
+
+def test_collect_writes_a_schema_dataset(dataset):
+    out, r = dataset
+    assert r["episodes"] == 1 and r["tasks"][TASK]["kept"] == 1
+    assert r["tasks"][TASK]["expert_success_rate"] == 1.0
+    assert r["frames"] > 20 and r["frames_per_s"] > 0
+    ds = LeRobotDataset(out)
+    schema = get_schema("metaworld_sawyer").check(ds)  # raises on any mismatch
+    assert schema.camera_keys == [mw.IMAGE_KEY]
+    standard = {"timestamp", "frame_index", "episode_index", "index", "task_index"}
+    assert set(ds.features) - standard == {mw.IMAGE_KEY, mw.STATE_KEY, mw.ACTION_KEY}
+    assert ds.num_episodes == 1 and ds.fps == mw.CONTROL_FPS
+    assert ds.task(0) == "press the button from the top"
+    d = ds.episode_data(0)
+    assert d[mw.STATE_KEY].shape == (ds.num_frames, 4) and d[mw.ACTION_KEY].shape == (ds.num_frames, 4)
+    assert np.all(np.abs(d[mw.ACTION_KEY]) <= 1.0)
+    assert set(np.unique(d[mw.ACTION_KEY][:, 3])) <= {-1.0, 1.0}  # binary gripper, as the schema says
+    frames = ds.frames(mw.IMAGE_KEY, 0, [0, ds.num_frames - 1])
+    assert frames.shape == (2, 64, 64, 3) and frames.dtype == np.uint8
+    meta = json.loads((out / "meta" / "metaworld.json").read_text())
+    assert all(e["layout"] in mw.TRAIN_LAYOUTS for e in meta["episodes"])
+    assert meta["episodes"][0]["layout"] == 3  # seed 3 starts at training layout 3
+    ds.close()
+
+
+def test_observation_holds_only_what_the_policy_may_see():
+    with mw.MetaWorldEnv("drawer-open", layout=41, image_size=32) as env:
+        obs = env.observation()
+        assert set(obs) == {mw.IMAGE_KEY, mw.STATE_KEY, "prompt"}
+        assert obs[mw.IMAGE_KEY].shape == (32, 32, 3) and obs[mw.IMAGE_KEY].dtype == np.uint8
+        assert obs[mw.STATE_KEY].shape == (4,) and obs["prompt"] == "open the drawer"
+        first = obs[mw.STATE_KEY].copy()
+        env.step(np.array([0.0, 0.0, 0.0, -1.0]))
+        again = env.reset()  # reset keeps the layout
+        np.testing.assert_allclose(again[mw.STATE_KEY], first, atol=1e-6)
+        assert env.layout == 41
+
+
+def test_evaluate_oracle_chunked(tmp_path):
+    policy = mw.OracleExpertPolicy(horizon=4, image_size=64)
+    r = evaluate(policy, TASK, episodes=1, replan_every=2, seed=5, out=tmp_path, record_videos=1)
+    t = r["per_task"][TASK]
+    assert t["successes"] == 1 and r["success_rate"] == 1.0
+    assert 0 < t["ci95"][0] < 1.0 and t["ci95"][1] == pytest.approx(1.0)
+    assert t["mean_steps_to_success"] > 10
+    assert t["layouts"] == [mw.EVAL_LAYOUTS[5]]
+    assert r["protocol"]["replan_every"] == 2 and r["protocol"]["action_horizon"] == 4
+    assert (tmp_path / "results.json").is_file() and "| button-press-topdown-v3 |" in (tmp_path / "results.md").read_text()
+    assert len(r["videos"]) == 1 and r["videos"][0].endswith("_success.gif")
+    assert json.loads((tmp_path / "results.json").read_text())["episodes"] == 1
+
+
+def test_cli_parsers():
+    from dit4dit.cli import build_parser
+
+    p = build_parser()
+    a = p.parse_args(["collect", "metaworld", "--tasks", "push,reach", "--episodes", "3", "--out", "x",
+                      "--workers", "2", "--json"])
+    assert a.tasks == "push,reach" and a.workers == 2 and a.image_size == 64 and a.camera == "corner4"
+    a = p.parse_args(["eval", "metaworld", "--checkpoint", "run", "--tasks", "push", "--episodes", "4",
+                      "--replan-every", "4"])
+    assert a.replan_every == 4 and a.episodes == 4 and a.workers == 1
+    assert mw.parse_tasks("push, push-v3,drawer_open") == ["push-v3", "drawer-open-v3"]
+    with pytest.raises(mw.MetaWorldError):
+        mw.task_name("fly-to-the-moon")
