@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --upgrade --quiet pip
 	# The pinned torch first: a CPU host resolves the local CPU wheel, a CUDA host the CUDA build.
 	$(BIN)/python -m pip install --quiet "torch==$(TORCH_VERSION)"
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet -e ".[test,metaworld]"
 	touch $(STAMP)
 
 install: $(STAMP)

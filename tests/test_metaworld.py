@@ -79,8 +79,21 @@ def test_observation_holds_only_what_the_policy_may_see():
         assert env.layout == 41
 
 
+class TwoFrameOracle(mw.OracleExpertPolicy):
+    """The oracle, declaring two conditioning frames 3 steps apart: checks what it is sent."""
+
+    def metadata(self):
+        return {**super().metadata(), "num_cond_frames": 2, "frame_stride": 3}
+
+    def infer(self, obs):
+        img = obs[mw.IMAGE_KEY]
+        assert img.shape == (2, 64, 64, 3) and img.dtype == np.uint8
+        assert set(obs) == {mw.IMAGE_KEY, mw.STATE_KEY, "prompt"} and obs["prompt"] == "press the button from the top"
+        return super().infer(obs)
+
+
 def test_evaluate_oracle_chunked(tmp_path):
-    policy = mw.OracleExpertPolicy(horizon=4, image_size=64)
+    policy = TwoFrameOracle(horizon=4, image_size=64)
     r = evaluate(policy, TASK, episodes=1, replan_every=2, seed=5, out=tmp_path, record_videos=1)
     t = r["per_task"][TASK]
     assert t["successes"] == 1 and r["success_rate"] == 1.0
@@ -88,7 +101,9 @@ def test_evaluate_oracle_chunked(tmp_path):
     assert t["mean_steps_to_success"] > 10
     assert t["layouts"] == [mw.EVAL_LAYOUTS[5]]
     assert r["protocol"]["replan_every"] == 2 and r["protocol"]["action_horizon"] == 4
-    assert (tmp_path / "results.json").is_file() and "| button-press-topdown-v3 |" in (tmp_path / "results.md").read_text()
+    assert r["protocol"]["num_cond_frames"] == 2 and r["protocol"]["frame_stride"] == 3
+    assert (tmp_path / "results.json").is_file()
+    assert "| button-press-topdown-v3 |" in (tmp_path / "results.md").read_text()
     assert len(r["videos"]) == 1 and r["videos"][0].endswith("_success.gif")
     assert json.loads((tmp_path / "results.json").read_text())["episodes"] == 1
 
@@ -106,3 +121,23 @@ def test_cli_parsers():
     assert mw.parse_tasks("push, push-v3,drawer_open") == ["push-v3", "drawer-open-v3"]
     with pytest.raises(mw.MetaWorldError):
         mw.task_name("fly-to-the-moon")
+
+
+def test_gl_backend_choice(monkeypatch):
+    mw.ensure_gl_backend()  # the real choice, made once per process
+    monkeypatch.delenv("PYOPENGL_PLATFORM", raising=False)  # restored afterwards, like MUJOCO_GL
+    try:
+        monkeypatch.delenv("MUJOCO_GL", raising=False)
+        mw.ensure_gl_backend.cache_clear()
+        monkeypatch.setattr(mw, "_probe_backend", lambda b: (b == "osmesa", "" if b == "osmesa" else "no EGL"))
+        assert mw.ensure_gl_backend() == "osmesa"
+        monkeypatch.delenv("MUJOCO_GL", raising=False)
+        mw.ensure_gl_backend.cache_clear()
+        monkeypatch.setattr(mw, "_probe_backend", lambda b: (False, f"no {b}"))
+        with pytest.raises(mw.MetaWorldError, match="libegl1.*libosmesa6"):
+            mw.ensure_gl_backend()
+        monkeypatch.setenv("MUJOCO_GL", "egl")
+        mw.ensure_gl_backend.cache_clear()
+        assert mw.ensure_gl_backend() == "egl"  # an explicit choice is not probed
+    finally:
+        mw.ensure_gl_backend.cache_clear()

@@ -18,11 +18,13 @@ import pytest
 import torch
 from torch import nn
 
-from dit4dit.config import ConfigError, get_preset
-from dit4dit.train import checkpoint as ckpt
-from dit4dit.train.logging import read_metrics
-from dit4dit.train.optim import EMA, WarmupCosine, build_optimizer, lr_at, param_groups
-from dit4dit.train.trainer import SyntheticSamples, bench_train, freeze_frozen_parts, train
+sys.path.insert(0, str(Path(__file__).parent))  # lerobot_fixtures
+
+from dit4dit.config import ConfigError, get_preset  # noqa: E402
+from dit4dit.train import checkpoint as ckpt  # noqa: E402
+from dit4dit.train.logging import read_metrics  # noqa: E402
+from dit4dit.train.optim import EMA, WarmupCosine, build_optimizer, clip_gradients, lr_at, param_groups  # noqa: E402
+from dit4dit.train.trainer import SyntheticSamples, bench_train, freeze_frozen_parts, train  # noqa: E402
 
 SMALL = [
     "action.num_layers=2", "video.num_layers=2", "feature_blocks=1", "inputs.image_size=[32,32]",
@@ -125,6 +127,19 @@ def test_trainable_text_encoder_is_in_the_other_group():
     assert all(n.startswith("text_encoder.") for n in groups["other"].names + groups["other.no_decay"].names)
 
 
+def test_clip_gradients_reports_and_clips_the_global_norm():
+    a, b = nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(4))
+    a.grad, b.grad = torch.full((3,), 3.0), torch.full((4,), 4.0)  # global norm sqrt(27 + 64)
+    norm = clip_gradients([a, b], 1.0)
+    assert norm == pytest.approx(math.sqrt(91.0))
+    clipped = torch.cat([a.grad, b.grad]).norm().item()
+    assert clipped == pytest.approx(1.0, rel=1e-4)
+    a.grad = torch.full((3,), 0.1)
+    b.grad = None
+    assert clip_gradients([a, b], 0.0) == pytest.approx(math.sqrt(0.03))  # 0 = report only
+    assert torch.allclose(a.grad, torch.full((3,), 0.1))
+
+
 def test_ema_update_and_swap():
     p = nn.Parameter(torch.zeros(3))
     ema = EMA([("w", p)], 0.9)
@@ -210,8 +225,49 @@ def test_bad_config_and_bad_data_fail_before_training(tmp_path):
         assert not (tmp_path / d / "checkpoints").exists()
 
 
+def test_non_finite_loss_stops_without_saving(tmp_path):
+    cfg = tiny_cfg()
+
+    def nan_loss(model, batch, generator):
+        loss, logs = model.loss(batch, generator)
+        return loss * float("nan"), {**logs, "loss": float("nan")}
+
+    with pytest.raises(FloatingPointError, match="step 1"):
+        train(cfg, SyntheticSamples(cfg, num_samples=8), tmp_path / "run", progress=False, loss_fn=nan_loss)
+    assert ckpt.list_checkpoints(tmp_path / "run") == []
+
+
+def test_sigterm_saves_and_stops(tmp_path):
+    import signal
+
+    cfg = tiny_cfg("train.steps=10")
+    calls = []
+
+    def loss_fn(model, batch, generator):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # e.g. a preempted cluster job
+        return model.loss(batch, generator)
+
+    before = signal.getsignal(signal.SIGTERM)
+    s = train(cfg, SyntheticSamples(cfg, num_samples=8), tmp_path / "run", progress=False, loss_fn=loss_fn)
+    assert s["interrupted"] and s["step"] == 2
+    assert ckpt.latest_checkpoint(tmp_path / "run").name == "step_000002"
+    assert signal.getsignal(signal.SIGTERM) == before  # handler restored
+
+
+def test_dataset_folder_with_and_without_frame_cache(tmp_path):
+    from lerobot_fixtures import make_v30_dataset
+
+    root = make_v30_dataset(tmp_path / "ds", episodes=2, length=10, size=(32, 32))
+    cfg = tiny_cfg("train.steps=2")
+    decoded = train(cfg, root, tmp_path / "decoded", progress=False)
+    cached = train(cfg, root, tmp_path / "cached", progress=False, frame_cache=True)
+    assert cached["losses"] == decoded["losses"]
+    assert (tmp_path / "cached" / "processor.json").is_file()
+
+
 def test_dataset_that_does_not_fit_the_schema(tmp_path):
-    sys.path.insert(0, str(Path(__file__).parent))
     from lerobot_fixtures import make_v30_dataset
 
     from dit4dit.data.schema import SchemaError
@@ -250,6 +306,7 @@ def test_logging_hooks_and_summary(tmp_path):
     for key in ("loss", "loss_action", "loss_video", "grad_norm", "lr/video_dit", "lr/action_dit", "lr/other",
                 "samples_per_s", "step_time_s", "epoch"):
         assert key in rows[0] and math.isfinite(rows[0][key])
+    assert rows[0]["grad_norm"] > 0
     ev = read_metrics(tmp_path / "run", "eval")
     assert [r["step"] for r in ev] == [4] and ev[0]["success_rate"] == 0.5
     assert sorted(p.name for p in (tmp_path / "run" / "images").iterdir()) == [

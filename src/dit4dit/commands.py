@@ -128,6 +128,8 @@ def register_bench_data(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--batches", type=int, default=30)
+    p.add_argument("--frame-cache", nargs="?", const="auto", default=None, metavar="DIR",
+                   help="read frames from a pre-extracted frame cache (DIR, or the default one, built if needed)")
     p.add_argument("--out", default=None)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_bench_data)
@@ -138,7 +140,8 @@ def _bench_data(args):
 
     _import_envs()
     size = args.image_size[0] if len(args.image_size) == 1 else tuple(args.image_size)
-    r = bench_data(args.path, args.schema, size, args.batch, args.workers, args.batches)
+    cache = True if args.frame_cache == "auto" else args.frame_cache
+    r = bench_data(args.path, args.schema, size, args.batch, args.workers, args.batches, frame_cache=cache)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(r, indent=2, default=str) + "\n")
@@ -494,6 +497,8 @@ def register_metaworld(sub: argparse._SubParsersAction) -> None:
                    help="std of noise on the executed dx, dy, dz (labels stay the expert's)")
     q.add_argument("--repeat-noise", type=float, default=0.1,
                    help="noise std once the 40 training layouts have all been used")
+    q.add_argument("--gripper", default="binary", choices=["binary", "continuous"],
+                   help="binary: snap the experts' grip to -1/+1 as the metaworld_sawyer schema does")
     q.add_argument("--overwrite", action="store_true")
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=_collect_metaworld)
@@ -515,6 +520,7 @@ def register_metaworld(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, help="write results.json, results.md and videos here")
     p.add_argument("--record", type=int, default=1, help="videos per task (with --out)")
     p.add_argument("--video-format", default="gif", choices=["gif", "mp4"])
+    p.add_argument("--threads", type=int, default=None, help="torch threads per process (default: cores / workers)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_eval_metaworld)
 
@@ -527,7 +533,7 @@ def _collect_metaworld(args):
         n = len(parse_tasks(args.tasks)) * args.episodes
         r = collect(args.tasks, args.episodes, args.out, image_size=args.image_size, camera=args.camera,
                     seed=args.seed, workers=args.workers, max_steps=args.max_steps, action_noise=args.action_noise,
-                    repeat_noise=args.repeat_noise, overwrite=args.overwrite,
+                    repeat_noise=args.repeat_noise, gripper=args.gripper, overwrite=args.overwrite,
                     progress=_bar(n, "collect metaworld"))
     except (MetaWorldError, FileExistsError) as e:
         raise ConfigError(str(e)) from e
@@ -558,7 +564,7 @@ def _eval_metaworld(args):
                      max_steps=args.max_steps, seed=args.seed, workers=args.workers,
                      record_videos=args.record if args.out else 0, out=args.out, camera=args.camera,
                      image_size=args.image_size, device=args.device, backbone=args.backbone,
-                     video_format=args.video_format, progress=_bar(n, "eval metaworld"))
+                     video_format=args.video_format, threads=args.threads, progress=_bar(n, "eval metaworld"))
     except (MetaWorldError, FileNotFoundError) as e:
         raise ConfigError(str(e)) from e
     r = {k: v for k, v in r.items() if k != "episodes_detail"} if not args.json else r
@@ -591,3 +597,32 @@ REGISTRATIONS: list[Callable[[argparse._SubParsersAction], None]] = [
     register_bench_serve,
     register_metaworld,
 ]
+
+
+# ------------------------------------------------------------------------------------------ cache-frames
+def register_cache_frames(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("cache-frames", help="decode every frame once into a frame cache at the training resolution")
+    p.add_argument("dataset")
+    p.add_argument("--schema", required=True)
+    p.add_argument("--image-size", type=int, nargs="+", default=[224], metavar=("H", "W"),
+                   help="H W of the combined image, or N for an N x N cell per camera (default 224)")
+    p.add_argument("--out", default=None, help="cache directory (default <dataset>/.dit4dit_cache/frames-<fp>)")
+    p.add_argument("--force", action="store_true", help="rebuild even when an up-to-date cache exists")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cache_frames)
+
+
+def _cache_frames(args):
+    from .data.commands import cache_frames
+
+    _import_envs()
+    if len(args.image_size) not in (1, 2):
+        raise SystemExit("--image-size takes H W (or one N)")
+    size = args.image_size[0] if len(args.image_size) == 1 else tuple(args.image_size)
+    r = cache_frames(args.dataset, args.schema, size, out_dir=args.out, force=args.force)
+    _emit(args, r, lambda r: f"{r['frames']} frames at {r['image_size'][0]}x{r['image_size'][1]} "
+                             f"({r['bytes'] / 2**30:.2f} GiB) in {r['cache']}")
+    return r
+
+
+REGISTRATIONS.append(register_cache_frames)

@@ -141,6 +141,7 @@ def bench_serve(*, checkpoint: str | None = None, backbone: str | None = None, d
     proc = None
     st = None
     tmp = None
+    extra: dict[str, Any] = {}
     if policy is not None or in_process:
         if policy is None:
             import torch
@@ -150,10 +151,11 @@ def bench_serve(*, checkpoint: str | None = None, backbone: str | None = None, d
             if checkpoint:
                 from ..serve.server import load_served_policy
 
-                policy, _ = load_served_policy(checkpoint, backbone=backbone, device=device)
+                policy, extra = load_served_policy(checkpoint, backbone=backbone, device=device)
             else:
                 policy = random_policy(schema, preset=preset, overrides=overrides, device=device)
-        st = PolicyServer(policy, "127.0.0.1", 0).start_in_thread()
+                extra = {"model_version": f"random-weights/{preset}/{schema}"}
+        st = PolicyServer(policy, "127.0.0.1", 0, metadata=extra).start_in_thread()
         port = st.port
         mode = "in-process (server on a thread)"
     else:

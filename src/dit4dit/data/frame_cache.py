@@ -105,8 +105,10 @@ def to_unit_float(canvas: np.ndarray | torch.Tensor, out: torch.Tensor | None = 
 
 
 def _to_planar(video: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`to_unit_float`: float (3, T, H, W) -> uint8 planar (T, 3, H, W)."""
-    return video.add(1.0).mul_(127.5).round_().clamp_(0, 255).to(torch.uint8).permute(1, 0, 2, 3).contiguous()
+    """Inverse of :func:`to_unit_float`: float (3, T, H, W) -> uint8 planar (T, 3, H, W).
+    (f + 1) * 127.5 is within 1e-4 of an integer c in [0, 255]; + 0.5 and truncation round it.
+    The builder checks the round trip exactly."""
+    return video.mul(127.5).add_(128.0).to(torch.uint8).permute(1, 0, 2, 3).contiguous()
 
 
 # --------------------------------------------------------------------------------------------
@@ -240,6 +242,7 @@ class FrameCache:
         self.shape = tuple(int(v) for v in self.index["shape"])
         self._where = {int(e): (int(o), int(n)) for e, o, n in self.index["episodes"]}
         self._mm: np.ndarray | None = None
+        self._tensor: torch.Tensor | None = None
         self._pid: int | None = None
         self._lock = threading.Lock()
 
@@ -265,8 +268,13 @@ class FrameCache:
                     if mm.shape != self.shape or mm.dtype != np.uint8:
                         raise FrameCacheError(f"{self.path}: holds {mm.shape} {mm.dtype}, the index says "
                                               f"{self.shape} uint8; rebuild the cache")
-                    self._mm, self._pid = mm, os.getpid()
+                    self._mm, self._tensor, self._pid = mm, torch.from_numpy(mm), os.getpid()
         return self._mm  # type: ignore[return-value]
+
+    def tensor(self) -> torch.Tensor:
+        """The memmap as a uint8 tensor ``(N, 3, H, W)`` (no copy)."""
+        self.array()
+        return self._tensor  # type: ignore[return-value]
 
     def episode_range(self, episode: int) -> tuple[int, int]:
         """(offset, length) of an episode's frames in the cache."""
@@ -275,22 +283,35 @@ class FrameCache:
         except KeyError:
             raise FrameCacheError(f"episode {episode} is not in the frame cache {self.directory}") from None
 
+    def _rows(self, episode: int, frame_indices: Sequence[int]) -> list[int]:
+        off, n = self.episode_range(episode)
+        rows = [int(f) for f in frame_indices]
+        if rows and (min(rows) < 0 or max(rows) >= n):
+            raise IndexError(f"episode {episode} has frames 0..{n - 1}; asked for {rows}")
+        return [off + f for f in rows]
+
     def frames(self, episode: int, frame_indices: Sequence[int], out: np.ndarray | None = None) -> np.ndarray:
         """uint8 planar ``(n, 3, H, W)`` frames of an episode (episode-relative indices)."""
-        off, n = self.episode_range(episode)
-        idx = np.asarray(frame_indices, dtype=np.int64)
-        if idx.size and (idx.min() < 0 or idx.max() >= n):
-            raise IndexError(f"episode {episode} has frames 0..{n - 1}; asked for {idx.tolist()}")
-        return np.take(self.array(), idx + off, axis=0, out=out)
+        return np.take(self.array(), self._rows(episode, frame_indices), axis=0, out=out)
 
     def images(self, episode: int, frame_indices: Sequence[int]) -> np.ndarray:
         """uint8 ``(n, H, W, 3)`` RGB frames (for viewing)."""
         return np.ascontiguousarray(self.frames(episode, frame_indices).transpose(0, 2, 3, 1))
 
     def video(self, episode: int, frame_indices: Sequence[int], out: torch.Tensor | None = None) -> torch.Tensor:
-        """float32 ``(3, T, H, W)`` in [-1, 1]: exactly what :meth:`Processor.images` makes of
-        these frames."""
-        return to_unit_float(self.frames(episode, frame_indices), out=out, planar=True)
+        """float32 ``(3, T, H, W)`` in [-1, 1] (into ``out`` if given): exactly what
+        :meth:`Processor.images` makes of these frames. Converted straight from the mapped file
+        (no intermediate uint8 copy), with the operations of :func:`to_unit_float`."""
+        rows = self._rows(episode, frame_indices)
+        src = self.tensor()
+        h, w = self.image_size
+        if out is None:
+            out = torch.empty((3, len(rows), h, w), dtype=torch.float32)
+        elif tuple(out.shape) != (3, len(rows), h, w) or out.dtype != torch.float32:
+            raise ValueError(f"out must be float32 (3, {len(rows)}, {h}, {w}), got {tuple(out.shape)} {out.dtype}")
+        for t, r in enumerate(rows):
+            out[:, t].copy_(src[r])
+        return out.mul_(1.0 / 127.5).sub_(1.0)
 
     def __getstate__(self) -> dict[str, Any]:
         return {"directory": str(self.directory), "index": self.index}

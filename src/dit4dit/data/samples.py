@@ -10,8 +10,9 @@ Frame plan for a sample at frame ``t`` of an episode of length ``L`` (stride ``s
   masked. Nothing ever crosses into another episode.
 
 Everything numeric and visual goes through the shared :class:`~dit4dit.data.processor.Processor`.
-The state/action vectors of the selected episodes are read once (small) and kept in memory;
-frames are decoded per item. The reader pickles without its decoders and its decoder pool is
+The state/action vectors of the selected episodes are read and normalised once (small; the
+normaliser works row by row, so the values are those ``Processor.state``/``actions`` give per
+item) and kept in memory; frames are decoded per item. The reader pickles without its decoders and its decoder pool is
 fork-aware, so each DataLoader worker opens its own decoders lazily on first use and keeps them
 for the life of the (persistent) worker.
 
@@ -31,7 +32,6 @@ process holds it.
 from __future__ import annotations
 
 import bisect
-import itertools
 import os
 import threading
 import weakref
@@ -45,7 +45,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..config import InputConfig
-from .frame_cache import FrameCache, FrameCacheError, build_frame_cache, open_frame_cache, to_unit_float
+from .frame_cache import FrameCache, FrameCacheError, build_frame_cache, open_frame_cache
 from .normalize import NormalizationError
 from .processor import Processor, ProcessorError
 from .schema import EmbodimentSchema, get_schema
@@ -166,7 +166,7 @@ class TrainingSamples(Dataset):
                                  [e.index for e in self.episodes])
         self.frame_cache: FrameCache | None = None
         if frame_cache is True:
-            frame_cache = build_frame_cache(dataset, processor, progress=False)
+            frame_cache = build_frame_cache(dataset, processor, progress=True)
         if isinstance(frame_cache, FrameCache):
             frame_cache = frame_cache.directory
         if frame_cache not in (None, False):
@@ -174,16 +174,6 @@ class TrainingSamples(Dataset):
             if self.frame_cache.image_size != tuple(processor.image_size):  # pragma: no cover - checked above
                 raise FrameCacheError(f"frame cache {frame_cache} holds {self.frame_cache.image_size} images, "
                                       f"the processor makes {processor.image_size}")
-        self._scratch = threading.local()  # per-thread gather buffer of the cached path (not pickled)
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state.pop("_scratch", None)
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._scratch = threading.local()
 
     # ---- preload of the small numeric data -------------------------------------------------
     def _load_vectors(self, ds: Any) -> None:
@@ -291,25 +281,17 @@ class TrainingSamples(Dataset):
         _PACKED.batch = buf
         return items
 
-    def _cached_frames(self, episode: int, frames: Sequence[int]) -> np.ndarray:
-        """uint8 planar (T, 3, H, W) frames from the cache, gathered into a per-thread buffer."""
-        cache = self.frame_cache
-        assert cache is not None
-        h, w = cache.image_size
-        shape = (len(frames), 3, h, w)
-        scratch = getattr(self._scratch, "buf", None)
-        if scratch is None or scratch.shape != shape:
-            scratch = self._scratch.buf = np.empty(shape, np.uint8)
-        return cache.frames(episode, frames, out=scratch)
-
     def _item(self, i: int, video_out: torch.Tensor | None = None) -> dict[str, Any]:
         pos, t = self.index.locate(i)
         ep = self.episodes[pos]
         plan = self.index.plan(ep.length, t)
         ds = self.dataset
+        if video_out is None:
+            h, w = self.processor.image_size
+            video_out = _arena_row((3, self.inputs.num_frames, h, w), torch.float32)
         if self.frame_cache is not None:
             # the stored uint8 canvas of Processor.images; the float conversion is its last step
-            video = to_unit_float(self._cached_frames(ep.index, plan.video), out=video_out, planar=True)
+            video = self.frame_cache.video(ep.index, plan.video, out=video_out)
         else:
             uniq = sorted(set(plan.video))
             where = [uniq.index(f) for f in plan.video]
@@ -345,7 +327,8 @@ class TrainingSamples(Dataset):
 # --------------------------------------------------------------------------------------------
 
 _RING_MIN_BYTES = 1 << 20  # smaller batch tensors are not worth a slot
-_RING_SLOTS = 5  # per ring: the batches a worker has queued (prefetch) + those the consumer holds
+_RING_SLOTS = 4  # per worker ring: batches queued (prefetch_factor 2) + those the consumer holds
+_LOCAL_RING_SLOTS = 3  # per main-process ring (num_workers=0): the consumer's batch + the next
 _RING_MAX_BYTES = 2 << 30  # per process, all rings together
 _RING_MAX_RINGS = 4  # per process (one per batch-tensor size class)
 _PAGE = 4096
@@ -430,7 +413,8 @@ def _ring_acquire(shape: tuple[int, ...], dtype: torch.dtype, nbytes: int,
     ring = next((r for r in _RINGS if r.shared == shared and nbytes <= r.slot_bytes <= 2 * nbytes + _PAGE), None)
     if ring is None:
         size_class = (shared, nbytes)
-        total = _PAGE + _RING_SLOTS * (-(-nbytes // _PAGE) * _PAGE)
+        slots = _RING_SLOTS if shared else _LOCAL_RING_SLOTS
+        total = _PAGE + slots * (-(-nbytes // _PAGE) * _PAGE)
         if (size_class in _RINGS_FAILED or len(_RINGS) >= _RING_MAX_RINGS
                 or sum(r.total for r in _RINGS) + total > _RING_MAX_BYTES):
             return None
@@ -440,7 +424,7 @@ def _ring_acquire(shape: tuple[int, ...], dtype: torch.dtype, nbytes: int,
                 _RINGS_FAILED.add(size_class)
                 return None
         try:
-            ring = _BatchRing(nbytes, _RING_SLOTS, shared)
+            ring = _BatchRing(nbytes, slots, shared)
         except (RuntimeError, OSError, MemoryError):
             _RINGS_FAILED.add(size_class)
             return None
@@ -589,6 +573,25 @@ def _rebuild_ring_tensor(storage: Any, key: tuple[int, str], slot: int, offset: 
 # the batch buffer of the last __getitems__ call of this thread (collate takes it)
 _PACKED = threading.local()
 
+# Per-item path (``samples[i]`` for each index of a batch, then collate: what a wrapping dataset
+# such as the trainer's does): in a DataLoader worker the videos of consecutive items are rows of
+# one batch buffer (the batch size is learnt from the previous collate), so collate again takes
+# the buffer as is instead of stacking; items stay independent tensors (distinct rows).
+_ARENA = threading.local()
+
+
+def _arena_row(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
+    rows = getattr(_ARENA, "rows", None)
+    if rows is None or torch.utils.data.get_worker_info() is None:
+        return None
+    buf = getattr(_ARENA, "buf", None)
+    nxt = getattr(_ARENA, "next", 0)
+    if buf is None or nxt >= buf.shape[0] or tuple(buf.shape[1:]) != shape or buf.dtype != dtype:
+        buf = _ARENA.buf = _batch_buffer((rows, *shape), dtype)
+        nxt = 0
+    _ARENA.next = nxt + 1
+    return buf[nxt]
+
 
 def _is_packed(vals: Sequence[torch.Tensor], buf: torch.Tensor) -> bool:
     """Whether ``vals`` are, in order, exactly the rows of ``buf``."""
@@ -606,8 +609,8 @@ def collate(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Stack a list of samples: tensors stacked on a new batch dimension, instructions as
     ``list[str]``, episode/frame indices as int64 tensors.
 
-    Samples from :meth:`TrainingSamples.__getitems__` already sit in one batch buffer, which is
-    taken as is. Large batch tensors go to reusable ring slots (see the module docstring); in a
+    Samples from :meth:`TrainingSamples.__getitems__` (or, in a worker, consecutive
+    ``samples[i]``) already sit in one batch buffer, which is taken as is. Large batch tensors go to reusable ring slots (see the module docstring); in a
     DataLoader worker the others are stacked straight into shared memory, so the batch crosses to
     the main process without another copy (what torch's default collate does too).
     """
@@ -615,14 +618,20 @@ def collate(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
         raise ValueError("cannot collate an empty batch")
     packed = getattr(_PACKED, "batch", None)
     _PACKED.batch = None
+    arena = getattr(_ARENA, "buf", None)
+    _ARENA.buf = None  # the next batch's items start a new buffer
     in_worker = torch.utils.data.get_worker_info() is not None
+    if in_worker:
+        _ARENA.rows = len(items)
     out: dict[str, Any] = {}
     for k, v in items[0].items():
         vals = [it[k] for it in items]
         if isinstance(v, torch.Tensor):
             if packed is not None and _is_packed(vals, packed):
                 buf, packed = packed, None
-            elif v.device.type != "cpu":
+            elif arena is not None and _is_packed(vals, arena):
+                buf, arena = arena, None
+            elif v.device.type != "cpu" or v.requires_grad:
                 out[k] = torch.stack(vals)
                 continue
             else:

@@ -13,12 +13,14 @@ seed is given).
 
 Actions: (dx, dy, dz, gripper) in [-1, 1]; MetaWorld moves the hand mocap by `action * 0.01` m per
 step (frame_skip 5 x 2.5 ms = 12.5 ms a step, i.e. 80 control steps a second). The experts'
-continuous grip efforts are snapped to -1 (open) / +1 (close) — the schema treats the gripper as
-binary — which does not change their success rate (measured, docs/metaworld.md).
+continuous grip efforts are snapped to -1 (open) / +1 (close) by default, as the schema's binary
+gripper will be at inference; this costs nothing on most tasks but breaks the experts that grasp
+with partial effort (basketball, assembly; fewer successes on peg-insert-side, sweep-into: see
+docs/metaworld.md), for which ``collect(..., gripper="continuous")`` keeps the raw effort.
 
 Rendering: offscreen through MuJoCo's EGL backend (Mesa's software EGL on a CPU machine) or
 OSMesa; :func:`ensure_gl_backend` picks one that works when `MUJOCO_GL` is unset. Shadows,
-reflections and multisampling are turned off before the first render (about 8x faster), and the
+reflections and multisampling are turned off before the first render (10-20x faster), and the
 upside-down frames are flipped on both axes.
 """
 
@@ -419,20 +421,21 @@ class Rollout:
 
 
 def rollout_expert(env: MetaWorldEnv, layout: int, *, noise: float = 0.0, rng: np.random.Generator | None = None,
-                   keep_failed: bool = False) -> tuple[dict[str, np.ndarray] | None, bool, int]:
+                   keep_failed: bool = False, binary_gripper: bool = True,
+                   ) -> tuple[dict[str, np.ndarray] | None, bool, int]:
     """One expert episode on `layout`, stopped at the first success (or `env.max_steps`).
 
     Records, per step, the frame and hand state seen *before* acting and the expert's clean action
-    (gripper snapped to +-1). With ``noise`` > 0 the executed action adds Gaussian noise (std
-    ``noise``) to dx, dy, dz while the recorded label stays the expert's action at the visited
-    state (DART-style), which diversifies repeated layouts.
+    (gripper snapped to +-1 unless ``binary_gripper`` is False). With ``noise`` > 0 the executed
+    action adds Gaussian noise (std ``noise``) to dx, dy, dz while the recorded label stays the
+    expert's action at the visited state (DART-style), which diversifies repeated layouts.
     """
     rng = rng if rng is not None else np.random.default_rng(0)
     obs = env.reset(layout)
     images, states, actions = [], [], []
     success = done = False
     while not (success or done):
-        a = env.expert_action()
+        a = env.expert_action(binary_gripper)
         images.append(obs[IMAGE_KEY])
         states.append(obs[STATE_KEY])
         actions.append(a)
@@ -480,7 +483,8 @@ def _collect_job(spec: dict[str, Any]) -> Rollout:
     t0 = dict(env.timing)
     rng = np.random.default_rng(spec["rng_seed"])
     start = time.perf_counter()
-    data, success, steps = rollout_expert(env, spec["layout"], noise=spec["noise"], rng=rng)
+    data, success, steps = rollout_expert(env, spec["layout"], noise=spec["noise"], rng=rng,
+                                          binary_gripper=spec["gripper"] == "binary")
     timing = {k: env.timing[k] - t0[k] for k in env.timing}
     timing["wall_s"] = time.perf_counter() - start
     return Rollout(spec["task"], spec["layout"], spec["attempt"], success, steps, data, timing)
@@ -543,7 +547,7 @@ def layout_for_attempt(attempt: int, seed: int = 0, layouts: Sequence[int] = TRA
 def collect(tasks: str | Sequence[str], episodes_per_task: int, out: str | Path, *, image_size: int = 64,
             camera: str = DEFAULT_CAMERA, seed: int = 0, workers: int = 1, max_steps: int = MAX_PATH_LENGTH,
             action_noise: float = 0.0, repeat_noise: float = 0.1, max_attempts: int | None = None,
-            fps: int = CONTROL_FPS, overwrite: bool = False,
+            gripper: str = "binary", fps: int = CONTROL_FPS, overwrite: bool = False,
             progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Collect `episodes_per_task` successful expert episodes per task into a LeRobot v3.0
     dataset at `out` (features = the `metaworld_sawyer` schema's keys; one instruction per task).
@@ -553,6 +557,10 @@ def collect(tasks: str | Sequence[str], episodes_per_task: int, out: str | Path,
     task, default ``2 * episodes_per_task + 10``). The first pass over the 40 layouts executes the
     expert's actions (plus ``action_noise``); later passes revisit layouts with ``repeat_noise``
     on the executed actions so that no two episodes are identical (see :func:`rollout_expert`).
+    ``gripper="binary"`` (default) snaps the experts' grip effort to -1 / +1 both in the executed
+    and the recorded action, as the `metaworld_sawyer` schema (binary gripper) will at inference;
+    ``"continuous"`` keeps the experts' values (clipped to [-1, 1]) for a schema whose gripper is
+    continuous. Several grasping experts need partial effort (docs/metaworld.md).
     Returns a summary with the experts' success rate per task and the collection speed; a
     ``meta/metaworld.json`` file in the dataset records the tasks, layouts and settings.
     """
@@ -561,6 +569,8 @@ def collect(tasks: str | Sequence[str], episodes_per_task: int, out: str | Path,
     task_list = parse_tasks(tasks)
     if episodes_per_task < 1:
         raise MetaWorldError("episodes_per_task must be >= 1")
+    if gripper not in ("binary", "continuous"):
+        raise MetaWorldError(f"gripper={gripper!r} must be binary | continuous")
     limit = max_attempts if max_attempts is not None else 2 * episodes_per_task + 10
     size = _size(image_size)
     require_metaworld()
@@ -584,7 +594,8 @@ def collect(tasks: str | Sequence[str], episodes_per_task: int, out: str | Path,
                     noise = action_noise if pass_idx == 0 else max(action_noise, repeat_noise)
                     specs.append({"task": t, "attempt": a, "layout": layout, "noise": float(noise),
                                   "rng_seed": [int(seed), list(INSTRUCTIONS).index(t), a],
-                                  "camera": camera, "image_size": size, "max_steps": int(max_steps)})
+                                  "camera": camera, "image_size": size, "max_steps": int(max_steps),
+                                  "gripper": gripper})
                     st["attempts"] += 1
             if not specs:
                 break
@@ -621,7 +632,8 @@ def collect(tasks: str | Sequence[str], episodes_per_task: int, out: str | Path,
     settings = {"tasks": task_list, "episodes_per_task": episodes_per_task, "image_size": list(size),
                 "camera": camera, "seed": seed, "fps": fps, "max_steps": max_steps, "action_noise": action_noise,
                 "repeat_noise": repeat_noise, "layout_seed": LAYOUT_SEED, "train_layouts": list(TRAIN_LAYOUTS),
-                "eval_layouts": list(EVAL_LAYOUTS), "gripper": "binary (-1 open, +1 close)"}
+                "eval_layouts": list(EVAL_LAYOUTS),
+                "gripper": "binary (-1 open, +1 close)" if gripper == "binary" else "continuous (expert effort)"}
     meta_path = Path(out).expanduser() / "meta" / "metaworld.json"
     meta_path.write_text(json.dumps({"settings": settings, "episodes": episodes_meta}, indent=2) + "\n")
     incomplete = [t for t, s in per_task.items() if s["kept"] < episodes_per_task]

@@ -102,20 +102,23 @@ def run_episode(policy: Any, spec: dict[str, Any]) -> dict[str, Any]:
     old_seed = getattr(policy, "seed", None)
     if old_seed is not None:
         policy.seed = int(spec["policy_seed"])
-    nc = int(spec["num_cond_frames"])
+    nc, stride = int(spec["num_cond_frames"]), int(spec.get("frame_stride", 1))
     replan = spec["replan_every"]
     t_env0 = dict(env.timing)
     start = time.perf_counter()
     infer_s, calls = 0.0, 0
     try:
         obs = env.reset(spec["layout"])
-        history = deque([obs[IMAGE_KEY]] * nc, maxlen=nc)
+        # conditioning frames t - (nc-1-k) * stride, the first frame standing in before the start
+        # (the training samples' convention, dit4dit.data.samples)
+        span = (nc - 1) * stride + 1
+        history = deque([obs[IMAGE_KEY]] * span, maxlen=span)
         frames = [obs[IMAGE_KEY]] if spec["record"] else None
         success = done = False
         while not (success or done):
             query = dict(obs)
             if nc > 1:
-                query[IMAGE_KEY] = np.stack(history)
+                query[IMAGE_KEY] = np.stack([history[span - 1 - (nc - 1 - k) * stride] for k in range(nc)])
             t0 = time.perf_counter()
             chunk = np.asarray(policy.infer(query)["actions"], dtype=np.float32)
             infer_s += time.perf_counter() - t0
@@ -185,14 +188,15 @@ def load_checkpoint_policy(checkpoint: str | os.PathLike, device: str = "cpu", b
 
 def _specs(tasks: list[str], episodes: int, *, seed: int, layouts: Sequence[int], camera: str,
            image_size: tuple[int, int], max_steps: int, replan_every: int | None, num_cond_frames: int,
-           record_videos: int) -> list[dict[str, Any]]:
+           frame_stride: int, record_videos: int) -> list[dict[str, Any]]:
     specs = []
     for ti, t in enumerate(tasks):
         for e in range(episodes):
             specs.append({"task": t, "episode": e, "layout": int(layouts[(seed + e) % len(layouts)]),
                           "policy_seed": int(seed) * 1_000_003 + ti * 10_007 + e, "camera": camera,
                           "image_size": image_size, "max_steps": int(max_steps), "replan_every": replan_every,
-                          "num_cond_frames": int(num_cond_frames), "record": e < record_videos})
+                          "num_cond_frames": int(num_cond_frames), "frame_stride": int(frame_stride),
+                          "record": e < record_videos})
     return specs
 
 
@@ -200,13 +204,15 @@ def evaluate(policy_or_checkpoint: Any, tasks: str | Sequence[str], episodes: in
              replan_every: int | None = None, max_steps: int = MAX_PATH_LENGTH, seed: int = 0, workers: int = 1,
              record_videos: int = 0, out: str | Path | None = None, camera: str = DEFAULT_CAMERA,
              image_size: int | Sequence[int] | None = None, device: str = "cpu", backbone: str | None = None,
-             layouts: Sequence[int] = EVAL_LAYOUTS, video_format: str = "gif",
+             layouts: Sequence[int] = EVAL_LAYOUTS, video_format: str = "gif", threads: int | None = None,
              progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Success rate per task (Wilson 95% CI) of a policy on held-out MetaWorld layouts.
 
     ``policy_or_checkpoint``: an object with ``infer(obs) -> {"actions": (H, 4)}`` (run in this
     process) or a run / checkpoint folder (loaded in each of ``workers`` processes).
     ``record_videos``: the first N episodes of each task are saved as videos under ``out``.
+    ``threads``: torch threads per worker process (default: cores / workers); with one process
+    it is applied only when given.
     """
     task_list = parse_tasks(tasks)
     if episodes < 1:
@@ -223,6 +229,10 @@ def evaluate(policy_or_checkpoint: Any, tasks: str | Sequence[str], episodes: in
         checkpoint = str(policy_or_checkpoint)
         if not Path(checkpoint).exists():
             raise MetaWorldError(f"checkpoint {checkpoint} not found")
+        if threads and workers <= 1:
+            import torch
+
+            torch.set_num_threads(int(threads))
         # the protocol comes from one policy loaded here (cheap for small models; a worker reloads it)
         local_policy = load_checkpoint_policy(checkpoint, device, backbone) if workers <= 1 else None
         meta = policy_protocol(local_policy) if local_policy is not None else _checkpoint_protocol(checkpoint)
@@ -233,8 +243,9 @@ def evaluate(policy_or_checkpoint: Any, tasks: str | Sequence[str], episodes: in
     size = _image_size(meta, image_size)
     replan = _replan(meta, replan_every)
     nc = int(meta.get("num_cond_frames") or 1)
+    stride = int(meta.get("frame_stride") or 1)
     specs = _specs(task_list, episodes, seed=seed, layouts=list(layouts), camera=camera, image_size=size,
-                   max_steps=max_steps, replan_every=replan, num_cond_frames=nc,
+                   max_steps=max_steps, replan_every=replan, num_cond_frames=nc, frame_stride=stride,
                    record_videos=record_videos if out is not None else 0)
 
     start = time.perf_counter()
@@ -243,8 +254,8 @@ def evaluate(policy_or_checkpoint: Any, tasks: str | Sequence[str], episodes: in
         runner = JobRunner(1)
         jobs = runner.map(functools.partial(run_episode, local_policy), specs)
     else:
-        threads = max(1, (os.cpu_count() or 1) // max(1, workers))
-        runner = JobRunner(workers, initializer=_init_worker, initargs=(checkpoint, device, backbone, threads))
+        per_worker = threads or max(1, (os.cpu_count() or 1) // max(1, workers))
+        runner = JobRunner(workers, initializer=_init_worker, initargs=(checkpoint, device, backbone, per_worker))
         jobs = runner.map(_worker_episode, specs)
     with runner:
         for r in jobs:
@@ -287,7 +298,7 @@ def evaluate(policy_or_checkpoint: Any, tasks: str | Sequence[str], episodes: in
         "episodes_per_task": episodes,
         "protocol": {"replan_every": replan, "action_horizon": meta.get("action_horizon"),
                      "max_steps": max_steps, "camera": camera, "image_size": list(size),
-                     "num_cond_frames": nc, "layouts": [int(v) for v in layouts], "seed": seed},
+                     "num_cond_frames": nc, "frame_stride": stride, "layouts": [int(v) for v in layouts], "seed": seed},
         "timing": {"seconds": seconds, "workers": workers,
                    "mean_infer_ms": float(np.mean([r["infer_ms"] for r in results])),
                    "mean_env_ms_per_step": float(np.mean([r["env_ms_per_step"] for r in results]))},

@@ -43,6 +43,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Iterator, Mapping
 from typing import Any, Callable, Iterable
 
 import numpy as np
@@ -254,6 +255,44 @@ def read_safetensors(path: str | os.PathLike, what: str | None = None) -> dict[s
         raise CheckpointError(f"{path}: corrupted safetensors file ({type(e).__name__}: {e})") from e
 
 
+class LazySafetensors(Mapping):
+    """Read-only ``{name: tensor}`` view of a safetensors file that reads one tensor at a time
+    (memory-mapped): resuming a large model on many ranks never holds the whole file per rank.
+    ``shape(name)`` reads no data."""
+
+    def __init__(self, path: str | os.PathLike, what: str | None = None):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise CheckpointError(f"{self.path}: missing {what or 'file'}")
+        header = _safetensors_header(self.path)
+        self._shapes = {k: tuple(int(x) for x in v["shape"]) for k, v in header.items() if k != "__metadata__"}
+        self._handle = None
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._shapes:
+            raise KeyError(key)
+        from safetensors import safe_open
+
+        try:
+            if self._handle is None:
+                self._handle = safe_open(str(self.path), framework="pt", device="cpu")
+            return self._handle.get_tensor(key)
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"{self.path}: corrupted safetensors file ({type(e).__name__}: {e})") from e
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._shapes
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._shapes)
+
+    def __len__(self) -> int:
+        return len(self._shapes)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._shapes[key]
+
+
 def safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
     return dict(_safetensors_header(Path(path)).get("__metadata__") or {})
 
@@ -293,7 +332,11 @@ def _shape(t: torch.Tensor) -> tuple[int, ...]:
     return tuple(int(s) for s in t.shape)
 
 
-def check_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+def _stored_shape(state: Mapping[str, torch.Tensor], key: str) -> tuple[int, ...]:
+    return state.shape(key) if isinstance(state, LazySafetensors) else _shape(state[key])
+
+
+def check_weights(model: nn.Module, state: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
     """Raise :class:`CheckpointError` naming missing/unexpected keys and shape mismatches."""
     expected: dict[str, tuple[int, ...]] = {}
     for part, module in model.trainable_modules().items():
@@ -301,7 +344,8 @@ def check_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str 
             expected[f"{part}.{k}"] = _shape(v)
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
-    mismatched = [(k, _shape(state[k]), expected[k]) for k in expected if k in state and _shape(state[k]) != expected[k]]
+    mismatched = [(k, _stored_shape(state, k), expected[k]) for k in expected
+                  if k in state and _stored_shape(state, k) != expected[k]]
     if not (missing or unexpected or mismatched):
         return
     lines = []
@@ -320,7 +364,7 @@ def check_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str 
 
 
 @torch.no_grad()
-def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
     """Copy ``state`` (keys as in model.safetensors) into the trainable parts (DTensor-aware)."""
     from .distributed import place_like
 
@@ -381,7 +425,7 @@ def optimizer_state_tensors(optimizer: torch.optim.Optimizer,
 
 
 @torch.no_grad()
-def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
+def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: Mapping[str, torch.Tensor], meta: dict[str, Any],
                          source: str = "optimizer") -> None:
     """Restore moments and step counts saved by :func:`optimizer_state_tensors` (DTensor-aware).
 
@@ -403,20 +447,21 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str, to
             only_model = sorted(set(a) - set(b))[:5]
             raise CheckpointError(f"{source}: group {g['name']!r} holds different weights (checkpoint only: "
                                   f"{only_ckpt}, model only: {only_model}, or a different order)")
-    by_param: dict[str, dict[str, torch.Tensor]] = {}
-    for key, t in tensors.items():
+    keys_by_param: dict[str, list[tuple[str, str]]] = {}
+    for key in tensors.keys():
         name, _, k = key.rpartition("/")
-        by_param.setdefault(name, {})[k] = t
+        keys_by_param.setdefault(name, []).append((k, key))
     scalars = meta.get("scalar_state", {})
     for g in optimizer.param_groups:
         on_device = bool(g.get("fused") or g.get("capturable"))
         for name, p in zip(g["param_names"], g["params"]):
-            saved_state = by_param.get(name)
-            if not saved_state:
+            saved_keys = keys_by_param.get(name)
+            if not saved_keys:
                 optimizer.state.pop(p, None)
                 continue
             st: dict[str, Any] = {}
-            for k, t in saved_state.items():
+            for k, key in saved_keys:
+                t = tensors[key]  # read one tensor at a time (lazy files)
                 if k == "step":
                     dev = (p.to_local().device if hasattr(p, "to_local") else p.device) if on_device else "cpu"
                     st[k] = t.to(device=dev, dtype=torch.float32).clone()
@@ -595,6 +640,10 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, config: DiT4DiTCon
 # --------------------------------------------------------------------------------------------
 
 
+def _open_tensors(path: Path, what: str, lazy: bool) -> Mapping[str, torch.Tensor]:
+    return LazySafetensors(path, what) if lazy else read_safetensors(path, what)
+
+
 @dataclass
 class Checkpoint:
     """A validated checkpoint folder; tensors are read on demand."""
@@ -621,16 +670,17 @@ class Checkpoint:
     def has_processor(self) -> bool:
         return (self.path / PROCESSOR_FILE).is_file()
 
-    def model_state(self) -> dict[str, torch.Tensor]:
-        return read_safetensors(self.path / MODEL_FILE, "model weights")
+    def model_state(self, lazy: bool = False) -> Mapping[str, torch.Tensor]:
+        """The trainable weights (``lazy``: a :class:`LazySafetensors` view reading on demand)."""
+        return _open_tensors(self.path / MODEL_FILE, "model weights", lazy)
 
-    def ema_state(self) -> dict[str, torch.Tensor] | None:
-        return read_safetensors(self.path / EMA_FILE, "EMA weights") if self.has_ema else None
+    def ema_state(self, lazy: bool = False) -> Mapping[str, torch.Tensor] | None:
+        return _open_tensors(self.path / EMA_FILE, "EMA weights", lazy) if self.has_ema else None
 
-    def optimizer_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    def optimizer_state(self, lazy: bool = False) -> tuple[Mapping[str, torch.Tensor], dict[str, Any]]:
         if not self.has_optimizer:
             raise CheckpointError(f"{self.path}: no optimiser state ({OPTIMIZER_FILE} + {OPTIMIZER_META_FILE})")
-        return (read_safetensors(self.path / OPTIMIZER_FILE, "optimiser state"),
+        return (_open_tensors(self.path / OPTIMIZER_FILE, "optimiser state", lazy),
                 _read_json(self.path / OPTIMIZER_META_FILE, "optimiser metadata"))
 
     def rng_state(self) -> dict[str, torch.Tensor] | None:
@@ -666,6 +716,8 @@ def load_checkpoint(path: str | os.PathLike, validate: bool = True) -> Checkpoin
                               f"dit4dit ({FORMAT_VERSION}); upgrade dit4dit")
     if validate:
         for fname, size in (state.get("files") or {}).items():
+            if not fname.endswith(".safetensors"):
+                continue  # JSON files may be edited by hand (paths); they are parsed below
             p = ck / fname
             if not p.is_file():
                 raise CheckpointError(f"{p}: missing (listed in {STATE_FILE})")

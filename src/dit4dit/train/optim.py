@@ -221,14 +221,15 @@ def clip_gradients(params: list[nn.Parameter], max_norm: float) -> float:
     FSDP2 gradients (DTensors sharded on a 1-D mesh) are handled on their local shards: one
     all-reduce of the squared norm, no per-tensor DTensor dispatch.
     """
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
+    with_grad = [p for p in params if p.grad is not None]
+    if not with_grad:
         return 0.0
+    grads = [p.grad for p in with_grad]
     limit = float(max_norm) if max_norm and max_norm > 0 else float("inf")
     if not any(hasattr(g, "device_mesh") for g in grads):
-        return float(torch.nn.utils.clip_grad_norm_(grads, limit))
+        return float(torch.nn.utils.clip_grad_norm_(with_grad, limit))
     if not all(_sharded_1d(g) for g in grads):
-        norm = torch.nn.utils.clip_grad_norm_(grads, limit)
+        norm = torch.nn.utils.clip_grad_norm_(with_grad, limit)
         return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
     import torch.distributed as dist
 

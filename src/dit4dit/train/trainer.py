@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import random
@@ -47,6 +48,8 @@ from .optim import EMA, WarmupCosine, build_optimizer, clip_gradients, group_of
 LossFn = Callable[[nn.Module, dict, torch.Generator], "tuple[torch.Tensor, dict[str, float]]"]
 ImageFn = Callable[[nn.Module, dict, int], Any]
 EvalFn = Callable[[nn.Module, int], "Mapping[str, float] | None"]
+
+_log = logging.getLogger("dit4dit.train")
 
 REQUIRED_SAMPLE_KEYS = ("video", "state", "state_mask", "actions", "action_mask", "instruction")
 
@@ -320,9 +323,12 @@ def check_processor(processor: Any, cfg: DiT4DiTConfig) -> None:
 
 
 def build_training_data(cfg: DiT4DiTConfig, dataset_path: str | os.PathLike, processor: Any = None,
-                        progress: bool = True) -> tuple[Dataset, Any]:
+                        progress: bool = True, frame_cache: str | os.PathLike | bool | None = None
+                        ) -> tuple[Dataset, Any]:
     """``(TrainingSamples, Processor)`` for a LeRobot dataset folder (statistics computed unless a
-    processor is given, e.g. the one saved in the checkpoint being resumed)."""
+    processor is given, e.g. the one saved in the checkpoint being resumed). ``frame_cache``: see
+    ``TrainingSamples`` (None = decode the videos, True = build or reuse the default cache, a
+    path = that cache)."""
     from ..data.lerobot import LeRobotDataset
     from ..data.processor import Processor
     from ..data.samples import TrainingSamples
@@ -335,7 +341,8 @@ def build_training_data(cfg: DiT4DiTConfig, dataset_path: str | os.PathLike, pro
             processor = Processor.for_dataset(ds, cfg.schema, cfg.inputs, mode=cfg.normalization,
                                               action_dim=cfg.action.action_dim, state_dim=cfg.action.state_dim,
                                               action_horizon=cfg.action.action_horizon, progress=progress)
-        samples = TrainingSamples(ds, processor=processor)
+        kwargs = {"frame_cache": frame_cache} if frame_cache not in (None, False) else {}
+        samples = TrainingSamples(ds, processor=processor, **kwargs)
     except SchemaError as e:
         raise SchemaError(f"dataset {path} does not fit schema {cfg.schema!r} of config {cfg.name!r}: {e}") from e
     return samples, processor
@@ -444,8 +451,10 @@ class Trainer:
                  backbone: str | None = None, resume: bool | str | os.PathLike = False, progress: bool = True, *,
                  processor: Any = None, collate_fn: Callable | None = None, loss_fn: LossFn | None = None,
                  image_fn: ImageFn | None = None, eval_fn: EvalFn | None = None, device: str | None = None,
-                 stop_at_step: int | None = None, text_cache_dir: str | None = None, handle_signals: bool = True):
+                 stop_at_step: int | None = None, text_cache_dir: str | None = None, handle_signals: bool = True,
+                 frame_cache: str | os.PathLike | bool | None = None):
         self.cfg = cfg
+        self.frame_cache = frame_cache
         self.data = data
         self.run_dir = Path(out_dir).expanduser()
         self.backbone = backbone
@@ -478,12 +487,31 @@ class Trainer:
         ckpt.check_resume_config(found, self.cfg)
         return found
 
-    def _build_data(self, resume_from: ckpt.Checkpoint | None) -> tuple[Dataset, Any, Callable]:
+    def _build_data(self, resume_from: ckpt.Checkpoint | None, info: DistInfo) -> tuple[Dataset, Any, Callable]:
         processor = self.processor
         if isinstance(self.data, (str, os.PathLike)):
             if processor is None and resume_from is not None and resume_from.has_processor:
                 processor = resume_from.processor()
-            samples, processor = build_training_data(self.cfg, self.data, processor, progress=self.progress)
+            if not info.distributed:
+                samples, processor = build_training_data(self.cfg, self.data, processor, self.progress,
+                                                         self.frame_cache)
+            else:
+                # Rank 0 first: the statistics (and a frame cache) are built once and shared through
+                # RUN/processor.json; the other ranks then reuse them (or compute their own where
+                # the run folder is not shared).
+                shared = self.run_dir / ckpt.PROCESSOR_FILE
+                if info.is_main:
+                    samples, processor = build_training_data(self.cfg, self.data, processor, self.progress,
+                                                             self.frame_cache)
+                    processor.save(self.run_dir)
+                barrier(info)
+                if not info.is_main:
+                    if processor is None and shared.is_file():
+                        from ..data.processor import Processor
+
+                        processor = Processor.load(shared)
+                    samples, processor = build_training_data(self.cfg, self.data, processor, False,
+                                                             self.frame_cache)
         else:
             samples = self.data
             if processor is None:
@@ -506,11 +534,12 @@ class Trainer:
             if self.handle_signals and threading.current_thread() is threading.main_thread():
                 for sig in (signal.SIGTERM,):
                     old_handlers[sig] = signal.signal(sig, self._on_signal)
-            return self._run(cfg, tc, info)
+            summary = self._run(cfg, tc, info)
         finally:
             for sig, h in old_handlers.items():
                 signal.signal(sig, h)
-            shutdown(info)
+        shutdown(info)  # on success only: a rank that failed must not wait for the others
+        return summary
 
     def _run(self, cfg: DiT4DiTConfig, tc, info: DistInfo) -> dict[str, Any]:
         from ..models.dit4dit import DiT4DiT
@@ -519,7 +548,7 @@ class Trainer:
         device = info.device
         precision = resolve_precision(tc.precision, device)
         resume_from = self._resume_checkpoint()
-        samples, processor, collate = self._build_data(resume_from)
+        samples, processor, collate = self._build_data(resume_from, info)
         if len(samples) < tc.batch_size * info.world_size:  # type: ignore[arg-type]
             raise ValueError(f"the dataset has {len(samples)} samples, fewer than one global batch of "  # type: ignore[arg-type]
                              f"{tc.batch_size} x {info.world_size} rank(s)")
@@ -559,11 +588,14 @@ class Trainer:
                             tc.grad_accum)
 
         target = tc.steps if self.stop_at_step is None else min(tc.steps, int(self.stop_at_step))
+        # resume_step: metrics rows logged after the checkpoint (or by an abandoned start) are dropped.
         logger = RunLogger(self.run_dir, enabled=info.is_main, tensorboard=tc.tensorboard, wandb=tc.wandb,
                            wandb_project=tc.wandb_project, config=cfg.to_dict(), resume=resume_from is not None,
-                           resume_step=step if resume_from is not None else None)
+                           resume_step=step)
         if info.is_main:
             (self.run_dir / "config.json").write_text(cfg.to_json() + "\n")
+            if processor is not None and hasattr(processor, "save"):
+                processor.save(self.run_dir)
         start_step = step
         logger.info("%s run %s: %s, strategy %s, world %d, device %s, precision %s, trainable params %s, steps %d..%d",
                     "resuming" if resume_from is not None else "starting", self.run_dir, cfg.name, strategy,
@@ -687,6 +719,9 @@ class Trainer:
         try:
             with torch.no_grad(), (ema.swapped_in() if ema is not None else contextlib.nullcontext()):
                 out = fn(model, batch, step)
+        except Exception:  # noqa: BLE001 - a broken hook must not end a long run
+            _log.exception("image hook failed at step %d (training goes on)", step)
+            return
         finally:
             model.train()
         if out is None:
@@ -702,6 +737,9 @@ class Trainer:
         try:
             with (ema.swapped_in() if ema is not None else contextlib.nullcontext()):
                 out = self.eval_fn(model, step)  # type: ignore[misc]
+        except Exception:  # noqa: BLE001 - a broken evaluation must not end a long run
+            _log.exception("evaluation hook failed at step %d (training goes on)", step)
+            return
         finally:
             model.train()
         if out:
@@ -756,15 +794,15 @@ class Trainer:
     def _restore(self, found: ckpt.Checkpoint, model, optimizer, scheduler, ema, stream: BatchStream,
                  generator: torch.Generator, info: DistInfo) -> int:
         st = found.state
-        ckpt.load_weights(model, found.model_state(), str(found.path / ckpt.MODEL_FILE))
+        ckpt.load_weights(model, found.model_state(lazy=True), str(found.path / ckpt.MODEL_FILE))
         if found.has_optimizer:
-            tensors, meta = found.optimizer_state()
+            tensors, meta = found.optimizer_state(lazy=True)
             ckpt.load_optimizer_state(optimizer, tensors, meta, str(found.path / ckpt.OPTIMIZER_FILE))
         else:
             raise ckpt.CheckpointError(f"{found.path}: no optimiser state, cannot resume training exactly "
                                        f"(load the weights with load_policy to fine-tune instead)")
         if ema is not None:
-            saved = found.ema_state()
+            saved = found.ema_state(lazy=True)
             if saved is None:
                 raise ckpt.CheckpointError(f"{found.path}: train.ema_decay is set but the checkpoint has no "
                                            f"{ckpt.EMA_FILE}")
@@ -780,9 +818,7 @@ class Trainer:
             consumed = batch * old_bs * old_world
             batch = consumed // (self.cfg.train.batch_size * info.world_size)
             if info.is_main:
-                import logging as _logging
-
-                _logging.getLogger("dit4dit.train").warning(
+                _log.warning(
                     "resuming with world size %d (was %d): the data position is converted, the run will not "
                     "reproduce the uninterrupted one exactly", info.world_size, old_world)
         if int(st.get("num_samples", len(stream.loader.dataset))) != len(stream.loader.dataset):  # type: ignore[arg-type]
@@ -805,7 +841,7 @@ def train(cfg: DiT4DiTConfig, data: str | os.PathLike | Dataset, out_dir: str | 
           processor: Any = None, collate_fn: Callable | None = None, loss_fn: LossFn | None = None,
           image_fn: ImageFn | None = None, eval_fn: EvalFn | None = None, device: str | None = None,
           stop_at_step: int | None = None, text_cache_dir: str | None = None,
-          handle_signals: bool = True) -> dict[str, Any]:
+          handle_signals: bool = True, frame_cache: str | os.PathLike | bool | None = None) -> dict[str, Any]:
     """Train (or resume) a DiT4DiT model; returns a summary dict.
 
     - ``data``: a LeRobot dataset folder (samples and processor built by ``dit4dit.data``, the
@@ -823,6 +859,9 @@ def train(cfg: DiT4DiTConfig, data: str | os.PathLike | Dataset, out_dir: str | 
       Both hooks run on rank 0 (on every rank under FSDP2), in eval mode, with EMA weights.
     - ``device``: None = the local GPU when available, else CPU.
     - ``stop_at_step``: stop (and save) at this step although the schedule runs to ``train.steps``.
+    - ``frame_cache``: with a dataset folder, read frames from a pre-extracted frame cache (True =
+      build or reuse the default one, a path = that cache; see ``dit4dit.data.frame_cache``).
+    - ``text_cache_dir``: cached text embeddings of a frozen text encoder.
 
     Summary keys: run_dir, checkpoint, start_step, step, steps_run, losses (the rank-mean total
     loss of every step run by this call), final_loss, last_metrics, samples_per_s, wall_time_s,
@@ -830,7 +869,7 @@ def train(cfg: DiT4DiTConfig, data: str | os.PathLike | Dataset, out_dir: str | 
     """
     return Trainer(cfg, data, out_dir, backbone, resume, progress, processor=processor, collate_fn=collate_fn,
                    loss_fn=loss_fn, image_fn=image_fn, eval_fn=eval_fn, device=device, stop_at_step=stop_at_step,
-                   text_cache_dir=text_cache_dir, handle_signals=handle_signals).run()
+                   text_cache_dir=text_cache_dir, handle_signals=handle_signals, frame_cache=frame_cache).run()
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,67 @@
+"""The `dit4dit` command end to end on CPU: collect -> train a few steps -> evaluate -> bench."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from dit4dit.cli import main
+
+SMALL = ["--set", "video.num_layers=2", "--set", "feature_blocks=1", "--set", "action.num_layers=2",
+         "--set", "train.batch_size=4", "--set", "train.num_workers=0", "--set", "train.log_every=1",
+         "--set", "train.warmup_steps=1"]
+
+
+def run_json(capsys, argv):
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    return json.loads(out)
+
+
+def test_help_of_every_command():
+    out = subprocess.run([sys.executable, "-m", "dit4dit.cli", "--help"], capture_output=True, text=True, check=True)
+    for cmd in ("info", "bench", "collect", "train", "demo", "dataset", "stats"):
+        assert cmd in out.stdout
+
+
+def test_info_json(capsys):
+    r = run_json(capsys, ["info", "--preset", "cosmos-2b", "--json"])
+    assert 2.0e9 < r["parameters"]["video_dit"] < 2.1e9
+    assert r["config"]["feature_blocks"] == 18
+
+
+def test_bad_override_is_a_clear_error(capsys):
+    assert main(["info", "--preset", "tiny", "--set", "feature_blocks=99"]) == 2
+    assert "feature_blocks=99" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_collect_train_eval_end_to_end(tmp_path, capsys):
+    data = tmp_path / "data"
+    r = run_json(capsys, ["collect", "toy", "--episodes", "4", "--out", str(data), "--json"])
+    assert r["episodes"] == 4 and r["expert_success_rate"] > 0
+    info = run_json(capsys, ["dataset", "info", str(data), "--json"])
+    assert info["version"] == "v3.0" and info["episodes"] == 4
+    run = tmp_path / "run"
+    r = run_json(capsys, ["train", "--preset", "tiny", "--dataset", str(data), "--out", str(run),
+                          "--set", "schema=toy_reach", "--set", "train.steps=3", *SMALL, "--json"])
+    assert r["step"] == 3
+    assert (run / "config.json").is_file()
+
+    from dit4dit.eval.toy import evaluate
+    from dit4dit.policy import Policy
+    from dit4dit.train.checkpoint import load_policy
+
+    model, processor, cfg = load_policy(run, "cpu")
+    res = evaluate(Policy(model, processor), 1, replan_every=4)
+    assert res["episodes"] == 2 and 0.0 <= res["success_rate"] <= 1.0
+    assert set(res["per_task"]) == {"move to the red square", "move to the blue square"}
+
+
+def test_bench_inference_tiny(capsys):
+    r = run_json(capsys, ["bench", "inference", "--preset", "tiny", "--iters", "2", "--warmup", "1",
+                          "--threads", "1", "--json"])
+    assert r["max_abs_diff_ours_vs_naive"] < 1e-5  # the early exit computes the same actions
+    assert r["ours"]["median_ms"] > 0 and r["naive"]["median_ms"] > 0
+    assert "cpu" in r["device"] and r["precision"] == "float32"
