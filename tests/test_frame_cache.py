@@ -129,6 +129,11 @@ def test_cache_rejected_or_rebuilt_when_image_settings_change(v30_root, tmp_path
     assert json.loads((out / "index.json").read_text())["shape"] == [sum(LENGTHS), 3, 16, 32]
     cached, plain = TrainingSamples(ds, processor=small, frame_cache=out), TrainingSamples(ds, processor=small)
     _assert_same(cached[9], plain[9])
+    # a cache rebuilt after it was opened is refused where it is mapped later (a worker)
+    stale = TrainingSamples(ds, processor=small, frame_cache=out)
+    build_frame_cache(ds, small, out_dir=out, progress=False, force=True)
+    with pytest.raises(FrameCacheError, match="rebuilt or removed after it was opened"):
+        stale[0]
     # the default location depends on the settings: two caches side by side
     a = build_frame_cache(ds, proc, progress=False)
     b = build_frame_cache(ds, small, progress=False)

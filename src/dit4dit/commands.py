@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -164,6 +165,9 @@ def register_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--text-cache", default=None, help="folder of cached text embeddings (dit4dit embed-text)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set train.steps=2000 (repeatable)")
+    p.add_argument("--frame-cache", nargs="?", const=True, default=None,
+                   help="decode frames once into a memory-mapped cache at the training resolution "
+                        "(optionally its folder); see `dit4dit cache-frames`")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_train)
@@ -198,8 +202,10 @@ def _train(args):
     _threads(args.threads)
     cfg = get_preset(args.preset, args.overrides)
     r = train(cfg, args.dataset, args.out, backbone=args.backbone, resume=args.resume, progress=True,
-              device=args.device, text_cache_dir=args.text_cache)
+              device=args.device, text_cache_dir=args.text_cache, frame_cache=args.frame_cache)
     r = {k: v for k, v in r.items() if k != "losses"}
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
+        return r
     _emit(args, r, lambda r: f"trained to step {r.get('step')} (final loss {r.get('final_loss')}); "
                              f"checkpoint {r.get('checkpoint')}")
     return r

@@ -235,10 +235,13 @@ class FrameCache:
     """A complete frame cache (see the module docstring). The memmap is opened lazily in each
     process (it is not pickled), so DataLoader workers each map the file themselves."""
 
-    def __init__(self, directory: str | Path, index: Mapping[str, Any]):
+    def __init__(self, directory: str | Path, index: Mapping[str, Any], identity: tuple[int, ...] | None = None):
         self.directory = Path(directory)
         self.index = dict(index)
         self.path = self.directory / self.index.get("frames_file", FRAMES_FILE)
+        # the frames file this index was checked against: a process that maps it later (a
+        # DataLoader worker) refuses a file rebuilt in between
+        self.identity = identity if identity is not None else _file_identity(self.path)
         self.shape = tuple(int(v) for v in self.index["shape"])
         self._where = {int(e): (int(o), int(n)) for e, o, n in self.index["episodes"]}
         self._mm: np.ndarray | None = None
@@ -264,6 +267,9 @@ class FrameCache:
         if self._mm is None or self._pid != os.getpid():
             with self._lock:
                 if self._mm is None or self._pid != os.getpid():
+                    if _file_identity(self.path) != self.identity:
+                        raise FrameCacheError(f"{self.path}: the frame cache was rebuilt or removed after it was "
+                                              "opened; reopen it")
                     mm = np.load(self.path, mmap_mode="c")
                     if mm.shape != self.shape or mm.dtype != np.uint8:
                         raise FrameCacheError(f"{self.path}: holds {mm.shape} {mm.dtype}, the index says "
@@ -314,13 +320,21 @@ class FrameCache:
         return out.mul_(1.0 / 127.5).sub_(1.0)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"directory": str(self.directory), "index": self.index}
+        return {"directory": str(self.directory), "index": self.index, "identity": self.identity}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["directory"], state["index"])
+        self.__init__(state["directory"], state["index"], tuple(state["identity"]))
 
     def __repr__(self) -> str:
         return f"FrameCache({str(self.directory)!r}, frames={self.shape[0]}, size={self.image_size})"
+
+
+def _file_identity(path: Path) -> tuple[int, ...]:
+    try:
+        st = path.stat()
+    except OSError:
+        return ()
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def _mismatch(want: Mapping[str, Any], have: Mapping[str, Any]) -> list[str]:
