@@ -26,7 +26,14 @@ def _emit(args: argparse.Namespace, result: Any, human: Callable[[Any], str] | N
         print(human(result))
 
 
-def _bar(total: int, desc: str) -> Callable[[int, int], None]:
+def _bench_subparsers(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
+    """The sub-action of the `bench` command (created in cli.py), to add benchmarks to."""
+    bench = sub.choices["bench"]
+    return next(a for a in bench._actions if isinstance(a, argparse._SubParsersAction))
+
+
+def progress_bar(total: int, desc: str) -> Callable[[int, int], None]:
+    """A tqdm bar on stderr driven by `update(done, total)` callbacks."""
     bar = tqdm(total=total, desc=desc, file=sys.stderr, dynamic_ncols=True)
 
     def update(done: int, _total: int) -> None:
@@ -112,7 +119,7 @@ def _collect_toy(args):
     from .envs.toy import collect
 
     r = collect(args.out, args.episodes, seed=args.seed, size=args.size, overwrite=args.overwrite,
-                progress=_bar(args.episodes, "collect toy_reach"))
+                progress=progress_bar(args.episodes, "collect toy_reach"))
     _emit(args, r, lambda r: f"wrote {r['episodes']} episodes ({r['frames']} frames) to {r['dataset']}; "
                              f"expert success {r['expert_success_rate']:.0%}")
     return r
@@ -120,8 +127,7 @@ def _collect_toy(args):
 
 # ------------------------------------------------------------------------------------------ bench data
 def register_bench_data(sub: argparse._SubParsersAction) -> None:
-    bench = next(a for a in sub.choices.values() if a.prog.endswith(" bench"))
-    bsub = next(a for a in bench._actions if isinstance(a, argparse._SubParsersAction))
+    bsub = _bench_subparsers(sub)
     p = bsub.add_parser("data", help="data-loading throughput (samples/s with decoding)")
     p.add_argument("path")
     p.add_argument("--schema", required=True)
@@ -172,8 +178,7 @@ def register_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_train)
 
-    bench = next(a for a in sub.choices.values() if a.prog.endswith(" bench"))
-    bsub = next(a for a in bench._actions if isinstance(a, argparse._SubParsersAction))
+    bsub = _bench_subparsers(sub)
     q = bsub.add_parser("train", help="training throughput (samples/s, step time) with synthetic batches")
     q.add_argument("--preset", default="tiny")
     q.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -260,11 +265,6 @@ def get_eval_subparsers(sub: argparse._SubParsersAction) -> argparse._SubParsers
         ev = sub.add_parser("eval", help="closed-loop evaluation (built-in toy task or simulator clients)")
         ev.add_subparsers(dest="eval_command", required=True, metavar="BENCHMARK")
     return next(a for a in ev._actions if isinstance(a, argparse._SubParsersAction))
-
-
-def _bench_subparsers(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
-    bench = sub.choices["bench"]
-    return next(a for a in bench._actions if isinstance(a, argparse._SubParsersAction))
 
 
 def _serve_token(args: argparse.Namespace) -> str | None:
@@ -540,7 +540,7 @@ def _collect_metaworld(args):
         r = collect(args.tasks, args.episodes, args.out, image_size=args.image_size, camera=args.camera,
                     seed=args.seed, workers=args.workers, max_steps=args.max_steps, action_noise=args.action_noise,
                     repeat_noise=args.repeat_noise, gripper=args.gripper, overwrite=args.overwrite,
-                    progress=_bar(n, "collect metaworld"))
+                    progress=progress_bar(n, "collect metaworld"))
     except (MetaWorldError, FileExistsError) as e:
         raise ConfigError(str(e)) from e
 
@@ -570,7 +570,7 @@ def _eval_metaworld(args):
                      max_steps=args.max_steps, seed=args.seed, workers=args.workers,
                      record_videos=args.record if args.out else 0, out=args.out, camera=args.camera,
                      image_size=args.image_size, device=args.device, backbone=args.backbone,
-                     video_format=args.video_format, threads=args.threads, progress=_bar(n, "eval metaworld"))
+                     video_format=args.video_format, threads=args.threads, progress=progress_bar(n, "eval metaworld"))
     except (MetaWorldError, FileNotFoundError) as e:
         raise ConfigError(str(e)) from e
     r = {k: v for k, v in r.items() if k != "episodes_detail"} if not args.json else r
@@ -632,3 +632,41 @@ def _cache_frames(args):
 
 
 REGISTRATIONS.append(register_cache_frames)
+
+
+# ------------------------------------------------------------------------------------------ eval toy
+def register_eval_toy(sub: argparse._SubParsersAction) -> None:
+    p = get_eval_subparsers(sub).add_parser("toy", help="closed-loop evaluation on the built-in toy_reach task")
+    p.add_argument("--checkpoint", required=True, help="run folder or checkpoint folder")
+    p.add_argument("--episodes", type=int, default=20, help="episodes per task (held-out layouts)")
+    p.add_argument("--replan-every", type=int, default=None, help="actions executed per chunk (default: all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default=None, help="write results.json and rollout GIFs here")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_eval_toy)
+
+
+def _eval_toy(args):
+    from .eval.report import save_gif
+    from .eval.toy import evaluate
+    from .policy import Policy
+    from .train.checkpoint import load_policy
+
+    model, processor, _ = load_policy(args.checkpoint, args.device)
+    r = evaluate(Policy(model, processor), args.episodes, replan_every=args.replan_every, seed=args.seed,
+                 record=4 if args.out else 0, progress=progress_bar(args.episodes * 2, "eval toy"))
+    videos = r.pop("videos")
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        r["videos"] = [str(save_gif(v, out / f"rollout_{i}.gif")) for i, v in enumerate(videos)]
+        (out / "results.json").write_text(json.dumps(r, indent=2))
+    _emit(args, r, lambda r: "\n".join([f"{t}: {v['successes']}/{v['episodes']} "
+                                         f"(95% CI {v['ci95'][0]:.2f}-{v['ci95'][1]:.2f})"
+                                         for t, v in r["per_task"].items()]
+                                        + [f"all: {r['success_rate']:.0%}"]))
+    return r
+
+
+REGISTRATIONS.append(register_eval_toy)

@@ -19,25 +19,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from .commands import progress_bar
 from .config import get_preset
 
 
 def _log(msg: str) -> None:
     print(f"[demo] {msg}", file=sys.stderr, flush=True)
-
-
-def _bar(total: int, desc: str):
-    from tqdm import tqdm
-
-    bar = tqdm(total=total, desc=desc, file=sys.stderr, dynamic_ncols=True)
-
-    def update(done: int, _total: int) -> None:
-        bar.n = done
-        bar.refresh()
-        if done >= _total:
-            bar.close()
-
-    return update
 
 
 def toy_config(steps: int, overrides: list[str] | tuple[str, ...] = ()):
@@ -70,7 +57,7 @@ def run_demo(out: str | Path, *, episodes: int = 120, steps: int = 600, eval_epi
         collected = json.loads((out / "collect.json").read_text()) if (out / "collect.json").is_file() else {}
     else:
         _log(f"collecting {episodes} expert episodes of toy_reach ...")
-        collected = collect(str(data_dir), episodes, seed=seed, progress=_bar(episodes, "collect"))
+        collected = collect(str(data_dir), episodes, seed=seed, progress=progress_bar(episodes, "collect"))
         (out / "collect.json").write_text(json.dumps(collected, indent=2))
     timings["collect_s"] = time.perf_counter() - t_start
 
@@ -88,7 +75,7 @@ def run_demo(out: str | Path, *, episodes: int = 120, steps: int = 600, eval_epi
     policy = Policy(model, processor)
     _log(f"evaluating {eval_episodes} episodes per task, executing {replan_every} actions per chunk ...")
     results = evaluate(policy, eval_episodes, replan_every=replan_every, seed=seed, record=4,
-                       progress=_bar(eval_episodes * 2, "evaluate"))
+                       progress=progress_bar(eval_episodes * 2, "evaluate"))
     timings["eval_s"] = time.perf_counter() - t0
 
     # 4. pictures
