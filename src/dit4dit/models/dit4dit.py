@@ -19,13 +19,16 @@ Batch contract (what the data pipeline produces):
   state (B, state_dim), state_mask (B, state_dim) bool
   actions (B, H, action_dim), action_mask (B, H, action_dim) bool
   instruction list[str]; optional future_mask (B, num_future_frames) bool
+  optional latents (B, C, T', h, w): the clip's normalised latents precomputed by
+    `dit4dit cache-latents` (`dit4dit.data.latent_cache`); then `video` is not encoded
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any
+import os
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -36,6 +39,9 @@ from .action_dit import ActionDiT
 from .codecs import LatentCodec, build_codec
 from .text import CosmosReason1TextEncoder, EmbeddingCache, TextEncoder, build_text_encoder
 from .video_dit import VideoDiT
+
+if TYPE_CHECKING:
+    from .backbone import Backbone
 
 
 class DiT4DiT(nn.Module):
@@ -61,17 +67,38 @@ class DiT4DiT(nn.Module):
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_config(cls, cfg: DiT4DiTConfig, backbone: str | None = None, *, text_cache_dir: str | None = None,
-                    load_text_encoder: bool = True, video_dtype: torch.dtype | None = None,
-                    random_weights: bool = False) -> "DiT4DiT":
+    def from_config(cls, cfg: DiT4DiTConfig, backbone: "str | os.PathLike | Backbone | None" = None, *,
+                    text_cache_dir: str | None = None, load_text_encoder: bool = True,
+                    video_dtype: torch.dtype | None = None, random_weights: bool = False,
+                    load_video_weights: bool = True) -> "DiT4DiT":
         """Build a model. With `backbone`, the video DiT (and the VAE / text encoder, unless their
         configs name other folders) are loaded from that local Cosmos-Predict2.5 diffusers folder.
 
-        `random_weights=True` (benchmarks) builds a frozen VAE with random weights when no folder is
-        given, instead of failing."""
+        The folder is validated first (`Backbone`: missing subfolders, configs that do not match
+        the preset and corrupted safetensors files are named before any weight loads). The video
+        DiT loads in `video_dtype` (default bfloat16 from a backbone, float32 otherwise), the VAE in
+        float32, the frozen text encoder in bfloat16 — or not at all with `load_text_encoder=False`
+        and `text_cache_dir`: text then comes from the embedding cache alone.
+
+        `load_video_weights=False` builds the video DiT with the backbone's (or the config's)
+        architecture but leaves its weights uninitialised (no init compute, no 4 GB read): for
+        callers that overwrite them right away, e.g. from a checkpoint, which holds every trainable
+        weight. `random_weights=True` (benchmarks) builds a frozen VAE with random weights when no
+        folder is given, instead of failing."""
+        from .backbone import Backbone, needed_components
+
         cfg.validate()
+        bb = None
         if backbone is not None:
-            video = VideoDiT.from_pretrained(backbone, cfg.video, torch_dtype=video_dtype or torch.bfloat16)
+            bb = Backbone.open(backbone, require=needed_components(
+                cfg, load_text_encoder=load_text_encoder and cfg.text.kind != "tiny",
+                text_cache=text_cache_dir is not None))
+            bb.check_config(cfg)  # before any weight loads
+            backbone = str(bb.root)
+        if not load_video_weights:
+            video = _empty_video_dit(cfg, video_dtype or (torch.bfloat16 if bb is not None else torch.float32))
+        elif bb is not None:
+            video = VideoDiT.from_pretrained(bb.root, cfg.video, torch_dtype=video_dtype or torch.bfloat16)
         else:
             video = VideoDiT(cfg.video)
             if video_dtype is not None:
@@ -90,6 +117,7 @@ class DiT4DiT(nn.Module):
         cache = EmbeddingCache(text_cache_dir) if text_cache_dir else None
         model = cls(cfg, video, action, codec, text, cache)
         model.text_identity = identity
+        model.backbone = bb
         return model
 
     # ------------------------------------------------------------------ encoders
@@ -111,7 +139,11 @@ class DiT4DiT(nn.Module):
         if enc is not None and enc.trainable:
             return enc(prompts)
         if self.text_cache is not None and enc is None and getattr(self, "text_identity", None):
-            out = self.text_cache.lookup(self.text_identity, prompts)
+            try:
+                out = self.text_cache.lookup(self.text_identity, prompts)
+            except KeyError as e:
+                raise KeyError(f"{e.args[0]}; the text encoder is not loaded: add them with `dit4dit embed-text "
+                               f"--backbone PATH --cache {self.text_cache.root} --prompt TEXT`") from None
         elif self.text_cache is not None and enc is not None:
             out = self.text_cache.embed(enc, prompts)
         elif enc is not None:
@@ -148,9 +180,11 @@ class DiT4DiT(nn.Module):
              ) -> tuple[torch.Tensor, dict[str, float]]:
         """Dual flow-matching loss. Returns (total, {"loss", "loss_action", "loss_video"})."""
         cfg = self.cfg
-        video = batch["video"].to(self.device)
-        b = video.shape[0]
-        latents = self.encode_video(video)
+        if "latents" in batch:  # precomputed (`dit4dit cache-latents`): the VAE is skipped
+            latents = self._cached_latents(batch["latents"])
+        else:
+            latents = self.encode_video(batch["video"].to(self.device))
+        b = latents.shape[0]
         n_cond = self.num_cond_latents
         text = self.encode_text(list(batch["instruction"]))
         dev = latents.device
@@ -201,6 +235,18 @@ class DiT4DiT(nn.Module):
         logs = {k: float(v.detach()) for k, v in parts.items()}
         logs["loss"] = float(total.detach())
         return total, logs
+
+    def _cached_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised clip latents from a latent cache, checked against what `encode_video` gives."""
+        c = self.cfg.inputs
+        f = self.codec.spatial_factor
+        want = (self.codec.latent_channels, self.codec.num_latent_frames(c.num_frames), c.image_size[0] // f,
+                c.image_size[1] // f)
+        if latents.ndim != 5 or tuple(latents.shape[1:]) != want:
+            raise ValueError(f"batch['latents'] has shape {tuple(latents.shape)}, the model expects (B, *{want}) "
+                             f"(normalised clip latents of {c.num_frames} frames at {c.image_size}); rebuild the "
+                             f"latent cache for this config")
+        return latents.to(device=self.device, dtype=self.video_dtype)
 
     def _feature_inputs(self, latents: torch.Tensor, tau_f: torch.Tensor, text: torch.Tensor,
                         generator: torch.Generator | None):
@@ -321,6 +367,21 @@ class DiT4DiT(nn.Module):
         if self.text_encoder is not None and self.text_encoder.trainable:
             out["text_encoder"] = self.text_encoder
         return out
+
+
+def _empty_video_dit(cfg: DiT4DiTConfig, dtype: torch.dtype) -> VideoDiT:
+    """The video DiT of `cfg` with uninitialised weights in `dtype` on the CPU: built on the meta
+    device (no init compute), then given storage. Every tensor of the module is in its
+    state_dict, so loading a state_dict fills it completely (checked here)."""
+    with torch.device("meta"):
+        video = VideoDiT(cfg.video)
+    names = set(video.state_dict())
+    extra = [n for n, _ in video.named_buffers() if n not in names]
+    if extra:  # non-persistent buffers would stay garbage: build it the ordinary way
+        video = VideoDiT(cfg.video)
+        return video.to(dtype)
+    video.to(dtype)
+    return video.to_empty(device="cpu")
 
 
 def parameter_counts(cfg: DiT4DiTConfig) -> dict[str, int]:

@@ -18,7 +18,9 @@ Layout of a run folder::
       metrics.jsonl  train.log  [tensorboard/]  [images/]
 
 Frozen parts (the VAE codec, a frozen text encoder) are never saved: ``config.json`` and the
-backbone path recorded in ``trainer_state.json`` say where they come from.
+backbone recorded in ``trainer_state.json`` (``"backbone": {"path", "hash", "components"}``, see
+``dit4dit.models.backbone``) say where they come from; :func:`load_policy` refuses a backbone
+folder whose content hash differs from the recorded one.
 
 Crash safety: a checkpoint is written into ``checkpoints/.tmp-step_XXXXXX-*`` (every file fsynced),
 the folder is renamed into place with ``os.replace`` (atomic), then ``latest`` is replaced
@@ -583,11 +585,13 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, config: DiT4DiTCon
                     ema_state: dict[str, torch.Tensor] | None = None,
                     optimizer_state: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None,
                     rng_state: dict[str, torch.Tensor] | None = None, processor: Any = None,
-                    keep_last: int = 3) -> Path:
+                    keep_last: int = 3, backbone: Mapping[str, Any] | None = None) -> Path:
     """Write ``RUN/checkpoints/step_XXXXXX`` atomically, point ``latest`` at it, prune old ones.
 
     Tensors must already be full CPU tensors (the trainer gathers them on every rank, rank 0
-    calls this). Returns the checkpoint folder.
+    calls this). ``backbone``: the record of the backbone folder the run trains over
+    (``Backbone.record()``: path and content hash), stored in ``trainer_state.json`` and, as
+    ``backbone_hash``, in the metadata of the weight files. Returns the checkpoint folder.
     """
     root = checkpoints_root(run_dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -596,6 +600,8 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, config: DiT4DiTCon
     tmp = root / f".tmp-{name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     meta = {"format": FORMAT, "version": str(FORMAT_VERSION), "step": str(int(step))}
+    if backbone is not None and backbone.get("hash"):
+        meta["backbone_hash"] = str(backbone["hash"])
     try:
         _write_json(tmp / CONFIG_FILE, json.loads(config.to_json()))
         _write_safetensors(tmp / MODEL_FILE, model_state, {**meta, "content": "trainable weights"})
@@ -613,6 +619,8 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, config: DiT4DiTCon
             if (tmp / PROCESSOR_FILE).is_file():
                 _fsync_path(tmp / PROCESSOR_FILE)
         state = dict(trainer_state)
+        if backbone is not None:
+            state["backbone"] = dict(backbone)
         state.update({"format": FORMAT, "version": FORMAT_VERSION, "step": int(step),
                       "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                       "files": {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}})
@@ -764,26 +772,91 @@ def check_resume_config(checkpoint: Checkpoint, requested: DiT4DiTConfig) -> Non
                           f"checkpoint's (only {', '.join(sorted(RESUME_MAY_DIFFER))} may change):\n  - {lines}")
 
 
+def recorded_backbone(state: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The backbone record of a checkpoint's ``trainer_state.json``: ``{"path", "hash", ...}``, or
+    ``{"path"}`` for checkpoints that recorded the path only, or None (trained without one)."""
+    rec = state.get("backbone")
+    if rec is None or rec == "":
+        return None
+    if isinstance(rec, str):
+        return {"path": rec}
+    if isinstance(rec, Mapping):
+        return dict(rec)
+    raise CheckpointError(f"unexpected backbone record {rec!r} in {STATE_FILE}")
+
+
+def check_backbone(checkpoint: "Checkpoint", backbone: Any = None, require: Iterable[str] = ("transformer",)) -> Any:
+    """The ``Backbone`` to rebuild ``checkpoint``'s model over, or None when it was trained without one
+    and none is given.
+
+    ``backbone`` None: the folder recorded at training time, when it still exists. A checkpoint
+    trained over a backbone whose folder is gone needs one (:class:`CheckpointError` saying so). A
+    folder whose content hash differs from the recorded one is refused, naming the components
+    that differ (the weights of the checkpoint were trained against the recorded VAE and
+    transformer architecture; another folder would silently give another model).
+    """
+    from ..models.backbone import Backbone
+
+    rec = recorded_backbone(checkpoint.state)
+    if backbone is None:
+        if rec is None:
+            return None
+        path = rec.get("path")
+        if not path or not Path(path).is_dir():
+            h = f" (content hash {str(rec['hash'])[:16]})" if rec.get("hash") else ""
+            raise CheckpointError(f"{checkpoint.path} was trained over the backbone {path}{h}, which is not there; "
+                                  f"pass backbone=PATH (--backbone PATH) pointing at a copy of that folder")
+        backbone = path
+    bb = Backbone.open(backbone, require)
+    want = rec.get("hash") if rec else None
+    if want and bb.content_hash != want:
+        comps = rec.get("components") or {}
+        differ = [c for c, h in comps.items() if bb.component_hashes.get(c) != h] or ["transformer/vae"]
+        raise CheckpointError(
+            f"{checkpoint.path} was trained over the backbone {rec.get('path')} (content hash {str(want)[:16]}), but "
+            f"{bb.root} has content hash {bb.content_hash[:16]}: its {', '.join(d + '/' for d in differ)} differ. "
+            f"Use the backbone the checkpoint was trained over")
+    return bb
+
+
 def load_policy(path: str | os.PathLike, device: str | torch.device = "cpu", *, backbone: str | None = None,
                 use_ema: bool = True, video_dtype: torch.dtype | None = None, text_cache_dir: str | None = None,
-                load_text_encoder: bool = True) -> tuple[nn.Module, Any, DiT4DiTConfig]:
+                load_text_encoder: bool | None = None) -> tuple[nn.Module, Any, DiT4DiTConfig]:
     """Rebuild a trained policy from a checkpoint: ``(model in eval mode, processor or None, cfg)``.
 
     The model is built from the checkpoint's ``config.json``; frozen parts (VAE, frozen text
     encoder) come from ``backbone`` (default: the backbone folder recorded at training time, when
-    it exists). Weights are the EMA weights when present (``use_ema``), else the raw ones.
+    it exists), whose content hash must equal the recorded one (:func:`check_backbone`). The
+    video DiT is not read from the backbone: the checkpoint holds all its weights, so it is built
+    empty and filled once. Weights are the EMA weights when present (``use_ema``), else the raw ones.
+
+    Text: ``text_cache_dir`` defaults to the embedding cache recorded at training time (when it
+    still exists). ``load_text_encoder`` None (auto) serves a frozen text encoder's embeddings from
+    that cache alone, without the 7B model in memory (a prompt not in the cache is then an error
+    naming it; add it with ``dit4dit embed-text``); True loads the encoder (new prompts are
+    embedded and cached on the fly).
     """
+    from ..models.backbone import needed_components
     from ..models.dit4dit import DiT4DiT
 
     ck = load_checkpoint(path)
     cfg = ck.config
-    if backbone is None:
-        recorded = ck.state.get("backbone")
-        if recorded and Path(recorded).exists():
-            backbone = recorded
+    if text_cache_dir is None:
+        recorded = ck.state.get("text_cache")
+        if recorded and Path(recorded).is_dir():
+            text_cache_dir = recorded
+    if load_text_encoder is None:
+        load_text_encoder = not (cfg.text.kind == "cosmos_reason1" and text_cache_dir is not None)
+    need = needed_components(cfg, load_text_encoder=load_text_encoder, text_cache=text_cache_dir is not None)
+    bb = check_backbone(ck, backbone, require=need)
+    frozen = [c for c in need if c != "transformer"]
+    if bb is None and frozen:
+        raise CheckpointError(f"{ck.path}: the model needs {', '.join(c + '/' for c in frozen)} of a "
+                              f"Cosmos-Predict2.5 backbone folder and the checkpoint records none; pass "
+                              f"backbone=PATH (--backbone PATH)")
     try:
-        model = DiT4DiT.from_config(cfg, backbone, text_cache_dir=text_cache_dir, load_text_encoder=load_text_encoder,
-                                    video_dtype=video_dtype)
+        model = DiT4DiT.from_config(cfg, bb, text_cache_dir=text_cache_dir, load_text_encoder=load_text_encoder,
+                                    video_dtype=video_dtype, load_video_weights=False)
     except (FileNotFoundError, OSError) as e:
         raise CheckpointError(f"{ck.path}: cannot build the model's frozen parts ({e}); pass backbone= (the "
                               f"Cosmos-Predict2.5 folder the run was trained from)") from e

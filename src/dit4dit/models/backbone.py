@@ -1,0 +1,529 @@
+"""A local Cosmos-Predict2.5 backbone folder (the diffusers layout), checked before anything loads.
+
+The official diffusers revision of the 2B checkpoint (`nvidia/Cosmos-Predict2.5-2B`, revision
+`diffusers/base/post-trained`) is a pipeline folder::
+
+    BACKBONE/
+      model_index.json     {"_class_name": "Cosmos2_5_PredictBasePipeline", "transformer": [...], ...}
+      transformer/         config.json + diffusion_pytorch_model*.safetensors   (CosmosTransformer3DModel)
+      vae/                 config.json + diffusion_pytorch_model*.safetensors   (AutoencoderKLWan, Wan2.1)
+      scheduler/           scheduler_config.json                                (UniPCMultistepScheduler)
+      text_encoder/        config.json + model*.safetensors                     (Qwen2.5-VL: Cosmos-Reason1-7B)
+      tokenizer/           tokenizer.json / tokenizer_config.json / vocab.json ...
+
+`Backbone(path)` resolves and validates such a folder without loading any weight: the folder and
+`model_index.json` exist and name a Cosmos pipeline; each component a caller needs exists
+(`require`, a clear error naming the missing subfolder), has its config, and its safetensors files
+have well-formed headers that match their sizes (a truncated or corrupted file is named). The
+transformer's config can be read and compared with a preset before the 4 GB of weights load
+(`check_config`).
+
+Content hash (`content_hash`): sha256 over, for `transformer/` and `vae/` (the parts a trained
+checkpoint depends on besides its own weights):
+
+- the component's `config.json` (keys starting with `_` except `_class_name` dropped, so
+  re-saving with another diffusers version does not change it);
+- for every weight file (`*.safetensors`, and the shard index if any): its name, its size, its
+  full safetensors header (every tensor's name, dtype, shape and byte offsets, and the metadata),
+  and the first and last MiB of its tensor data.
+
+It reads a few MiB, never the whole 4 GB. It detects another checkpoint, another architecture,
+another precision, a re-export, truncation and any fine-tune that changes the first or last
+tensors of a file; it does NOT detect an edit that only changes bytes in the middle of a weight
+file while keeping every shape (use a full-file sha256 for that). The text encoder is not part
+of the hash: cached text embeddings carry their own identity (`CosmosReason1TextEncoder.identity`,
+which fingerprints the text-encoder files), so another text encoder is a cache miss, never a wrong
+embedding.
+
+`write_tiny_backbone(root)` writes a complete tiny folder in this layout with diffusers' and
+transformers' own `save_pretrained` (a tiny Qwen2.5-VL with a byte-level BPE tokenizer trained
+offline), and `TINY_OVERRIDES` are the preset overrides that match it: tests, smoke runs and
+benchmarks of the pretrained code path without the 2B checkpoint.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from ..config import ConfigError, DiT4DiTConfig, VideoDiTConfig
+
+__all__ = [
+    "Backbone",
+    "BackboneError",
+    "COMPONENTS",
+    "TINY_OVERRIDES",
+    "needed_components",
+    "read_safetensors_header",
+    "write_tiny_backbone",
+]
+
+MODEL_INDEX = "model_index.json"
+COMPONENTS = ("transformer", "vae", "scheduler", "text_encoder", "tokenizer")
+# What `diffusers` / `transformers` class each component must hold (None: not checked).
+EXPECTED_CLASS = {
+    "transformer": "CosmosTransformer3DModel",
+    "vae": "AutoencoderKLWan",
+    "scheduler": None,
+    "text_encoder": None,  # checked by model_type (qwen2_5_vl) below
+    "tokenizer": None,
+}
+CONFIG_FILE = {"transformer": "config.json", "vae": "config.json", "scheduler": "scheduler_config.json",
+               "text_encoder": "config.json", "tokenizer": None}
+HASH_COMPONENTS = ("transformer", "vae")
+HASH_VERSION = "dit4dit.backbone_hash.v1"
+SAMPLE_BYTES = 1 << 20  # bytes of tensor data hashed at the start and at the end of each weight file
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+
+
+class BackboneError(ConfigError):
+    """A backbone folder that is missing, incomplete, corrupted or does not match the config."""
+
+
+# --------------------------------------------------------------------------------------------
+# safetensors headers
+# --------------------------------------------------------------------------------------------
+
+
+def _header_bytes(path: Path) -> tuple[bytes, int]:
+    """(raw JSON header, file size); BackboneError naming the file if it cannot be a safetensors file."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise BackboneError(f"{path}: corrupted safetensors file ({size} bytes, no header)")
+            n = int.from_bytes(head, "little")
+            if n <= 0 or n > size - 8 or n > 256 * 1024 * 1024:
+                raise BackboneError(f"{path}: corrupted safetensors file (header length {n} does not fit a file "
+                                    f"of {size} bytes)")
+            raw = f.read(n)
+    except OSError as e:
+        raise BackboneError(f"{path}: cannot read ({e})") from e
+    return raw, size
+
+
+def read_safetensors_header(path: str | os.PathLike) -> dict[str, Any]:
+    """Parse a safetensors header and check it against the file size (truncation, garbage, overlap).
+
+    Raises `BackboneError` naming the file. Reads only the header.
+    """
+    path = Path(path)
+    raw, size = _header_bytes(path)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+    except (UnicodeDecodeError, ValueError) as e:
+        raise BackboneError(f"{path}: corrupted safetensors file (unreadable header: {e})") from e
+    data_len = size - 8 - len(raw)
+    end = 0
+    for k, v in header.items():
+        if k == "__metadata__":
+            continue
+        try:
+            a, b = (int(x) for x in v["data_offsets"])
+            if not 0 <= a <= b:
+                raise ValueError
+        except (KeyError, TypeError, ValueError) as e:
+            raise BackboneError(f"{path}: corrupted safetensors file (bad entry for tensor {k!r})") from e
+        end = max(end, b)
+    if end != data_len:
+        raise BackboneError(f"{path}: corrupted or truncated safetensors file (the header describes {end} bytes of "
+                            f"tensor data, the file holds {data_len})")
+    return header
+
+
+# --------------------------------------------------------------------------------------------
+# The folder
+# --------------------------------------------------------------------------------------------
+
+
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BackboneError(f"{path}: missing {what}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BackboneError(f"{path}: unreadable {what} ({e})") from e
+
+
+def _norm(v: Any) -> Any:
+    if isinstance(v, (list, tuple)):
+        return tuple(_norm(x) for x in v)
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    return v
+
+
+def needed_components(cfg: DiT4DiTConfig, *, load_text_encoder: bool = True, text_cache: bool = False) -> list[str]:
+    """The backbone subfolders a model built from `cfg` reads: the transformer always; the VAE when
+    the codec is the Wan VAE without its own `codec.path`; the text encoder and tokenizer when the
+    text encoder is Cosmos-Reason1 without its own `text.path` and is loaded, or when cached
+    embeddings are looked up (their key fingerprints the text-encoder files and needs the tokenizer)."""
+    need = ["transformer"]
+    if cfg.codec.kind == "wan_vae" and cfg.codec.path is None:
+        need.append("vae")
+    if cfg.text.kind == "cosmos_reason1" and cfg.text.path is None and (load_text_encoder or text_cache):
+        need += ["text_encoder", "tokenizer"]
+    return need
+
+
+class Backbone:
+    """A validated local Cosmos-Predict2.5 diffusers folder (see the module docstring).
+
+    `require` lists the components that must be present and well formed (default: the
+    transformer). Nothing is loaded: configs and safetensors headers are read.
+    """
+
+    def __init__(self, path: str | os.PathLike, require: Iterable[str] = ("transformer",)):
+        if path is None:
+            raise BackboneError("no backbone folder given (--backbone PATH: a local Cosmos-Predict2.5 diffusers folder)")
+        self.root = Path(path).expanduser().resolve()
+        if not self.root.exists():
+            raise BackboneError(f"backbone folder not found: {self.root}")
+        if not self.root.is_dir():
+            raise BackboneError(f"backbone path is not a folder: {self.root}")
+        index_file = self.root / MODEL_INDEX
+        if not index_file.is_file():
+            present = sorted(p.name for p in self.root.iterdir())[:12]
+            raise BackboneError(
+                f"{self.root}: not a diffusers pipeline folder ({MODEL_INDEX} missing; it holds {present}). Expected "
+                f"the Cosmos-Predict2.5 layout (revision diffusers/base/post-trained): {MODEL_INDEX}, "
+                f"{'/, '.join(COMPONENTS)}/")
+        self.index: dict[str, Any] = _read_json(index_file, "pipeline index")
+        if not isinstance(self.index, dict):
+            raise BackboneError(f"{index_file}: expected a JSON object")
+        name = str(self.index.get("_class_name", ""))
+        if "cosmos" not in name.lower():
+            raise BackboneError(f"{index_file}: the pipeline is {name or 'unnamed'!r}, not a Cosmos pipeline "
+                                f"(expected Cosmos2_5_PredictBasePipeline)")
+        self.pipeline_class = name
+        self._checked: set[str] = set()
+        self.require(*require)
+
+    @classmethod
+    def open(cls, path: "str | os.PathLike | Backbone", require: Iterable[str] = ("transformer",)) -> "Backbone":
+        if isinstance(path, Backbone):
+            path.require(*require)
+            return path
+        return cls(path, require)
+
+    def __repr__(self) -> str:
+        return f"Backbone({str(self.root)!r}, {self.pipeline_class})"
+
+    def __fspath__(self) -> str:
+        return str(self.root)
+
+    # ------------------------------------------------------------------ components
+    def folder(self, component: str) -> Path:
+        if component not in COMPONENTS:
+            raise ValueError(f"unknown backbone component {component!r}; expected one of {COMPONENTS}")
+        return self.root / component
+
+    def has(self, component: str) -> bool:
+        return self.folder(component).is_dir()
+
+    def require(self, *components: str) -> "Backbone":
+        """Check that each component is present and well formed; BackboneError naming what is wrong."""
+        missing = [c for c in components if not self.has(c)]
+        if missing:
+            present = [c for c in COMPONENTS if self.has(c)]
+            raise BackboneError(
+                f"{self.root}: missing subfolder{'s' if len(missing) > 1 else ''} "
+                f"{', '.join(m + '/' for m in missing)} (present: {', '.join(p + '/' for p in present) or 'none'}); "
+                f"the Cosmos-Predict2.5 diffusers folder holds {', '.join(c + '/' for c in COMPONENTS)}")
+        for c in components:
+            if c in self._checked:
+                continue
+            folder = self.folder(c)
+            cfg_name = CONFIG_FILE[c]
+            if cfg_name is not None:
+                cfg = self.component_config(c)
+                want = EXPECTED_CLASS[c]
+                have = cfg.get("_class_name")
+                if want is not None and have is not None and have != want:
+                    raise BackboneError(f"{folder / cfg_name}: describes a {have}, expected a {want}")
+                if c == "text_encoder" and cfg.get("model_type") not in (None, "qwen2_5_vl"):
+                    raise BackboneError(f"{folder / cfg_name}: model_type {cfg.get('model_type')!r}, expected "
+                                        f"'qwen2_5_vl' (Cosmos-Reason1-7B)")
+            if c == "tokenizer" and not any((folder / f).is_file() for f in _TOKENIZER_FILES):
+                raise BackboneError(f"{folder}: no tokenizer files ({', '.join(_TOKENIZER_FILES)})")
+            if c in ("transformer", "vae", "text_encoder"):
+                for f in self.weight_files(c):
+                    if f.suffix == ".safetensors":
+                        read_safetensors_header(f)
+            self._checked.add(c)
+        return self
+
+    def component_config(self, component: str) -> dict[str, Any]:
+        name = CONFIG_FILE[component]
+        if name is None:
+            raise ValueError(f"{component} has no config file")
+        path = self.folder(component) / name
+        d = _read_json(path, f"{component} config")
+        if not isinstance(d, dict):
+            raise BackboneError(f"{path}: expected a JSON object")
+        return d
+
+    def weight_files(self, component: str) -> list[Path]:
+        """The component's weight files (shard index first when sharded); BackboneError if none or
+        a listed shard is missing. Pickle `.bin` files are never read."""
+        folder = self.folder(component)
+        indexes = sorted(folder.glob("*.safetensors.index.json"))
+        if indexes:
+            files: list[Path] = []
+            for index in indexes:
+                d = _read_json(index, "shard index")
+                names = sorted(set((d.get("weight_map") or {}).values())) if isinstance(d, dict) else []
+                if not names:
+                    raise BackboneError(f"{index}: the shard index lists no weight files")
+                shards = [folder / n for n in names]
+                gone = [s.name for s in shards if not s.is_file()]
+                if gone:
+                    raise BackboneError(f"{index}: weight shards missing: {', '.join(gone[:4])}")
+                files += [index, *shards]
+            return files
+        found = sorted(folder.glob("*.safetensors"))
+        if not found:
+            bins = sorted(p.name for p in folder.glob("*.bin"))
+            extra = f" (only pickle files {bins[:3]}, which are never loaded)" if bins else ""
+            raise BackboneError(f"{folder}: no safetensors weights{extra}")
+        return found
+
+    # ------------------------------------------------------------------ configs
+    def transformer_config(self) -> dict[str, Any]:
+        """`transformer/config.json` (read without loading any weight)."""
+        self.require("transformer")
+        return self.component_config("transformer")
+
+    def video_config(self, **ours: Any) -> VideoDiTConfig:
+        """A `VideoDiTConfig` with the transformer's architecture (`ours`: the fields that are ours
+        only, `timestep_scale` and `rope_fps`; defaults 1.0 / None as for the pretrained model)."""
+        t = self.transformer_config()
+        kwargs = {}
+        for name in VideoDiTConfig.__dataclass_fields__:
+            if name in ("timestep_scale", "rope_fps"):
+                continue
+            if name not in t:
+                raise BackboneError(f"{self.folder('transformer') / 'config.json'}: lacks {name!r}")
+            v = t[name]
+            kwargs[name] = tuple(v) if isinstance(v, list) else v
+        kwargs.update(ours)
+        return VideoDiTConfig(**kwargs)
+
+    def config_mismatches(self, cfg: DiT4DiTConfig, components: Sequence[str] | None = None) -> list[str]:
+        """Differences between the folder's configs and `cfg` (empty when they fit)."""
+        comps = list(components) if components is not None else [c for c in ("transformer", "vae", "text_encoder")
+                                                                  if self.has(c)]
+        out = []
+        if "transformer" in comps:
+            t = self.transformer_config()
+            for k, v in cfg.video.diffusers_kwargs().items():
+                if _norm(t.get(k)) != _norm(v):
+                    out.append(f"video.{k}: preset {v!r}, backbone transformer {t.get(k, '<absent>')!r}")
+        if "vae" in comps and cfg.codec.kind == "wan_vae" and cfg.codec.path is None:
+            v = self.component_config("vae")
+            z = v.get("z_dim")
+            if z is not None and int(z) != cfg.video.latent_channels:
+                out.append(f"vae z_dim {z} vs the video DiT's {cfg.video.latent_channels} latent channels "
+                           f"(video.in_channels - 1)")
+        if "text_encoder" in comps and cfg.text.kind == "cosmos_reason1" and cfg.text.path is None:
+            d = self.component_config("text_encoder")
+            tc = d.get("text_config") or d
+            hidden, layers = tc.get("hidden_size"), tc.get("num_hidden_layers")
+            if hidden is not None and layers is not None and int(hidden) * int(layers) != cfg.video.text_input_dim:
+                out.append(f"text encoder {layers} layers x {hidden} = {int(hidden) * int(layers)} features per token "
+                           f"vs the video DiT's text input {cfg.video.text_input_dim} "
+                           f"(video.crossattn_proj_in_channels)")
+        return out
+
+    def check_config(self, cfg: DiT4DiTConfig, components: Sequence[str] | None = None) -> None:
+        """BackboneError listing every field where the folder's configs and the preset differ."""
+        diffs = self.config_mismatches(cfg, components)
+        if diffs:
+            raise BackboneError(f"the backbone {self.root} does not match the config {cfg.name!r}:\n  - "
+                                + "\n  - ".join(diffs))
+
+    # ------------------------------------------------------------------ content hash
+    def component_hash(self, component: str) -> str:
+        """sha256 of one component (see the module docstring for what it covers)."""
+        self.require(component)
+        h = hashlib.sha256()
+        h.update(f"{HASH_VERSION}\n{component}\n".encode())
+        cfg = {k: v for k, v in self.component_config(component).items() if not k.startswith("_") or k == "_class_name"}
+        h.update(json.dumps(cfg, sort_keys=True, separators=(",", ":")).encode())
+        for f in self.weight_files(component):
+            size = f.stat().st_size
+            h.update(f"\nfile:{f.name}:{size}\n".encode())
+            if f.suffix != ".safetensors":  # the shard index: hash it whole (small)
+                h.update(f.read_bytes())
+                continue
+            raw, _ = _header_bytes(f)
+            h.update(raw)
+            start = 8 + len(raw)
+            with open(f, "rb") as fh:
+                fh.seek(start)
+                h.update(fh.read(min(SAMPLE_BYTES, size - start)))
+                tail = max(start, size - SAMPLE_BYTES)
+                fh.seek(tail)
+                h.update(fh.read(size - tail))
+        return h.hexdigest()
+
+    @functools.cached_property
+    def component_hashes(self) -> dict[str, str]:
+        return {c: self.component_hash(c) for c in HASH_COMPONENTS if self.has(c)}
+
+    @functools.cached_property
+    def content_hash(self) -> str:
+        """sha256 over the transformer's and the VAE's hashes (`component_hash`)."""
+        h = hashlib.sha256(HASH_VERSION.encode())
+        for c in HASH_COMPONENTS:
+            h.update(f"\n{c}:{self.component_hashes.get(c, 'absent')}".encode())
+        return h.hexdigest()
+
+    def record(self) -> dict[str, Any]:
+        """What a checkpoint records about the backbone it was trained over."""
+        return {"path": str(self.root), "hash": self.content_hash, "components": dict(self.component_hashes),
+                "pipeline": self.pipeline_class, "hash_version": HASH_VERSION}
+
+    def describe(self) -> dict[str, Any]:
+        out = self.record()
+        out["present"] = [c for c in COMPONENTS if self.has(c)]
+        out["missing"] = [c for c in COMPONENTS if not self.has(c)]
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# A tiny backbone in the official layout (tests, smoke runs, benchmarks of the code path)
+# --------------------------------------------------------------------------------------------
+
+TINY_TEXT_LAYERS, TINY_TEXT_HIDDEN = 3, 32
+TINY_TRANSFORMER: dict[str, Any] = dict(
+    in_channels=17, out_channels=16, num_attention_heads=2, attention_head_dim=16, num_layers=4, mlp_ratio=4.0,
+    text_embed_dim=32, adaln_lora_dim=8, max_size=(8, 16, 16), patch_size=(1, 2, 2), rope_scale=(1.0, 3.0, 3.0),
+    concat_padding_mask=True, extra_pos_embed_type=None, use_crossattn_projection=True,
+    crossattn_proj_in_channels=TINY_TEXT_LAYERS * TINY_TEXT_HIDDEN, encoder_hidden_states_channels=32,
+)
+TINY_VAE: dict[str, Any] = dict(
+    base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, attn_scales=[], temperal_downsample=[False, True, True],
+    # non-trivial statistics: dividing and multiplying by std differ clearly
+    latents_mean=[0.1 * i - 0.7 for i in range(16)], latents_std=[0.4 + 0.3 * i for i in range(16)],
+)
+
+
+def _override_value(v: Any) -> str:
+    if isinstance(v, (list, tuple)):
+        return "[" + ",".join(_override_value(x) for x in v) + "]"
+    return json.dumps(v)
+
+
+# Overrides of the `cosmos-2b` preset (or any preset built on it) that match `write_tiny_backbone`:
+# 32 x 32 frames, 1 + 4 frames (2 latent frames for the causal VAE), a small action DiT.
+TINY_OVERRIDES: tuple[str, ...] = tuple(
+    [f"video.{k}={_override_value(v)}" for k, v in TINY_TRANSFORMER.items()]
+    + ["feature_blocks=2", "codec.kind=wan_vae", "text.kind=cosmos_reason1",
+       "action.num_layers=2", "action.num_attention_heads=2", "action.attention_head_dim=16",
+       f"action.cross_attention_dim={TINY_TRANSFORMER['num_attention_heads'] * TINY_TRANSFORMER['attention_head_dim']}",
+       "action.mlp_hidden=64", "action.action_horizon=4", "action.num_future_tokens=4", "action.max_seq_len=64",
+       "action.dropout=0.0", "action.max_feature_tokens=256",
+       "inputs.image_size=[32,32]", "inputs.num_cond_frames=1", "inputs.num_future_frames=4", "inputs.frame_stride=1",
+       "gradient_checkpointing=false", "repeated_diffusion_steps=2", "schema=metaworld_sawyer"]
+)
+
+_TINY_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                  "<|image_pad|>", "<|video_pad|>"]
+
+
+def tiny_tokenizer(corpus: Sequence[str] = (), chat_template: str | None = None) -> Any:
+    """A Qwen2 tokenizer with a byte-level BPE vocabulary trained offline on `corpus` (any text
+    tokenizes: the byte alphabet is always in the vocabulary)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+
+    from .text import COSMOS_SYSTEM_PROMPT, QWEN2_5_VL_CHAT_TEMPLATE
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=_TINY_SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(list(corpus) + [COSMOS_SYSTEM_PROMPT, "system user assistant"], trainer)
+    merges = json.loads(bpe.to_str())["model"]["merges"]
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in merges]
+    tok = Qwen2Tokenizer(vocab=bpe.get_vocab(), merges=merges, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                         additional_special_tokens=_TINY_SPECIALS[1:])
+    tok.chat_template = chat_template if chat_template is not None else QWEN2_5_VL_CHAT_TEMPLATE
+    return tok
+
+
+def tiny_qwen(tokenizer: Any, num_layers: int = TINY_TEXT_LAYERS, hidden: int = TINY_TEXT_HIDDEN, seed: int = 0) -> Any:
+    """A tiny `Qwen2_5_VLForConditionalGeneration` for `tokenizer` (weights perturbed away from the init)."""
+    import torch
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    ids = tokenizer.convert_tokens_to_ids
+    cfg = Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=num_layers,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [1, 1, 2]},
+            bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"),
+        ),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=hidden,
+                           fullatt_block_indexes=[0]),
+        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+    )
+    g = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = Qwen2_5_VLForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # norm weights are all ones at init: make the layers differ clearly
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return model
+
+
+def write_tiny_backbone(root: str | os.PathLike, *, seed: int = 0, corpus: Sequence[str] = (),
+                        text_encoder: bool = True, transformer: Mapping[str, Any] | None = None,
+                        vae: Mapping[str, Any] | None = None) -> Path:
+    """Write a complete tiny Cosmos-Predict2.5 folder (official layout, each component written by
+    its library's own `save_pretrained`) to `root`; returns `root`. Matches `TINY_OVERRIDES`.
+
+    `corpus`: text the tokenizer's BPE merges are trained on (any text tokenizes anyway).
+    `text_encoder=False` leaves out `text_encoder/` and `tokenizer/`. `transformer` / `vae`
+    override entries of `TINY_TRANSFORMER` / `TINY_VAE`.
+    """
+    import diffusers
+    import torch
+    from diffusers import AutoencoderKLWan, CosmosTransformer3DModel, UniPCMultistepScheduler
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        tcfg = {**TINY_TRANSFORMER, **(transformer or {})}
+        CosmosTransformer3DModel(**tcfg).save_pretrained(root / "transformer")
+        AutoencoderKLWan(**{**TINY_VAE, **(vae or {})}).save_pretrained(root / "vae")
+    UniPCMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=1.0).save_pretrained(
+        root / "scheduler")
+    index: dict[str, Any] = {
+        "_class_name": "Cosmos2_5_PredictBasePipeline",
+        "_diffusers_version": diffusers.__version__,
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", "UniPCMultistepScheduler"],
+        "transformer": ["diffusers", "CosmosTransformer3DModel"],
+        "vae": ["diffusers", "AutoencoderKLWan"],
+    }
+    if text_encoder:
+        tok = tiny_tokenizer(corpus)
+        tiny_qwen(tok, seed=seed).save_pretrained(root / "text_encoder")
+        tok.save_pretrained(root / "tokenizer")
+        index["text_encoder"] = ["transformers", "Qwen2_5_VLForConditionalGeneration"]
+        index["tokenizer"] = ["transformers", "Qwen2Tokenizer"]
+    (root / MODEL_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return root
