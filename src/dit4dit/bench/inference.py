@@ -11,6 +11,7 @@ instruction) in, action chunk out.
 
 from __future__ import annotations
 
+import os
 import platform
 import statistics
 import time
@@ -86,6 +87,7 @@ def bench_inference(model: DiT4DiT, *, batch: int = 1, warmup: int = 2, iters: i
     cfg = model.cfg
     model.eval()
     device = model.device
+    load_before = os.getloadavg()
     cond, state, prompts = make_inputs(cfg, batch, device, seed)
     g = torch.Generator(device=device)
 
@@ -151,6 +153,9 @@ def bench_inference(model: DiT4DiT, *, batch: int = 1, warmup: int = 2, iters: i
         else "not loaded (embedding taken from the cache in both paths)",
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        # Other work on the machine inflates absolute times; the interleaved ratio is robust to it.
+        "load_average_1m": {"before": load_before[0], "after": os.getloadavg()[0]},
         "host": platform.node(),
     }
 

@@ -138,6 +138,61 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, Any]:
     return header
 
 
+def weight_files(folder: Path) -> list[Path]:
+    """The weight files of a diffusers / transformers component folder (each shard index followed by
+    its shards, else every `*.safetensors`); BackboneError if there are none or a shard is missing."""
+    folder = Path(folder)
+    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    if indexes:
+        files: list[Path] = []
+        for index in indexes:
+            d = _read_json(index, "shard index")
+            names = sorted(set((d.get("weight_map") or {}).values())) if isinstance(d, dict) else []
+            if not names:
+                raise BackboneError(f"{index}: the shard index lists no weight files")
+            shards = [folder / n for n in names]
+            gone = [s.name for s in shards if not s.is_file()]
+            if gone:
+                raise BackboneError(f"{index}: weight shards missing: {', '.join(gone[:4])}")
+            files += [index, *shards]
+        return files
+    found = sorted(folder.glob("*.safetensors"))
+    if not found:
+        bins = sorted(p.name for p in folder.glob("*.bin"))
+        extra = f" (only pickle files {bins[:3]}, which are never loaded)" if bins else ""
+        raise BackboneError(f"{folder}: no safetensors weights{extra}")
+    return found
+
+
+def folder_hash(folder: str | os.PathLike, tag: str = "", config_name: str = "config.json") -> str:
+    """The content hash of one component folder (see the module docstring for what it covers):
+    its config (private `_` keys but `_class_name` dropped) and, per weight file, name, size,
+    safetensors header and the first and last MiB of tensor data."""
+    folder = Path(folder)
+    h = hashlib.sha256()
+    h.update(f"{HASH_VERSION}\n{tag}\n".encode())
+    cfg = _read_json(folder / config_name, f"{tag or 'component'} config")
+    if isinstance(cfg, dict):
+        cfg = {k: v for k, v in cfg.items() if not k.startswith("_") or k == "_class_name"}
+    h.update(json.dumps(cfg, sort_keys=True, separators=(",", ":")).encode())
+    for f in weight_files(folder):
+        size = f.stat().st_size
+        h.update(f"\nfile:{f.name}:{size}\n".encode())
+        if f.suffix != ".safetensors":  # a shard index: hashed whole (small)
+            h.update(f.read_bytes())
+            continue
+        raw, _ = _header_bytes(f)
+        h.update(raw)
+        start = 8 + len(raw)
+        with open(f, "rb") as fh:
+            fh.seek(start)
+            h.update(fh.read(min(SAMPLE_BYTES, size - start)))
+            tail = max(start, size - SAMPLE_BYTES)
+            fh.seek(tail)
+            h.update(fh.read(size - tail))
+    return h.hexdigest()
+
+
 # --------------------------------------------------------------------------------------------
 # The folder
 # --------------------------------------------------------------------------------------------
@@ -273,27 +328,7 @@ class Backbone:
     def weight_files(self, component: str) -> list[Path]:
         """The component's weight files (shard index first when sharded); BackboneError if none or
         a listed shard is missing. Pickle `.bin` files are never read."""
-        folder = self.folder(component)
-        indexes = sorted(folder.glob("*.safetensors.index.json"))
-        if indexes:
-            files: list[Path] = []
-            for index in indexes:
-                d = _read_json(index, "shard index")
-                names = sorted(set((d.get("weight_map") or {}).values())) if isinstance(d, dict) else []
-                if not names:
-                    raise BackboneError(f"{index}: the shard index lists no weight files")
-                shards = [folder / n for n in names]
-                gone = [s.name for s in shards if not s.is_file()]
-                if gone:
-                    raise BackboneError(f"{index}: weight shards missing: {', '.join(gone[:4])}")
-                files += [index, *shards]
-            return files
-        found = sorted(folder.glob("*.safetensors"))
-        if not found:
-            bins = sorted(p.name for p in folder.glob("*.bin"))
-            extra = f" (only pickle files {bins[:3]}, which are never loaded)" if bins else ""
-            raise BackboneError(f"{folder}: no safetensors weights{extra}")
-        return found
+        return weight_files(self.folder(component))
 
     # ------------------------------------------------------------------ configs
     def transformer_config(self) -> dict[str, Any]:
@@ -353,26 +388,7 @@ class Backbone:
     def component_hash(self, component: str) -> str:
         """sha256 of one component (see the module docstring for what it covers)."""
         self.require(component)
-        h = hashlib.sha256()
-        h.update(f"{HASH_VERSION}\n{component}\n".encode())
-        cfg = {k: v for k, v in self.component_config(component).items() if not k.startswith("_") or k == "_class_name"}
-        h.update(json.dumps(cfg, sort_keys=True, separators=(",", ":")).encode())
-        for f in self.weight_files(component):
-            size = f.stat().st_size
-            h.update(f"\nfile:{f.name}:{size}\n".encode())
-            if f.suffix != ".safetensors":  # the shard index: hash it whole (small)
-                h.update(f.read_bytes())
-                continue
-            raw, _ = _header_bytes(f)
-            h.update(raw)
-            start = 8 + len(raw)
-            with open(f, "rb") as fh:
-                fh.seek(start)
-                h.update(fh.read(min(SAMPLE_BYTES, size - start)))
-                tail = max(start, size - SAMPLE_BYTES)
-                fh.seek(tail)
-                h.update(fh.read(size - tail))
-        return h.hexdigest()
+        return folder_hash(self.folder(component), component, CONFIG_FILE[component] or "config.json")
 
     @functools.cached_property
     def component_hashes(self) -> dict[str, str]:
@@ -527,3 +543,22 @@ def write_tiny_backbone(root: str | os.PathLike, *, seed: int = 0, corpus: Seque
         index["tokenizer"] = ["transformers", "Qwen2Tokenizer"]
     (root / MODEL_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return root
+
+
+def codec_identity(cfg: DiT4DiTConfig, backbone: "str | os.PathLike | Backbone | None" = None) -> str:
+    """What determines the latents a config's codec produces: `pixel:<factor>` for the pixel codec,
+    `wan_vae:<hash of the VAE folder>` for the Wan VAE (from `codec.path` or `<backbone>/vae`)."""
+    if cfg.codec.kind == "pixel":
+        return f"pixel:{cfg.codec.pixel_factor}"
+    from .codecs import resolve_vae_folder
+
+    path = cfg.codec.path
+    if path is None:
+        if backbone is None:
+            raise BackboneError("codec.kind='wan_vae' needs the backbone folder (--backbone) or codec.path")
+        path = str(Backbone.open(backbone, require=("vae",)).root)
+    try:
+        folder = resolve_vae_folder(path, cfg.codec.subfolder)
+    except (FileNotFoundError, ValueError) as e:
+        raise BackboneError(str(e)) from e
+    return "wan_vae:" + folder_hash(folder, "vae")
