@@ -45,9 +45,13 @@ def test_collect_train_eval_end_to_end(tmp_path, capsys):
     assert info["version"] == "v3.0" and info["episodes"] == 4
     run = tmp_path / "run"
     r = run_json(capsys, ["train", "--preset", "tiny", "--dataset", str(data), "--out", str(run),
-                          "--set", "schema=toy_reach", "--set", "train.steps=3", *SMALL, "--json"])
+                          "--set", "schema=toy_reach", "--set", "train.steps=3", "--set", "train.eval_every=3",
+                          "--eval-episodes", "1", "--replan-every", "4", *SMALL, "--json"])
     assert r["step"] == 3
     assert (run / "config.json").is_file()
+    evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
+             if '"eval"' in line]
+    assert evals and 0.0 <= evals[-1]["success_rate"] <= 1.0  # closed-loop evaluation ran during training
 
     from dit4dit.eval.toy import evaluate
     from dit4dit.policy import Policy

@@ -169,11 +169,17 @@ def register_train(sub: argparse._SubParsersAction) -> None:
                    help="continue the newest checkpoint of --out (or of the given run/checkpoint folder)")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: a GPU when present)")
     p.add_argument("--text-cache", default=None, help="folder of cached text embeddings (dit4dit embed-text)")
+    p.add_argument("--latent-cache", default=None, help="folder of precomputed clip latents (dit4dit cache-latents): "
+                                                        "the VAE is not run")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set train.steps=2000 (repeatable)")
     p.add_argument("--frame-cache", nargs="?", const=True, default=None,
                    help="decode frames once into a memory-mapped cache at the training resolution "
                         "(optionally its folder); see `dit4dit cache-frames`")
+    p.add_argument("--eval-episodes", type=int, default=5,
+                   help="with --set train.eval_every=N: closed-loop episodes per task at each evaluation")
+    p.add_argument("--eval-tasks", default="", help="MetaWorld tasks for the periodic evaluation (comma-separated)")
+    p.add_argument("--replan-every", type=int, default=None, help="actions executed per chunk in evaluations")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_train)
@@ -201,14 +207,20 @@ def _threads(n: int | None) -> None:
 
 def _train(args):
     from .config import get_preset
-    from .train.trainer import train
+    from .train.trainer import Trainer
 
     _import_envs()
     _threads(args.threads)
     cfg = get_preset(args.preset, args.overrides)
-    r = train(cfg, args.dataset, args.out, backbone=args.backbone, resume=args.resume, progress=True,
-              device=args.device, text_cache_dir=args.text_cache, frame_cache=args.frame_cache)
-    r = {k: v for k, v in r.items() if k != "losses"}
+    trainer = Trainer(cfg, args.dataset, args.out, backbone=args.backbone, resume=args.resume, progress=True,
+                      device=args.device, text_cache_dir=args.text_cache, frame_cache=args.frame_cache,
+                      latent_cache=args.latent_cache)
+    if cfg.train.eval_every > 0:
+        from .eval.hooks import closed_loop_eval_fn
+
+        trainer.eval_fn = closed_loop_eval_fn(cfg.schema, lambda: trainer.processor, args.eval_episodes,
+                                              args.replan_every, [t for t in args.eval_tasks.split(",") if t])
+    r = {k: v for k, v in trainer.run().items() if k != "losses"}
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
         return r
     _emit(args, r, lambda r: f"trained to step {r.get('step')} (final loss {r.get('final_loss')}); "
@@ -670,3 +682,99 @@ def _eval_toy(args):
 
 
 REGISTRATIONS.append(register_eval_toy)
+
+
+# ------------------------------------------------------------------------------------------ embed-text / cache-latents
+def register_embed_text(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("embed-text", help="cache the frozen text encoder's embedding of every instruction "
+                                          "(training and serving then run without the 7B text encoder)")
+    p.add_argument("--backbone", default=None, help="local Cosmos-Predict2.5 diffusers folder (text_encoder/, "
+                                                    "tokenizer/); or --set text.path=QWEN2.5-VL-FOLDER")
+    p.add_argument("--dataset", default=None, help="LeRobot dataset folder: embed every task string it holds")
+    p.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="an instruction (repeatable)")
+    p.add_argument("--cache", default=None, help="text-cache folder (default <dataset>/.dit4dit_cache/text); "
+                                                 "give it to train/serve as --text-cache")
+    p.add_argument("--preset", default="cosmos-2b", help="config preset (text.max_length, text.path)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--device", default="cpu", help="where the text encoder runs (cpu | cuda | cuda:N)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_embed_text)
+
+
+def _embed_text(args):
+    from .config import ConfigError, get_preset
+    from .models.backbone import embed_prompts
+
+    cfg = get_preset(args.preset, args.overrides)
+    prompts = list(args.prompt)
+    if args.dataset:
+        from .data.lerobot import LeRobotDataset
+
+        ds = LeRobotDataset(args.dataset, check_videos=False)
+        prompts = list(ds.tasks) + prompts
+    if not prompts:
+        raise ConfigError("embed-text needs --dataset DIR and/or --prompt TEXT")
+    cache = args.cache or (str(Path(args.dataset) / ".dit4dit_cache" / "text") if args.dataset else None)
+    if cache is None:
+        raise ConfigError("embed-text with --prompt only needs --cache DIR")
+    n = len(dict.fromkeys(prompts))
+    r = embed_prompts(cfg, args.backbone, prompts, cache, device=args.device, batch_size=args.batch_size,
+                      progress=progress_bar(n, "embed-text"))
+    r["train_flag"] = f"--text-cache {r['cache']}"
+    _emit(args, r, lambda r: f"{r['prompts']} instructions: {r['hits']} cached already, {r['misses']} embedded "
+                             f"now, in {r['cache']} ({r['seconds']:.1f} s); train/serve with {r['train_flag']}")
+    return r
+
+
+def register_cache_latents(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("cache-latents", help="precompute the VAE latents of every training clip "
+                                             "(training with --latent-cache then skips the VAE)")
+    p.add_argument("--backbone", default=None, help="local Cosmos-Predict2.5 diffusers folder (vae/)")
+    p.add_argument("--dataset", required=True, help="LeRobot dataset folder")
+    p.add_argument("--schema", default=None, help="embodiment schema (default: the preset's)")
+    p.add_argument("--preset", default="cosmos-2b", help="config preset (frame plan, image size, codec)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--out", default=None, help="cache folder (default <dataset>/.dit4dit_cache/latents-<fp>)")
+    p.add_argument("--device", default="cpu", help="where the VAE runs (cpu | cuda | cuda:N)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="storage dtype")
+    p.add_argument("--frame-cache", nargs="?", const=True, default=None, help="read frames from a frame cache")
+    p.add_argument("--force", action="store_true", help="rebuild even when an up-to-date cache exists")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cache_latents)
+
+
+def _cache_latents(args):
+    import time
+
+    from .config import get_preset
+    from .data.latent_cache import build_latent_cache, cache_samples, open_latent_cache
+    from .models.backbone import Backbone, codec_identity
+    from .models.codecs import build_codec
+
+    _import_envs()
+    _threads(args.threads)
+    cfg = get_preset(args.preset, list(args.overrides) + ([f"schema={args.schema}"] if args.schema else []))
+    backbone = None
+    if args.backbone is not None:
+        backbone = Backbone.open(args.backbone, require=("vae",) if cfg.codec.kind == "wan_vae" and
+                                 cfg.codec.path is None else ())
+    t0 = time.perf_counter()
+    samples = cache_samples(args.dataset, cfg, args.frame_cache)
+    codec_id = codec_identity(cfg, backbone)
+    codec = build_codec(cfg.codec, str(backbone.root) if backbone is not None else None).to(args.device)
+    out = build_latent_cache(samples, codec, codec_id, args.out, batch_size=args.batch_size, dtype=args.dtype,
+                             progress=True, force=args.force)
+    cache = open_latent_cache(out, samples, codec_id)
+    r = {"cache": str(out), "samples": len(cache), "latent_shape": list(cache.shape[1:]), "dtype": cache.dtype,
+         "bytes": int(cache.index["latents_bytes"]), "codec": codec_id, "seconds": round(time.perf_counter() - t0, 3),
+         "train_flag": f"--latent-cache {out}"}
+    _emit(args, r, lambda r: f"{r['samples']} clip latents {tuple(r['latent_shape'])} ({r['bytes'] / 2**30:.2f} GiB, "
+                             f"{r['dtype']}) in {r['cache']} ({r['seconds']:.0f} s); train with {r['train_flag']}")
+    return r
+
+
+REGISTRATIONS.append(register_embed_text)
+REGISTRATIONS.append(register_cache_latents)

@@ -562,3 +562,57 @@ def codec_identity(cfg: DiT4DiTConfig, backbone: "str | os.PathLike | Backbone |
     except (FileNotFoundError, ValueError) as e:
         raise BackboneError(str(e)) from e
     return "wan_vae:" + folder_hash(folder, "vae")
+
+
+def uncached_prompts(cfg: DiT4DiTConfig, backbone: "str | os.PathLike | Backbone | None", text_cache_dir: Any,
+                     prompts: Iterable[str]) -> list[str]:
+    """The prompts whose embedding by `cfg`'s frozen text encoder is not in `text_cache_dir` (the
+    cache key needs the tokenizer and the text-encoder files, not the weights)."""
+    from .text import CosmosReason1TextEncoder, EmbeddingCache
+
+    source = cfg.text.path or (str(Backbone.open(backbone).root) if backbone is not None else None)
+    if source is None:
+        return list(dict.fromkeys(prompts))
+    identity = CosmosReason1TextEncoder.identity_for(source, max_length=cfg.text.max_length)
+    cache = EmbeddingCache(text_cache_dir)
+    return [p for p in dict.fromkeys(prompts) if (identity, p) not in cache]
+
+
+def embed_prompts(cfg: DiT4DiTConfig, backbone: "str | os.PathLike | Backbone | None", prompts: Iterable[str],
+                  cache_dir: str | os.PathLike, *, device: str = "cpu", batch_size: int = 8,
+                  progress: Any = None) -> dict[str, Any]:
+    """Fill the text-embedding cache with `cfg`'s frozen text encoder (from `text.path` or
+    `<backbone>/text_encoder`) for every prompt not cached yet; the encoder is loaded only when
+    something is missing. Embeddings are computed exactly as training and serving compute them
+    (bfloat16 encoder, `text.max_length` tokens), so they find them by the same key.
+    `progress(done, total)` is called after each batch. Returns counts."""
+    import time
+
+    from .text import CosmosReason1TextEncoder, EmbeddingCache, build_text_encoder
+
+    if cfg.text.kind != "cosmos_reason1":
+        raise ConfigError(f"text.kind={cfg.text.kind!r} is trained with the model: there is nothing to cache "
+                          f"(embed-text is for the frozen Cosmos-Reason1 text encoder)")
+    if cfg.text.path is not None:
+        source = str(Path(cfg.text.path).expanduser())
+    elif backbone is not None:
+        source = str(Backbone.open(backbone, require=("text_encoder", "tokenizer")).root)
+    else:
+        raise BackboneError("embed-text needs --backbone PATH (or --set text.path=QWEN2.5-VL-FOLDER)")
+    t0 = time.perf_counter()
+    uniq = list(dict.fromkeys(str(p) for p in prompts))
+    cache = EmbeddingCache(cache_dir)
+    identity = CosmosReason1TextEncoder.identity_for(source, max_length=cfg.text.max_length)
+    missing = [p for p in uniq if (identity, p) not in cache]
+    if missing:
+        enc = build_text_encoder(cfg.text, cfg.video.text_input_dim, source).to(device)
+        if enc.identity != identity:  # pragma: no cover - the two are built from the same files
+            raise RuntimeError("text encoder identity differs from identity_for(); cache keys would not match")
+        for start in range(0, len(missing), batch_size):
+            cache.embed(enc, missing[start:start + batch_size], batch_size=batch_size)
+            if progress is not None:
+                progress(min(start + batch_size, len(missing)), len(missing))
+        del enc
+    return {"cache": str(cache.root), "text_encoder": source, "prompts": len(uniq), "hits": len(uniq) - len(missing),
+            "misses": len(missing), "embedded": len(missing), "identity": identity,
+            "seconds": round(time.perf_counter() - t0, 3)}

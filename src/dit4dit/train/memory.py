@@ -120,7 +120,8 @@ def estimate_training_memory(cfg: DiT4DiTConfig, batch: int | None = None, *, ba
     ``text_encoder_loaded`` None: loaded unless the text encoder is the tiny trainable one (which
     is counted as trainable). ``precision``: ``bfloat16`` (autocast, what CUDA training uses) or
     ``float32``. ``strategy``: ``single`` | ``ddp`` (+ gradient buckets) | ``fsdp`` (weights,
-    gradients, optimiser and EMA sharded over ``world_size``).
+    gradients, optimiser and EMA sharded over ``world_size``) | ``auto`` (what the trainer picks
+    from ``train.distributed`` and ``world_size``).
     """
     from ..models.dit4dit import parameter_counts
 
@@ -160,6 +161,10 @@ def estimate_training_memory(cfg: DiT4DiTConfig, batch: int | None = None, *, ba
     tiny_text = counts["text_encoder_trainable"]
     trainable = counts["video_dit"] + counts["action_dit"] + tiny_text
     with_grad = video_grad_params + action_params + tiny_text
+    if strategy == "auto":  # what the trainer picks (train.distributed)
+        from .distributed import choose_strategy
+
+        strategy = choose_strategy(cfg.train.distributed, world_size, trainable)
 
     # ---- states ------------------------------------------------------------------------------
     shard = world_size if strategy == "fsdp" else 1

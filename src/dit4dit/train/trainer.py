@@ -452,9 +452,11 @@ class Trainer:
                  processor: Any = None, collate_fn: Callable | None = None, loss_fn: LossFn | None = None,
                  image_fn: ImageFn | None = None, eval_fn: EvalFn | None = None, device: str | None = None,
                  stop_at_step: int | None = None, text_cache_dir: str | None = None, handle_signals: bool = True,
-                 frame_cache: str | os.PathLike | bool | None = None):
+                 frame_cache: str | os.PathLike | bool | None = None, latent_cache: str | os.PathLike | None = None):
         self.cfg = cfg
         self.frame_cache = frame_cache
+        self.latent_cache = latent_cache
+        self._backbone_record: dict[str, Any] | None = None
         self.data = data
         self.run_dir = Path(out_dir).expanduser()
         self.backbone = backbone
@@ -485,6 +487,8 @@ class Trainer:
         except ckpt.CheckpointError as e:
             raise ckpt.CheckpointError(f"cannot resume: {e}") from e
         ckpt.check_resume_config(found, self.cfg)
+        if self.backbone is not None or ckpt.recorded_backbone(found.state):
+            ckpt.check_backbone(found, self.backbone)  # the same backbone (content hash) as the checkpoint
         return found
 
     def _build_data(self, resume_from: ckpt.Checkpoint | None, info: DistInfo) -> tuple[Dataset, Any, Callable]:
@@ -516,9 +520,32 @@ class Trainer:
             samples = self.data
             if processor is None:
                 processor = getattr(samples, "processor", None)
+        if self.latent_cache is not None:
+            from ..data.latent_cache import LatentSamples, open_latent_cache
+            from ..models.backbone import codec_identity
+
+            cache = open_latent_cache(self.latent_cache, samples, codec_identity(self.cfg, self.backbone))
+            samples = LatentSamples(samples, cache)
         check_processor(processor, self.cfg)
         check_samples(samples, self.cfg)
         return samples, processor, self.collate_fn or default_collate
+
+    def _text_encoder_needed(self, cfg: DiT4DiTConfig, samples: Dataset) -> bool:
+        """A frozen text encoder stays out of memory when every instruction of the dataset is in
+        the text cache (``dit4dit embed-text``); otherwise it is loaded and fills the cache."""
+        if cfg.text.kind == "tiny" or not self.text_cache_dir:
+            return True
+        tasks = getattr(getattr(samples, "dataset", None), "tasks", None)
+        if not tasks:
+            return True
+        from ..models.backbone import uncached_prompts
+
+        missing = uncached_prompts(cfg, self.backbone, self.text_cache_dir, tasks)
+        if missing:
+            _log.warning("%d of %d instructions are not in the text cache %s (e.g. %r): loading the text encoder "
+                         "(run `dit4dit embed-text` to train without it)", len(missing), len(set(tasks)),
+                         self.text_cache_dir, missing[0])
+        return bool(missing)
 
     def _on_signal(self, signum, frame) -> None:  # noqa: ARG002
         self._stop_requested = True
@@ -547,16 +574,29 @@ class Trainer:
         t_start = time.time()
         device = info.device
         precision = resolve_precision(tc.precision, device)
+        if self.backbone is not None:  # validated (and hashed: a few MiB read) before anything else
+            from ..models.backbone import Backbone
+
+            self._backbone_record = Backbone.open(self.backbone).record()
         resume_from = self._resume_checkpoint()
         samples, processor, collate = self._build_data(resume_from, info)
+        self.processor = processor  # hooks (e.g. closed-loop evaluation) read it from here
         if len(samples) < tc.batch_size * info.world_size:  # type: ignore[arg-type]
             raise ValueError(f"the dataset has {len(samples)} samples, fewer than one global batch of "  # type: ignore[arg-type]
                              f"{tc.batch_size} x {info.world_size} rank(s)")
 
         # ---- model (identical initialisation on every rank) ----
         torch.manual_seed(tc.seed)
+        load_text = self._text_encoder_needed(cfg, samples)
+        from .memory import check_training_memory
+
+        check_training_memory(cfg, device, backbone=self.backbone, text_encoder_loaded=load_text,
+                              latents_cached=self.latent_cache is not None, precision=precision,
+                              world_size=info.world_size, strategy="auto")
+        # Resuming overwrites every trainable weight: the video DiT is not read from the backbone then.
         model = DiT4DiT.from_config(cfg, self.backbone, text_cache_dir=self.text_cache_dir,
-                                    video_dtype=torch.float32)
+                                    load_text_encoder=load_text, video_dtype=torch.float32,
+                                    load_video_weights=resume_from is None)
         counts = freeze_frozen_parts(model)
         model.to(device)
         model.train()
@@ -780,7 +820,8 @@ class Trainer:
                 "ema_updates": ema.num_updates if ema is not None else 0,
                 "seed": cfg.train.seed,
                 "strategy": strategy,
-                "backbone": str(Path(self.backbone).resolve()) if self.backbone else None,
+                "backbone": self._backbone_record,
+                "text_cache": str(Path(self.text_cache_dir).resolve()) if self.text_cache_dir else None,
                 "dataset": str(data),
                 "rng_ranks": info.world_size,
                 "elapsed_s": round(time.time() - t_start, 3),
@@ -841,7 +882,8 @@ def train(cfg: DiT4DiTConfig, data: str | os.PathLike | Dataset, out_dir: str | 
           processor: Any = None, collate_fn: Callable | None = None, loss_fn: LossFn | None = None,
           image_fn: ImageFn | None = None, eval_fn: EvalFn | None = None, device: str | None = None,
           stop_at_step: int | None = None, text_cache_dir: str | None = None,
-          handle_signals: bool = True, frame_cache: str | os.PathLike | bool | None = None) -> dict[str, Any]:
+          handle_signals: bool = True, frame_cache: str | os.PathLike | bool | None = None,
+          latent_cache: str | os.PathLike | None = None) -> dict[str, Any]:
     """Train (or resume) a DiT4DiT model; returns a summary dict.
 
     - ``data``: a LeRobot dataset folder (samples and processor built by ``dit4dit.data``, the
@@ -861,7 +903,13 @@ def train(cfg: DiT4DiTConfig, data: str | os.PathLike | Dataset, out_dir: str | 
     - ``stop_at_step``: stop (and save) at this step although the schedule runs to ``train.steps``.
     - ``frame_cache``: with a dataset folder, read frames from a pre-extracted frame cache (True =
       build or reuse the default one, a path = that cache; see ``dit4dit.data.frame_cache``).
-    - ``text_cache_dir``: cached text embeddings of a frozen text encoder.
+    - ``text_cache_dir``: cached text embeddings of a frozen text encoder (``dit4dit embed-text``);
+      when it holds every instruction of the dataset the text encoder is not loaded.
+    - ``latent_cache``: with a dataset folder, a latent cache (``dit4dit cache-latents``): batches
+      carry the precomputed clip latents and the VAE is not run.
+    - ``backbone``: a local Cosmos-Predict2.5 folder; its path and content hash are recorded in
+      every checkpoint. On CUDA the estimated memory is checked before the model is built
+      (``train.memory``; ``$DIT4DIT_SKIP_MEMORY_CHECK=1`` skips the check).
 
     Summary keys: run_dir, checkpoint, start_step, step, steps_run, losses (the rank-mean total
     loss of every step run by this call), final_loss, last_metrics, samples_per_s, wall_time_s,
@@ -869,7 +917,8 @@ def train(cfg: DiT4DiTConfig, data: str | os.PathLike | Dataset, out_dir: str | 
     """
     return Trainer(cfg, data, out_dir, backbone, resume, progress, processor=processor, collate_fn=collate_fn,
                    loss_fn=loss_fn, image_fn=image_fn, eval_fn=eval_fn, device=device, stop_at_step=stop_at_step,
-                   text_cache_dir=text_cache_dir, handle_signals=handle_signals, frame_cache=frame_cache).run()
+                   text_cache_dir=text_cache_dir, handle_signals=handle_signals, frame_cache=frame_cache,
+                   latent_cache=latent_cache).run()
 
 
 # --------------------------------------------------------------------------------------------
