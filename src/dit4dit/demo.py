@@ -33,7 +33,7 @@ def toy_config(steps: int, overrides: list[str] | tuple[str, ...] = ()):
                                "train.log_every=20", *overrides])
 
 
-def run_demo(out: str | Path, *, episodes: int = 120, steps: int = 600, eval_episodes: int = 10,
+def run_demo(out: str | Path, *, episodes: int = 120, steps: int = 400, eval_episodes: int = 10,
              replan_every: int = 4, seed: int = 0, overrides: list[str] | tuple[str, ...] = (),
              threads: int | None = None) -> dict[str, Any]:
     from .envs.toy import collect
