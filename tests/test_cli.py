@@ -69,3 +69,9 @@ def test_bench_inference_tiny(capsys):
     assert r["max_abs_diff_ours_vs_naive"] < 1e-5  # the early exit computes the same actions
     assert r["ours"]["median_ms"] > 0 and r["naive"]["median_ms"] > 0
     assert "cpu" in r["device"] and r["precision"] == "float32"
+
+
+def test_missing_dataset_is_a_clear_error_not_a_traceback(tmp_path, capsys):
+    assert main(["dataset", "info", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "nope" in err and "Traceback" not in err

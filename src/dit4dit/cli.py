@@ -167,14 +167,29 @@ def _extra_registrations() -> list[Callable[[argparse._SubParsersAction], None]]
     return commands.REGISTRATIONS
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .config import ConfigError
+    from .data.frame_cache import FrameCacheError
+    from .data.normalize import NormalizationError
+    from .data.processor import ProcessorError
+    from .data.schema import SchemaError
+    from .data.video import DatasetError
+    from .train.checkpoint import CheckpointError
+
+    return (ConfigError, DatasetError, SchemaError, ProcessorError, NormalizationError, FrameCacheError,
+            CheckpointError, FileNotFoundError, FileExistsError)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from .config import ConfigError
-
     try:
         args.func(args)
-    except ConfigError as e:
+    except _user_errors() as e:
+        # Bad input (config, dataset, schema, checkpoint, backbone, ...): the message names what is
+        # wrong and where; a traceback adds nothing. DIT4DIT_DEBUG=1 shows it anyway.
+        if os.environ.get("DIT4DIT_DEBUG"):
+            raise
         _log(f"error: {e}")
         return 2
     except KeyboardInterrupt:

@@ -247,11 +247,13 @@ def register_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="collect, train, evaluate and report, end to end on CPU (offline)")
     p.add_argument("--out", default="demo_out")
     p.add_argument("--episodes", type=int, default=120, help="expert episodes to collect")
-    p.add_argument("--steps", type=int, default=600, help="training steps")
+    p.add_argument("--steps", type=int, default=400, help="training steps")
     p.add_argument("--eval-episodes", type=int, default=10, help="evaluation episodes per task")
     p.add_argument("--replan-every", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads for training (default 1: the data worker takes another core, and "
+                        "more threads than free cores makes small matmuls far slower)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_demo)

@@ -49,6 +49,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..config import ConfigError
 from .frame_cache import CACHE_DIRNAME, _dataset_cameras, _file_identity, dataset_fingerprint, image_settings
 
 __all__ = ["LatentCache", "LatentCacheError", "LatentSamples", "build_latent_cache", "open_latent_cache",
@@ -61,7 +62,7 @@ INDEX_FILE = "index.json"
 DTYPES = ("float32", "bfloat16")
 
 
-class LatentCacheError(ValueError):
+class LatentCacheError(ConfigError):
     """A missing, incomplete, stale or mismatched latent cache (the message says which and how to fix)."""
 
 

@@ -237,7 +237,8 @@ class Backbone:
 
     def __init__(self, path: str | os.PathLike, require: Iterable[str] = ("transformer",)):
         if path is None:
-            raise BackboneError("no backbone folder given (--backbone PATH: a local Cosmos-Predict2.5 diffusers folder)")
+            raise BackboneError("no backbone folder given (--backbone PATH: a local Cosmos-Predict2.5 diffusers "
+                                "folder)")
         self.root = Path(path).expanduser().resolve()
         if not self.root.exists():
             raise BackboneError(f"backbone folder not found: {self.root}")
@@ -426,7 +427,8 @@ TINY_TRANSFORMER: dict[str, Any] = dict(
     crossattn_proj_in_channels=TINY_TEXT_LAYERS * TINY_TEXT_HIDDEN, encoder_hidden_states_channels=32,
 )
 TINY_VAE: dict[str, Any] = dict(
-    base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, attn_scales=[], temperal_downsample=[False, True, True],
+    base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, attn_scales=[],
+    temperal_downsample=[False, True, True],
     # non-trivial statistics: dividing and multiplying by std differ clearly
     latents_mean=[0.1 * i - 0.7 for i in range(16)], latents_std=[0.4 + 0.3 * i for i in range(16)],
 )

@@ -86,8 +86,7 @@ def _vae_params(config: dict[str, Any] | None) -> int:
         import inspect
 
         names = set(inspect.signature(AutoencoderKLWan.__init__).parameters)
-        kwargs = {k: (tuple(v) if isinstance(v, list) and k in ("dim_mult", "temperal_downsample") else v)
-                  for k, v in config.items() if k in names}
+        kwargs = {k: v for k, v in config.items() if k in names}
     with torch.device("meta"):
         return sum(p.numel() for p in AutoencoderKLWan(**kwargs).parameters())
 
@@ -223,10 +222,13 @@ def estimate_training_memory(cfg: DiT4DiTConfig, batch: int | None = None, *, ba
         # rough: input clip + the widest first-stage feature maps of the causal encoder (96 ch, <= 6 frames)
         h, w = cfg.inputs.image_size
         base = int((vae_config or {}).get("base_dim") or 96)
-        vae_encode = 4 * b * 3 * cfg.inputs.num_frames * h * w + 6 * 2 * b * base * min(6, cfg.inputs.num_frames) * h * w
+        t = cfg.inputs.num_frames
+        vae_encode = 4 * b * 3 * t * h * w + 6 * 2 * b * base * min(6, t) * h * w
 
     def total(ckpt: bool) -> dict[str, float]:
         fwd = states + casts + act_embed + act_blocks[ckpt] + act_action + features_f32 + text_batch
+        if cfg.train.grad_accum > 1:  # gradients of the previous micro-batches stay allocated
+            fwd += grads
         bwd = states + grads + act_embed + (recompute if ckpt else 0) + casts * (counts["video_dit_per_block"]
                                                                                / max(trainable, 1))
         opt = states + grads

@@ -585,14 +585,16 @@ class Trainer:
             raise ValueError(f"the dataset has {len(samples)} samples, fewer than one global batch of "  # type: ignore[arg-type]
                              f"{tc.batch_size} x {info.world_size} rank(s)")
 
-        # ---- model (identical initialisation on every rank) ----
-        torch.manual_seed(tc.seed)
         load_text = self._text_encoder_needed(cfg, samples)
         from .memory import check_training_memory
 
+        # On a GPU: refuse before loading anything when the estimated memory does not fit.
         check_training_memory(cfg, device, backbone=self.backbone, text_encoder_loaded=load_text,
                               latents_cached=self.latent_cache is not None, precision=precision,
                               world_size=info.world_size, strategy="auto")
+
+        # ---- model (identical initialisation on every rank) ----
+        torch.manual_seed(tc.seed)
         # Resuming overwrites every trainable weight: the video DiT is not read from the backbone then.
         model = DiT4DiT.from_config(cfg, self.backbone, text_cache_dir=self.text_cache_dir,
                                     load_text_encoder=load_text, video_dtype=torch.float32,
@@ -828,7 +830,8 @@ class Trainer:
             }
             path = ckpt.save_checkpoint(self.run_dir, step, config=cfg, model_state=model_state,
                                         trainer_state=trainer_state, ema_state=ema_state, optimizer_state=opt_state,
-                                        rng_state=rng, processor=processor, keep_last=cfg.train.keep_last)
+                                        rng_state=rng, processor=processor, keep_last=cfg.train.keep_last,
+                                        backbone=self._backbone_record)
         barrier(info)
         return path
 
