@@ -37,7 +37,7 @@ def run_demo(out: str | Path, *, episodes: int = 120, steps: int = 400, eval_epi
              replan_every: int = 4, seed: int = 0, overrides: list[str] | tuple[str, ...] = (),
              threads: int | None = None) -> dict[str, Any]:
     from .envs.toy import collect
-    from .eval.report import frame_strip, plot_curves, save_gif, to_uint8
+    from .eval.report import plot_curves, save_gif
     from .eval.toy import evaluate
     from .policy import Policy
     from .train.checkpoint import load_policy

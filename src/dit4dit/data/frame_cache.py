@@ -39,6 +39,8 @@ cache complete; a build that fails or is interrupted leaves no index, hence no u
 
 from __future__ import annotations
 
+import contextlib
+
 import hashlib
 import json
 import os
@@ -407,6 +409,40 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
             tmp.unlink()
 
 
+
+@contextlib.contextmanager
+def atomic_memmap(path: Path, shape: tuple[int, ...], dtype: Any, *, what: str, error: type[Exception],
+                  progress: bool, total: int, unit: str):
+    """Write a ``.npy`` array at ``path`` atomically: check free disk space, fill a memory-mapped
+    temporary file in the same folder (with a tqdm bar when ``progress``), then ``os.replace`` it
+    into place. On any exception the temporary file is removed and ``path`` is left as it was.
+
+    Yields ``(array, bar)``; ``bar`` is None without ``progress``.
+    """
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    free = shutil.disk_usage(path.parent).free
+    if free < nbytes + (64 << 20):
+        raise error(f"{path.parent}: the cache needs {nbytes / 2**30:.2f} GiB ({what}) "
+                    f"but only {free / 2**30:.2f} GiB are free")
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, desc=f"cache {unit}s", unit=unit, file=sys.stderr, dynamic_ncols=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+        yield mm, bar
+        mm.flush()
+        del mm
+        os.replace(tmp, path)
+    finally:
+        if bar is not None:
+            bar.close()
+        if tmp.exists():
+            tmp.unlink()
+
+
 def _looks_like_cache_dir(directory: Path) -> bool:
     """True when ``directory`` is empty or holds only frame-cache files (ours to overwrite)."""
     for p in directory.iterdir():
@@ -453,22 +489,10 @@ def build_frame_cache(dataset_path: Any, processor: Any, out_dir: str | Path | N
     h, w = proc.image_size
     episodes = list(ds.episodes)
     total = sum(int(e.length) for e in episodes)
-    nbytes = total * h * w * 3
-    free = shutil.disk_usage(out).free
-    if free < nbytes + (64 << 20):
-        raise FrameCacheError(f"{out}: the cache needs {nbytes / 2**30:.2f} GiB ({total} frames of 3x{h}x{w}) "
-                              f"but only {free / 2**30:.2f} GiB are free")
-
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=total, desc="cache frames", unit="frame", file=sys.stderr, dynamic_ncols=True)
     t0 = time.perf_counter()
-    tmp = out / f".{FRAMES_FILE}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     table = []
-    try:
-        mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(total, 3, h, w))
+    with atomic_memmap(out / FRAMES_FILE, (total, 3, h, w), np.uint8, what=f"{total} frames of 3x{h}x{w}",
+                       error=FrameCacheError, progress=progress, total=total, unit="frame") as (mm, bar):
         pos = 0
         for ep in episodes:
             n = int(ep.length)
@@ -491,14 +515,6 @@ def build_frame_cache(dataset_path: Any, processor: Any, out_dir: str | Path | N
                 if bar is not None:
                     bar.update(len(idx))
             pos += n
-        mm.flush()
-        del mm
-        os.replace(tmp, out / FRAMES_FILE)
-    finally:
-        if bar is not None:
-            bar.close()
-        if tmp.exists():
-            tmp.unlink()
     index = {
         "format": FORMAT,
         "version": VERSION,

@@ -36,11 +36,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import sys
 import threading
 import time
-import uuid
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Mapping
@@ -50,7 +47,8 @@ import torch
 from torch.utils.data import Dataset
 
 from ..config import ConfigError
-from .frame_cache import CACHE_DIRNAME, _dataset_cameras, _file_identity, dataset_fingerprint, image_settings
+from .frame_cache import (CACHE_DIRNAME, _dataset_cameras, _file_identity, atomic_memmap, dataset_fingerprint,
+                          image_settings)
 
 __all__ = ["LatentCache", "LatentCacheError", "LatentSamples", "build_latent_cache", "open_latent_cache",
            "latent_cache_key"]
@@ -288,21 +286,10 @@ def build_latent_cache(samples: Any, codec: Any, codec_id: str, out_dir: str | P
     h, w = samples.processor.image_size
     shape = (n, *codec.latent_shape(nf, h, w))
     np_dtype = np.float32 if dtype == "float32" else np.uint16
-    nbytes = int(np.prod(shape)) * np.dtype(np_dtype).itemsize
-    free = shutil.disk_usage(out).free
-    if free < nbytes + (64 << 20):
-        raise LatentCacheError(f"{out}: the cache needs {nbytes / 2**30:.2f} GiB ({n} samples of {shape[1:]}) but "
-                               f"only {free / 2**30:.2f} GiB are free")
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=n, desc="cache latents", unit="sample", file=sys.stderr, dynamic_ncols=True)
     t0 = time.perf_counter()
-    tmp = out / f".{LATENTS_FILE}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     device = getattr(codec, "device", torch.device("cpu"))
-    try:
-        mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np_dtype, shape=shape)
+    with atomic_memmap(out / LATENTS_FILE, shape, np_dtype, what=f"{n} samples of {shape[1:]}",
+                       error=LatentCacheError, progress=progress, total=n, unit="sample") as (mm, bar):
         for start in range(0, n, batch_size):
             idx = list(range(start, min(n, start + batch_size)))
             items = samples.__getitems__(idx) if hasattr(samples, "__getitems__") else [samples[i] for i in idx]
@@ -315,14 +302,6 @@ def build_latent_cache(samples: Any, codec: Any, codec_id: str, out_dir: str | P
                                           else z.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16))
             if bar is not None:
                 bar.update(len(idx))
-        mm.flush()
-        del mm
-        os.replace(tmp, out / LATENTS_FILE)
-    finally:
-        if bar is not None:
-            bar.close()
-        if tmp.exists():
-            tmp.unlink()
     index = {
         "format": FORMAT,
         "version": VERSION,
