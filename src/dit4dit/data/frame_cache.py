@@ -220,17 +220,23 @@ def _as_processor(processor_or_pair: Any, dataset: Any) -> Any:
 # --------------------------------------------------------------------------------------------
 
 
-def _read_index(directory: Path) -> dict[str, Any] | None:
-    p = directory / INDEX_FILE
+def read_cache_index(directory: Path, index_file: str, fmt: str, error: type[Exception],
+                     kind: str) -> dict[str, Any] | None:
+    """The JSON index of a cache folder; None when absent, `error` when unreadable or foreign."""
+    p = directory / index_file
     try:
         index = json.loads(p.read_text(encoding="utf-8"))
     except (FileNotFoundError, NotADirectoryError):
         return None
     except (OSError, json.JSONDecodeError) as e:
-        raise FrameCacheError(f"{p}: unreadable frame-cache index ({e}); delete {directory} and rebuild") from e
-    if not isinstance(index, dict) or index.get("format") != FORMAT:
-        raise FrameCacheError(f"{p}: not a dit4dit frame-cache index")
+        raise error(f"{p}: unreadable {kind} index ({e}); delete {directory} and rebuild") from e
+    if not isinstance(index, dict) or index.get("format") != fmt:
+        raise error(f"{p}: not a dit4dit {kind} index")
     return index
+
+
+def _read_index(directory: Path) -> dict[str, Any] | None:
+    return read_cache_index(directory, INDEX_FILE, FORMAT, FrameCacheError, "frame-cache")
 
 
 class FrameCache:

@@ -48,7 +48,7 @@ from torch.utils.data import Dataset
 
 from ..config import ConfigError
 from .frame_cache import (CACHE_DIRNAME, _dataset_cameras, _file_identity, atomic_memmap, dataset_fingerprint,
-                          image_settings)
+                          image_settings, read_cache_index)
 
 __all__ = ["LatentCache", "LatentCacheError", "LatentSamples", "build_latent_cache", "open_latent_cache",
            "latent_cache_key"]
@@ -148,16 +148,7 @@ class LatentCache:
 
 
 def _read_index(directory: Path) -> dict[str, Any] | None:
-    p = directory / INDEX_FILE
-    try:
-        index = json.loads(p.read_text(encoding="utf-8"))
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    except (OSError, json.JSONDecodeError) as e:
-        raise LatentCacheError(f"{p}: unreadable latent-cache index ({e}); delete {directory} and rebuild") from e
-    if not isinstance(index, dict) or index.get("format") != FORMAT:
-        raise LatentCacheError(f"{p}: not a dit4dit latent-cache index")
-    return index
+    return read_cache_index(directory, INDEX_FILE, FORMAT, LatentCacheError, "latent-cache")
 
 
 _WHAT = {"dataset": "the dataset changed", "image": "other image settings", "frames": "another frame plan",
