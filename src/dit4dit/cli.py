@@ -107,8 +107,12 @@ def cmd_bench_inference(args: argparse.Namespace) -> dict[str, Any]:
         emb = torch.randn(1, cfg.text.max_length, cfg.video.text_input_dim)
         model._text_memo["pick up the red block and place it in the bowl"] = emb[0]
     model.to(device)
+    if args.compile:
+        # Only our path is compiled; the naive path stays eager (the warm-up absorbs compilation).
+        model.compile_for_inference(mode=None if args.compile == "default" else args.compile)
     result = bench_inference(model, batch=args.batch, warmup=args.warmup, iters=args.iters, seed=args.seed,
                              progress=_log)
+    result["compiled"] = args.compile or "no"
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -153,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compile", nargs="?", const="default", default=None,
+                   choices=["default", "reduce-overhead", "max-autotune"],
+                   help="torch.compile our feature pass and action DiT (reduce-overhead: CUDA graphs on GPU)")
     p.add_argument("--out", default=None, help="also write the JSON result to this file")
     p.set_defaults(func=cmd_bench_inference)
 

@@ -122,12 +122,14 @@ def bench_inference(model: DiT4DiT, *, batch: int = 1, warmup: int = 2, iters: i
         fut = torch.randn((b, ch, model.num_future_latents, hh, ww), device=device, dtype=c.dtype)
         tau_f = torch.full((b,), cfg.tau_f, device=device)
         x, ts, cm = model.video_dit.assemble(c, fut, tau_f)
-        stages["features"].append(_time(
-            lambda: box.__setitem__("f", model.video_dit.features(x, ts, cm, text, cfg.feature_blocks).float()),
-            device))
+        # The same functions predict_action uses (compiled ones when compile_for_inference was called).
+        features = model._compiled_features or (
+            lambda *a: model.video_dit.features(*a, cfg.feature_blocks))
+        action_dit = model.action_dit if model._compiled_action_dit is None else model._compiled_action_dit
+        stages["features"].append(_time(lambda: box.__setitem__("f", features(x, ts, cm, text).float()), device))
         noise = torch.randn((b, cfg.action.action_horizon, cfg.action.action_dim), device=device)
         stages["action_steps"].append(_time(
-            lambda: flow.euler_sample(lambda a, tau: model.action_dit(a, tau, state, box["f"]), noise,
+            lambda: flow.euler_sample(lambda a, tau: action_dit(a, tau, state, box["f"]), noise,
                                       cfg.num_action_steps), device))
 
     ours_s, naive_s = _summary(t_ours), _summary(t_naive)

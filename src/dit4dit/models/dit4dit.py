@@ -59,6 +59,25 @@ class DiT4DiT(nn.Module):
         # Inference-time memo of text embeddings per prompt (weights are fixed while serving);
         # cleared whenever the model switches mode, so training never sees a stale embedding.
         self._text_memo: dict[str, torch.Tensor] = {}
+        # Set by compile_for_inference(): compiled feature pass and action DiT (inference only).
+        self._compiled_features = None
+        self._compiled_action_dit = None
+
+    def compile_for_inference(self, mode: str | None = None, dynamic: bool = False) -> "DiT4DiT":
+        """`torch.compile` the truncated feature pass and the action DiT used by `predict_action`.
+
+        `mode="reduce-overhead"` adds CUDA graphs on a GPU (static shapes). Training is unaffected.
+        Compilation happens on the first call for each input shape.
+        """
+        blocks = self.cfg.feature_blocks
+        video = self.video_dit
+
+        def feature_pass(x, timestep, condition_mask, text):
+            return video.features(x, timestep, condition_mask, text, blocks)
+
+        self._compiled_features = torch.compile(feature_pass, mode=mode, dynamic=dynamic)
+        self._compiled_action_dit = torch.compile(self.action_dit, mode=mode, dynamic=dynamic)
+        return self
 
     def train(self, mode: bool = True) -> "DiT4DiT":
         if mode:
@@ -319,6 +338,8 @@ class DiT4DiT(nn.Module):
         if cfg.feature_denoise_steps > 1:
             future = self._denoise_future(cond, future, text, tau_f)
         x, ts, cm = self.video_dit.assemble(cond, future, tau_f)
+        if self._compiled_features is not None:
+            return self._compiled_features(x, ts, cm, text)
         return self.video_dit.features(x, ts, cm, text, cfg.feature_blocks)
 
     @torch.no_grad()
@@ -336,7 +357,8 @@ class DiT4DiT(nn.Module):
         b = feats.shape[0]
         noise = torch.randn((b, self.cfg.action.action_horizon, self.cfg.action.action_dim), generator=generator,
                             device=feats.device)
-        return flow.euler_sample(lambda x, tau: self.action_dit(x, tau, state, feats), noise,
+        action_dit = self.action_dit if self._compiled_action_dit is None else self._compiled_action_dit
+        return flow.euler_sample(lambda x, tau: action_dit(x, tau, state, feats), noise,
                                  num_steps or self.cfg.num_action_steps)
 
     @torch.no_grad()
