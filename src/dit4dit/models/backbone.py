@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from ..config import ConfigError, DiT4DiTConfig, VideoDiTConfig
+from ..safetensors_header import header_bytes, read_header
 
 __all__ = [
     "Backbone",
@@ -89,22 +90,12 @@ class BackboneError(ConfigError):
 # --------------------------------------------------------------------------------------------
 
 
+_MAX_HEADER = 256 * 1024 * 1024
+
+
 def _header_bytes(path: Path) -> tuple[bytes, int]:
     """(raw JSON header, file size); BackboneError naming the file if it cannot be a safetensors file."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise BackboneError(f"{path}: corrupted safetensors file ({size} bytes, no header)")
-            n = int.from_bytes(head, "little")
-            if n <= 0 or n > size - 8 or n > 256 * 1024 * 1024:
-                raise BackboneError(f"{path}: corrupted safetensors file (header length {n} does not fit a file "
-                                    f"of {size} bytes)")
-            raw = f.read(n)
-    except OSError as e:
-        raise BackboneError(f"{path}: cannot read ({e})") from e
-    return raw, size
+    return header_bytes(path, BackboneError, _MAX_HEADER)
 
 
 def read_safetensors_header(path: str | os.PathLike) -> dict[str, Any]:
@@ -112,30 +103,7 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, Any]:
 
     Raises `BackboneError` naming the file. Reads only the header.
     """
-    path = Path(path)
-    raw, size = _header_bytes(path)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-        if not isinstance(header, dict):
-            raise ValueError("the header is not a JSON object")
-    except (UnicodeDecodeError, ValueError) as e:
-        raise BackboneError(f"{path}: corrupted safetensors file (unreadable header: {e})") from e
-    data_len = size - 8 - len(raw)
-    end = 0
-    for k, v in header.items():
-        if k == "__metadata__":
-            continue
-        try:
-            a, b = (int(x) for x in v["data_offsets"])
-            if not 0 <= a <= b:
-                raise ValueError
-        except (KeyError, TypeError, ValueError) as e:
-            raise BackboneError(f"{path}: corrupted safetensors file (bad entry for tensor {k!r})") from e
-        end = max(end, b)
-    if end != data_len:
-        raise BackboneError(f"{path}: corrupted or truncated safetensors file (the header describes {end} bytes of "
-                            f"tensor data, the file holds {data_len})")
-    return header
+    return read_header(path, BackboneError, _MAX_HEADER)
 
 
 def weight_files(folder: Path) -> list[Path]:

@@ -53,6 +53,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, DiT4DiTConfig
+from ..safetensors_header import read_header
 
 log = logging.getLogger("dit4dit.train")
 
@@ -209,38 +210,7 @@ def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: d
 
 def _safetensors_header(path: Path) -> dict[str, Any]:
     """Parse and check a safetensors header against the file size (catches truncation and garbage)."""
-    try:
-        size = path.stat().st_size
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read ({e})") from e
-    if size < 8:
-        raise CheckpointError(f"{path}: corrupted safetensors file ({size} bytes, no header)")
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        if n <= 0 or n > size - 8 or n > 512 * 1024 * 1024:
-            raise CheckpointError(f"{path}: corrupted safetensors file (header length {n} does not fit a file of "
-                                  f"{size} bytes)")
-        raw = f.read(n)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-        if not isinstance(header, dict):
-            raise ValueError("header is not a JSON object")
-    except (UnicodeDecodeError, ValueError) as e:
-        raise CheckpointError(f"{path}: corrupted safetensors file (unreadable header: {e})") from e
-    data_len = size - 8 - n
-    end = 0
-    for k, v in header.items():
-        if k == "__metadata__":
-            continue
-        try:
-            a, b = v["data_offsets"]
-        except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{path}: corrupted safetensors file (bad entry for {k!r})") from e
-        end = max(end, int(b))
-    if end != data_len:
-        raise CheckpointError(f"{path}: corrupted or truncated safetensors file (the header describes {end} bytes of "
-                              f"tensor data, the file holds {data_len})")
-    return header
+    return read_header(path, CheckpointError, 512 * 1024 * 1024)
 
 
 def read_safetensors(path: str | os.PathLike, what: str | None = None) -> dict[str, torch.Tensor]:
