@@ -7,7 +7,6 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 from typing import Any, Callable
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], Any]] = {}
@@ -113,10 +112,9 @@ def cmd_bench_inference(args: argparse.Namespace) -> dict[str, Any]:
     result = bench_inference(model, batch=args.batch, warmup=args.warmup, iters=args.iters, seed=args.seed,
                              progress=_log)
     result["compiled"] = args.compile or "no"
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
+    from .commands import write_result
+
+    write_result(args.out, result)
 
     def human(r):
         return (f"{r['preset']} on {r['device']} ({r['precision']}): ours {r['ours']['median_ms']:.1f} ms "

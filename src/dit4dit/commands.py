@@ -26,6 +26,13 @@ def _emit(args: argparse.Namespace, result: Any, human: Callable[[Any], str] | N
         print(human(result))
 
 
+def write_result(path: str | None, result: Any) -> None:
+    """Write a benchmark result as JSON to `path` (the `--out` option), creating its folder."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(result, indent=2, default=str) + "\n")
+
+
 def _bench_subparsers(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
     """The sub-action of the `bench` command (created in cli.py), to add benchmarks to."""
     bench = sub.choices["bench"]
@@ -149,9 +156,7 @@ def _bench_data(args):
     size = args.image_size[0] if len(args.image_size) == 1 else tuple(args.image_size)
     cache = True if args.frame_cache == "auto" else args.frame_cache
     r = bench_data(args.path, args.schema, size, args.batch, args.workers, args.batches, frame_cache=cache)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(r, indent=2, default=str) + "\n")
+    write_result(args.out, r)
     _emit(args, r, lambda r: json.dumps(r, indent=2, default=str))
     return r
 
@@ -235,9 +240,7 @@ def _bench_train(args):
     _threads(args.threads)
     cfg = get_preset(args.preset, args.overrides)
     r = bench_train(cfg, device=args.device, steps=args.steps, batch=args.batch, backbone=args.backbone)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(r, indent=2, default=str) + "\n")
+    write_result(args.out, r)
     _emit(args, r, lambda r: json.dumps(r, indent=2, default=str))
     return r
 
@@ -482,9 +485,7 @@ def _bench_serve(args):
     r = bench_serve(checkpoint=args.checkpoint, backbone=args.backbone, device=args.device, clients=args.clients,
                     requests=args.requests, warmup=args.warmup, in_process=args.in_process, schema=args.schema,
                     preset=args.preset, overrides=args.overrides, threads=args.threads, progress=_log)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(r, indent=2, default=str) + "\n")
+    write_result(args.out, r)
 
     def human(r):
         return "\n".join(f"{x['clients']} client(s): p50 {x['latency_ms']['p50']:.1f} ms, p99 {x['latency_ms']['p99']:.1f} ms,"
