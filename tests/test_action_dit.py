@@ -270,3 +270,23 @@ def test_compiles_without_graph_breaks():
     mask[0, 5:] = False
     explain = torch._dynamo.explain(model)(**x, feature_mask=mask)
     assert explain.graph_break_count == 0, explain.break_reasons
+
+
+def test_shared_features_match_repeated_features():
+    """`repeats=r` (K/V once per feature row) equals feeding each feature row r times."""
+    cfg = tiny_cfg(num_layers=4)
+    model = ActionDiT(cfg).eval()
+    perturb_modulation(model)
+    r = 3
+    x = inputs(cfg, b=B * r)
+    feats = torch.randn(B, N, cfg.cross_attention_dim, generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(B, N, dtype=torch.bool)
+    mask[1, 4:] = False
+    with torch.no_grad():
+        ref = model(**{**x, "features": feats.repeat_interleave(r, 0)}, feature_mask=mask.repeat_interleave(r, 0))
+        out = model(**{**x, "features": feats}, feature_mask=mask, repeats=r)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="repeats=2 must"):
+        model(**{**x, "features": feats}, repeats=2)
+    with pytest.raises(ValueError, match=r"features: expected shape \(3, N"):
+        model(**x, repeats=r)

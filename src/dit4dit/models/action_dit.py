@@ -109,12 +109,18 @@ class Attention(nn.Module):
         self.to_out = nn.Linear(width, width)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor, context: Tensor, mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, context: Tensor, mask: Tensor | None = None, repeats: int = 1) -> Tensor:
+        """``repeats > 1``: ``context`` (and ``mask``) hold B / repeats rows, each shared by
+        ``repeats`` consecutive rows of ``x``; K and V are projected once per context row."""
         b, s, width = x.shape
-        n = context.shape[1]
+        bc, n = context.shape[:2]
         q = self.to_q(x).view(b, s, self.num_heads, -1).transpose(1, 2)  # (B, heads, S, head_dim)
-        k = self.to_k(context).view(b, n, self.num_heads, -1).transpose(1, 2)
-        v = self.to_v(context).view(b, n, self.num_heads, -1).transpose(1, 2)
+        k = self.to_k(context).view(bc, n, self.num_heads, -1).transpose(1, 2)
+        v = self.to_v(context).view(bc, n, self.num_heads, -1).transpose(1, 2)
+        if repeats > 1:
+            k, v = k.repeat_interleave(repeats, 0), v.repeat_interleave(repeats, 0)
+            if mask is not None:
+                mask = mask.repeat_interleave(repeats, 0)
         if mask is None:
             out = F.scaled_dot_product_attention(q, k, v)
         else:
@@ -155,10 +161,11 @@ class ActionDiTBlock(nn.Module):
         self.norm2 = AdaLayerNorm(width)
         self.ff = FeedForward(width, cfg.dropout)
 
-    def forward(self, x: Tensor, temb: Tensor, features: Tensor, feature_mask: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, temb: Tensor, features: Tensor, feature_mask: Tensor | None,
+                repeats: int = 1) -> Tensor:
         h = self.norm1(x, temb)
         if self.cross_attention:
-            x = x + self.attn(h, features, feature_mask)
+            x = x + self.attn(h, features, feature_mask, repeats)
         else:
             x = x + self.attn(h, h)
         return x + self.ff(self.norm2(x, temb))
@@ -264,6 +271,7 @@ class ActionDiT(nn.Module):
         state: Tensor,
         features: Tensor,
         feature_mask: Tensor | None = None,
+        repeats: int = 1,
     ) -> Tensor:
         """
         Args:
@@ -272,11 +280,14 @@ class ActionDiT(nn.Module):
             state: (B, state_dim), normalised and zero-padded.
             features: (B, N, cross_attention_dim) video-DiT hidden states.
             feature_mask: optional (B, N) bool, True = attend. None = attend to all.
+            repeats: each row of ``features`` / ``feature_mask`` serves this many consecutive rows of
+                the other inputs (which then have ``repeats`` times as many rows): the training loss
+                draws several ``tau_a`` per sample, and the cross-attention K/V are computed once.
 
         Returns:
             (B, H, action_dim) predicted velocity ``noise - a0``.
         """
-        self._check_inputs(noisy_actions, tau_a, state, features, feature_mask)
+        self._check_inputs(noisy_actions, tau_a, state, features, feature_mask, repeats)
         dtype = self.proj_out.weight.dtype
         noisy_actions, state, features = noisy_actions.to(dtype), state.to(dtype), features.to(dtype)
         b, horizon, _ = noisy_actions.shape
@@ -298,14 +309,14 @@ class ActionDiT(nn.Module):
 
         for block in self.blocks:
             if self.gradient_checkpointing and self.training:
-                x = checkpoint(block, x, temb, features, feature_mask, use_reentrant=False)
+                x = checkpoint(block, x, temb, features, feature_mask, repeats, use_reentrant=False)
             else:
-                x = block(x, temb, features, feature_mask)
+                x = block(x, temb, features, feature_mask, repeats)
 
         x = self.norm_out(x, temb)
         return self.action_decoder(self.proj_out(x[:, -horizon:]))
 
-    def _check_inputs(self, noisy_actions, tau_a, state, features, feature_mask) -> None:
+    def _check_inputs(self, noisy_actions, tau_a, state, features, feature_mask, repeats: int = 1) -> None:
         """Shape checks only (static under torch.compile); raise ValueError naming the argument."""
         cfg = self.cfg
         if noisy_actions.ndim != 3:
@@ -322,9 +333,13 @@ class ActionDiT(nn.Module):
         for name, (shape, t) in want.items():
             if tuple(t.shape) != shape:
                 raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
-        if features.ndim != 3 or features.shape[0] != b or features.shape[2] != cfg.cross_attention_dim:
+        if repeats < 1 or b % repeats:
+            raise ValueError(f"repeats={repeats} must be >= 1 and divide the batch of noisy_actions ({b})")
+        bf = b // repeats
+        if features.ndim != 3 or features.shape[0] != bf or features.shape[2] != cfg.cross_attention_dim:
             raise ValueError(
-                f"features: expected shape ({b}, N, {cfg.cross_attention_dim}), got {tuple(features.shape)}"
+                f"features: expected shape ({bf}, N, {cfg.cross_attention_dim}), got {tuple(features.shape)}"
+                + (f" (one row per {repeats} action rows)" if repeats > 1 else "")
             )
         n = features.shape[1]
         if n < 1:
@@ -335,8 +350,8 @@ class ActionDiT(nn.Module):
                 "(rows of the learned feature position embedding); raise it in the config"
             )
         if feature_mask is not None:
-            if tuple(feature_mask.shape) != (b, n):
-                raise ValueError(f"feature_mask: expected shape {(b, n)}, got {tuple(feature_mask.shape)}")
+            if tuple(feature_mask.shape) != (bf, n):
+                raise ValueError(f"feature_mask: expected shape {(bf, n)}, got {tuple(feature_mask.shape)}")
             if feature_mask.dtype != torch.bool:
                 raise ValueError(f"feature_mask: expected dtype torch.bool (True = attend), got {feature_mask.dtype}")
         for name, t in (("noisy_actions", noisy_actions), ("tau_a", tau_a), ("state", state), ("features", features)):
