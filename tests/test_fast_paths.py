@@ -53,3 +53,26 @@ def test_bf16_video_dit_agrees_with_fp32_within_bf16_tolerance():
     a32 = _act(ref, cond, state, prompts)
     a16 = _act(fast, cond, state, prompts)
     assert (a16 - a32).abs().max() < 0.1 * a32.abs().max()
+
+
+def test_fast_bf16_path_agrees_with_plain_fp32_autocast_path():
+    """`bench inference --dtype bfloat16`: ours (bf16 weights, truncated pass) against the plain
+    path (float32-weight copy under bf16 autocast, all blocks, forward hook)."""
+    from dit4dit.bench.inference import bench_inference, naive_policy_step, plain_copy
+
+    cfg = get_preset("tiny", SMALL + ["video.num_layers=3", "feature_blocks=2"])
+    torch.manual_seed(0)
+    fast = DiT4DiT.from_config(cfg).eval()
+    fast.video_dit.to(torch.bfloat16)
+    plain = plain_copy(fast)
+    assert next(plain.video_dit.parameters()).dtype == torch.float32
+    assert next(fast.video_dit.parameters()).dtype == torch.bfloat16
+    cond, state, prompts = _inputs(cfg, b=2)
+    a_fast = _act(fast, cond, state, prompts)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        a_plain = naive_policy_step(plain, cond, state, prompts, generator=torch.Generator().manual_seed(3)).float()
+    assert (a_fast - a_plain).abs().max() < 0.1 * a_plain.abs().max()
+    r = bench_inference(fast, iters=1, warmup=0, plain_model=plain, plain_autocast=torch.bfloat16)
+    assert r["naive_precision"] == "float32 weights under bfloat16 autocast"
+    assert r["precision"] == "bfloat16"
+    assert r["max_rel_diff_ours_vs_naive"] < 0.1

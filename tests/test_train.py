@@ -24,7 +24,8 @@ from dit4dit.config import ConfigError, get_preset  # noqa: E402
 from dit4dit.train import checkpoint as ckpt  # noqa: E402
 from dit4dit.train.logging import read_metrics  # noqa: E402
 from dit4dit.train.optim import EMA, WarmupCosine, build_optimizer, clip_gradients, lr_at, param_groups  # noqa: E402
-from dit4dit.train.trainer import SyntheticSamples, bench_train, freeze_frozen_parts, train  # noqa: E402
+from dit4dit.bench.train import bench_train  # noqa: E402
+from dit4dit.train.trainer import SyntheticSamples, default_collate, freeze_frozen_parts, train  # noqa: E402
 
 SMALL = [
     "action.num_layers=2", "video.num_layers=2", "feature_blocks=1", "inputs.image_size=[32,32]",
@@ -326,10 +327,34 @@ def test_default_image_strip(tmp_path):
     assert img.shape == (2 * h, cfg.inputs.num_future_frames * w, 3)
 
 
-def test_bench_train_reports_device_and_precision():
-    r = bench_train(tiny_cfg(), "cpu", steps=2, batch=2, warmup=1)
-    assert r["device"] == "cpu" and r["precision"] == "float32" and r["batch_size"] == 2
+def test_bench_train_reports_device_precision_flops_and_plain_step():
+    r = bench_train(tiny_cfg(), "cpu", steps=2, batch=2, warmup=1, peak=1.0)
+    assert r["device"].startswith("cpu") and r["precision"] == "float32" and r["batch_size"] == 2
     assert r["samples_per_s"] > 0 and r["step_time_s"] > 0
+    assert r["ours"]["share_video_passes"] and r["ours"]["shared_action_kv"]
+    assert not r["plain"]["share_video_passes"] and not r["plain"]["shared_action_kv"]
+    assert r["speedup_vs_plain"] > 0
+    assert r["model_flops_per_step"] > 0 and r["mfu"] == pytest.approx(r["achieved_tflops"] / 1.0)
+
+
+def test_step_flops_scale_with_the_batch_and_plain_loss_equals_ours():
+    """Doubling the batch doubles the counted FLOPs; the plain loss (per-draw K/V) equals ours."""
+    from dit4dit.bench.train import count_step_flops, plain_loss
+    from dit4dit.models.dit4dit import DiT4DiT
+
+    cfg = tiny_cfg("repeated_diffusion_steps=3")
+    torch.manual_seed(0)
+    model = DiT4DiT.from_config(cfg)
+    samples = SyntheticSamples(cfg, num_samples=4)
+    b2 = default_collate([samples[i] for i in range(2)])
+    b4 = default_collate([samples[i] for i in range(4)])
+    f2 = count_step_flops(model, b2, torch.Generator().manual_seed(0))
+    f4 = count_step_flops(model, b4, torch.Generator().manual_seed(0))
+    assert f2 > 0 and f4 == pytest.approx(2 * f2, rel=1e-6)
+    ours, _ = model.loss(b2, torch.Generator().manual_seed(5))
+    theirs, _ = plain_loss(model, b2, torch.Generator().manual_seed(5))
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    assert "forward" not in vars(model.action_dit)  # the patch is undone
 
 
 # ------------------------------------------------------------------------------------------

@@ -106,11 +106,17 @@ def cmd_bench_inference(args: argparse.Namespace) -> dict[str, Any]:
         emb = torch.randn(1, cfg.text.max_length, cfg.video.text_input_dim)
         model._text_memo["pick up the red block and place it in the bowl"] = emb[0]
     model.to(device)
+    plain, plain_autocast = None, None
+    if dtype != torch.float32 and args.plain_weights == "float32":
+        # The plain path as the reference runs it: float32 weights under bf16 autocast.
+        from .bench.inference import plain_copy
+
+        plain, plain_autocast = plain_copy(model), dtype
     if args.compile:
         # Only our path is compiled; the naive path stays eager (the warm-up absorbs compilation).
         model.compile_for_inference(mode=None if args.compile == "default" else args.compile)
     result = bench_inference(model, batch=args.batch, warmup=args.warmup, iters=args.iters, seed=args.seed,
-                             progress=_log)
+                             progress=_log, plain_model=plain, plain_autocast=plain_autocast)
     result["compiled"] = args.compile or "no"
     from .commands import write_result
 
@@ -158,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", nargs="?", const="default", default=None,
                    choices=["default", "reduce-overhead", "max-autotune"],
                    help="torch.compile our feature pass and action DiT (reduce-overhead: CUDA graphs on GPU)")
+    p.add_argument("--plain-weights", default="float32", choices=["float32", "same"],
+                   help="with --dtype bfloat16: the naive path runs a float32-weight copy under bf16 autocast "
+                        "(float32, as the reference) or the same bf16 model (same)")
     p.add_argument("--out", default=None, help="also write the JSON result to this file")
     p.set_defaults(func=cmd_bench_inference)
 

@@ -2,15 +2,19 @@
 
 - naive: what the reference does each call — run the text encoder, run the full video DiT (all
   blocks and the output head) and take block L's output with a forward hook, then the action DiT.
+  With `plain_model` it runs on that model instead: the CLI gives it a float32-weight copy run
+  under bf16 autocast when our path has bf16 weights (the reference's mixed precision).
 - ours: cached text embedding, truncated feature pass (blocks 0..L-1 only), action DiT.
 
-Both run in the same process on the same random-weight model and inputs, interleaved, so the
+Both run in the same process on the same random weights and inputs, interleaved, so the
 ratio is a side-by-side measurement. A policy step = observation (conditioning frames, state,
 instruction) in, action chunk out.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import os
 import platform
 import statistics
@@ -57,6 +61,13 @@ def naive_policy_step(model: DiT4DiT, cond_video: torch.Tensor, state: torch.Ten
     return flow.euler_sample(lambda a, tau: model.action_dit(a, tau, state, feats), noise, cfg.num_action_steps)
 
 
+def plain_copy(model: DiT4DiT) -> DiT4DiT:
+    """The plain path's model: the same weights with the video DiT in float32 (run under autocast)."""
+    plain = copy.deepcopy(model)
+    plain.video_dit.float()
+    return plain
+
+
 def _time(fn: Callable[[], Any], device: torch.device) -> float:
     _sync(device)
     t0 = time.perf_counter()
@@ -83,9 +94,13 @@ def make_inputs(cfg: DiT4DiTConfig, batch: int, device: torch.device, seed: int 
 
 @torch.no_grad()
 def bench_inference(model: DiT4DiT, *, batch: int = 1, warmup: int = 2, iters: int = 10,
-                    seed: int = 0, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+                    seed: int = 0, progress: Callable[[str], None] | None = None,
+                    plain_model: DiT4DiT | None = None, plain_autocast: torch.dtype | None = None) -> dict[str, Any]:
+    """``plain_model`` (default ``model``) runs the naive path, under ``torch.autocast`` to
+    ``plain_autocast`` when given."""
     cfg = model.cfg
     model.eval()
+    plain = (plain_model or model).eval()
     device = model.device
     load_before = os.getloadavg()
     cond, state, prompts = make_inputs(cfg, batch, device, seed)
@@ -97,10 +112,16 @@ def bench_inference(model: DiT4DiT, *, batch: int = 1, warmup: int = 2, iters: i
 
     def naive():
         g.manual_seed(seed)
-        return naive_policy_step(model, cond, state, prompts, generator=g)
+        ctx = (torch.autocast(device.type, dtype=plain_autocast) if plain_autocast is not None
+               else contextlib.nullcontext())
+        with ctx:
+            return naive_policy_step(plain, cond, state, prompts, generator=g)
 
-    # The two paths compute the same action chunk (same noise, same blocks up to the exit).
-    agree = (ours() - naive()).abs().max().item()
+    # The two paths compute the same action chunk (same noise, same blocks up to the exit): exactly
+    # on one model, within the precision of the lower one with different weight dtypes.
+    a_ours, a_naive = ours().float(), naive().float()
+    agree = (a_ours - a_naive).abs().max().item()
+    agree_rel = agree / max(a_naive.abs().max().item(), 1e-12)
 
     for _ in range(warmup):
         ours(), naive()
@@ -151,6 +172,10 @@ def bench_inference(model: DiT4DiT, *, batch: int = 1, warmup: int = 2, iters: i
         "speedup_median": naive_s["median_ms"] / ours_s["median_ms"],
         "breakdown_ms": {k: statistics.median(v) * 1e3 for k, v in stages.items()},
         "max_abs_diff_ours_vs_naive": agree,
+        "max_rel_diff_ours_vs_naive": agree_rel,
+        "naive_precision": (str(plain.video_dtype).replace("torch.", "")
+                            + (f" weights under {str(plain_autocast).replace('torch.', '')} autocast"
+                               if plain_autocast is not None else "")),
         "naive_text_encoder": ("run each call: " + type(text_enc).__name__) if text_enc is not None
         else "not loaded (embedding taken from the cache in both paths)",
         "torch": torch.__version__,
