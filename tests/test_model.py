@@ -106,7 +106,8 @@ def test_overfits_one_small_batch():
                     "video.out_channels=48")
     m = build(cfg)
     batch = make_batch(cfg, b=2)
-    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    # lr 2e-3 converges by orders of magnitude; 3e-3 oscillates (falls only ~5-10x in 120 steps).
+    opt = torch.optim.AdamW(m.parameters(), lr=2e-3)
     losses = []
     for step in range(120):
         loss, logs = m.loss(batch, torch.Generator().manual_seed(0))
@@ -156,3 +157,24 @@ def test_cosmos_2b_parameter_count_on_meta():
     assert 95e6 <= counts["text_projection"] <= 110e6
     assert counts["video_dit_feature_path"] < counts["video_dit"]
     assert counts["trainable_total"] == counts["video_dit"] + counts["action_dit"]
+
+
+def test_text_encoded_once_per_distinct_prompt_same_values_and_gradients():
+    cfg = small_cfg()
+    model = build(cfg)
+    prompts = ["push the button", "open the drawer", "push the button", "push the button"]
+    calls = []
+    enc = model.text_encoder
+    orig = enc.forward
+    enc.forward = lambda p: (calls.append(list(p)), orig(p))[1]
+    try:
+        emb = model.encode_text(prompts)
+    finally:
+        del enc.forward
+    assert calls == [["push the button", "open the drawer"]]
+    ref = torch.stack([orig([p])[0] for p in prompts])
+    torch.testing.assert_close(emb, ref, rtol=1e-5, atol=1e-6)
+    w = torch.randn_like(emb)
+    grads = [torch.autograd.grad((e * w).sum(), enc.parameters()) for e in (emb, ref)]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)

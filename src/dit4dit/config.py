@@ -168,6 +168,17 @@ class TrainConfig:
     tensorboard: bool = True
     wandb: bool = False
     wandb_project: str = "dit4dit"
+    # --- staged training (the `decoupled` baseline) and data subsets ---
+    # A run / checkpoint folder whose trainable weights (EMA when saved) initialise the model
+    # before step 1; its optimiser state is not loaded. Ignored when resuming.
+    init_from: str | None = None
+    # Freeze the video DiT (and a trainable text encoder, which only conditions it): no gradient,
+    # no optimiser state, its weights still saved with the checkpoint. Needs mode=action_only and
+    # feature_grad=detached (stage 2 of the decoupled baseline).
+    freeze_video: bool = False
+    # Train on the first N episodes of each task of the dataset (the demonstrations ablation);
+    # None = every episode. Normalisation statistics are computed on the same subset.
+    episodes_per_task: int | None = None
 
 
 @dataclass(frozen=True)
@@ -185,6 +196,13 @@ class DiT4DiTConfig:
     tau_f_buckets: int | None = None  # Algorithm 1: draw tau_f from {0/T, ..., T/T} during training
     feature_denoise_steps: int = 1  # Euler steps of the video DiT before extraction (ablation)
     feature_grad: Literal["end_to_end", "detached"] = "end_to_end"
+    # "last": hidden states after block `feature_blocks`; "mean": the mean of the hidden states
+    # after each of blocks 1..feature_blocks (the paper's "all" layers with feature_blocks=num_layers).
+    feature_pool: Literal["last", "mean"] = "last"
+    # Where the action DiT's features come from: the video DiT (DiT4DiT), or a static image-text
+    # transformer of the same width and depth reading the conditioning frame(s) and the
+    # instruction only (the paper's parameter-matched Qwen3DiT baseline at our scale; no video loss).
+    encoder: Literal["video_dit", "static_image"] = "video_dit"
 
     # --- losses ---
     mode: Literal["joint", "action_only", "video_only"] = "joint"
@@ -258,6 +276,25 @@ class DiT4DiTConfig:
             errs.append(f"mode={self.mode!r} must be joint | action_only | video_only")
         if self.feature_grad not in ("end_to_end", "detached"):
             errs.append(f"feature_grad={self.feature_grad!r} must be end_to_end | detached")
+        if self.feature_pool not in ("last", "mean"):
+            errs.append(f"feature_pool={self.feature_pool!r} must be last | mean")
+        if self.encoder not in ("video_dit", "static_image"):
+            errs.append(f"encoder={self.encoder!r} must be video_dit | static_image")
+        if self.encoder == "static_image":
+            if self.mode == "video_only":
+                errs.append("encoder=static_image has no video model: mode must be action_only (or joint, which "
+                            "then means the action loss alone)")
+            if self.feature_grad != "end_to_end":
+                errs.append("encoder=static_image is trained through the action loss only: feature_grad must be "
+                            "end_to_end (detached would leave the image encoder untrained)")
+            if self.train.freeze_video:
+                errs.append("train.freeze_video freezes the video DiT, which encoder=static_image does not have")
+        if self.train.freeze_video and (self.mode != "action_only" or self.feature_grad != "detached"):
+            errs.append(f"train.freeze_video=true trains the action DiT alone on a frozen video DiT: it needs "
+                        f"mode=action_only and feature_grad=detached (got mode={self.mode}, "
+                        f"feature_grad={self.feature_grad})")
+        if self.train.episodes_per_task is not None and self.train.episodes_per_task < 1:
+            errs.append(f"train.episodes_per_task={self.train.episodes_per_task} must be >= 1 (or null for all)")
         t = self.train
         if t.steps < 1 or t.batch_size < 1 or t.grad_accum < 1:
             errs.append("train.steps, train.batch_size and train.grad_accum must be >= 1")

@@ -103,6 +103,21 @@ class SampleIndex:
         return FramePlan(tuple(cond + fut), mask, min(self.action_horizon, length - t))
 
 
+def episodes_per_task(dataset: Any, n: int) -> list[int]:
+    """Indices of the first ``n`` episodes (in episode-index order) of each task of ``dataset``
+    (an episode counts for the first task it lists): the demonstrations ablation's training subsets.
+    A task with fewer than ``n`` episodes keeps all of them. Sorted by episode index."""
+    if n < 1:
+        raise ProcessorError(f"episodes per task must be >= 1, got {n}")
+    kept: dict[str, list[int]] = {}
+    for ep in sorted(dataset.episodes, key=lambda e: e.index):
+        task = ep.tasks[0] if ep.tasks else ""
+        chosen = kept.setdefault(task, [])
+        if len(chosen) < n:
+            chosen.append(ep.index)
+    return sorted(i for chosen in kept.values() for i in chosen)
+
+
 def _default_opener(root: str | Path) -> Any:
     from .lerobot import LeRobotDataset
 

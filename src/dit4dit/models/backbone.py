@@ -184,11 +184,12 @@ def _norm(v: Any) -> Any:
 
 
 def needed_components(cfg: DiT4DiTConfig, *, load_text_encoder: bool = True, text_cache: bool = False) -> list[str]:
-    """The backbone subfolders a model built from `cfg` reads: the transformer always; the VAE when
+    """The backbone subfolders a model built from `cfg` reads: the transformer; the VAE when
     the codec is the Wan VAE without its own `codec.path`; the text encoder and tokenizer when the
     text encoder is Cosmos-Reason1 without its own `text.path` and is loaded, or when cached
-    embeddings are looked up (their key fingerprints the text-encoder files and needs the tokenizer)."""
-    need = ["transformer"]
+    embeddings are looked up (their key fingerprints the text-encoder files and needs the tokenizer).
+    The static-image baseline (`encoder=static_image`) has no video DiT and reads no transformer."""
+    need = ["transformer"] if cfg.encoder == "video_dit" else []
     if cfg.codec.kind == "wan_vae" and cfg.codec.path is None:
         need.append("vae")
     if cfg.text.kind == "cosmos_reason1" and cfg.text.path is None and (load_text_encoder or text_cache):

@@ -14,6 +14,12 @@ latent, one truncated feature pass at `tau_f`, then `num_action_steps` Euler ste
 DiT from noise (tau = 1) to the action chunk (tau = 0). `predict_video` integrates the video DiT
 instead and decodes the predicted future frames.
 
+Static-image baseline (`encoder="static_image"`, the paper's Qwen3DiT at our scale): the video DiT
+is replaced by `ImageEncoder`, a transformer of the same width and depth that reads the
+conditioning frame(s) and the instruction only. The features come from it; future frames are
+never encoded, there is no video loss (`loss` returns loss_action and loss) and `predict_video`
+is an error.
+
 Batch contract (what the data pipeline produces):
   video (B, 3, T, H, W) in [-1, 1], T = num_cond_frames + num_future_frames
   state (B, state_dim), state_mask (B, state_dim) bool
@@ -37,6 +43,7 @@ from .. import flow
 from ..config import DiT4DiTConfig
 from .action_dit import ActionDiT
 from .codecs import LatentCodec, build_codec
+from .image_encoder import ImageEncoder
 from .text import CosmosReason1TextEncoder, EmbeddingCache, TextEncoder, build_text_encoder
 from .video_dit import VideoDiT
 
@@ -45,17 +52,23 @@ if TYPE_CHECKING:
 
 
 class DiT4DiT(nn.Module):
-    def __init__(self, cfg: DiT4DiTConfig, video_dit: VideoDiT, action_dit: ActionDiT, codec: LatentCodec,
-                 text_encoder: TextEncoder | None, text_cache: EmbeddingCache | None = None):
+    def __init__(self, cfg: DiT4DiTConfig, video_dit: VideoDiT | None, action_dit: ActionDiT, codec: LatentCodec,
+                 text_encoder: TextEncoder | None, text_cache: EmbeddingCache | None = None,
+                 image_encoder: ImageEncoder | None = None):
         super().__init__()
         self.cfg = cfg
+        static = cfg.encoder == "static_image"
+        if static != (image_encoder is not None) or static == (video_dit is not None):
+            raise ValueError(f"encoder={cfg.encoder!r} takes " + ("an image_encoder and no video_dit" if static
+                                                                  else "a video_dit and no image_encoder"))
         self.video_dit = video_dit
+        self.image_encoder = image_encoder  # the static-image baseline's feature encoder
         self.action_dit = action_dit
         self.codec = codec
         # A frozen text encoder (the 7B Cosmos-Reason1) is optional once its embeddings are cached.
         self.text_encoder = text_encoder
         self.text_cache = text_cache
-        self.video_dit.gradient_checkpointing = cfg.gradient_checkpointing
+        self.feature_encoder.gradient_checkpointing = cfg.gradient_checkpointing
         # Inference-time memo of text embeddings per prompt (weights are fixed while serving);
         # cleared whenever the model switches mode, so training never sees a stale embedding.
         self._text_memo: dict[str, torch.Tensor] = {}
@@ -69,13 +82,15 @@ class DiT4DiT(nn.Module):
         `mode="reduce-overhead"` adds CUDA graphs on a GPU (static shapes). Training is unaffected.
         Compilation happens on the first call for each input shape.
         """
-        blocks = self.cfg.feature_blocks
+        blocks, pool = self.cfg.feature_blocks, self.cfg.feature_pool
         video = self.video_dit
 
         def feature_pass(x, timestep, condition_mask, text):
-            return video.features(x, timestep, condition_mask, text, blocks)
+            return video.features(x, timestep, condition_mask, text, blocks, pool)
 
-        self._compiled_features = torch.compile(feature_pass, mode=mode, dynamic=dynamic)
+        # The static-image baseline's feature pass is its image encoder, called as (latents, text).
+        target = self.image_encoder if video is None else feature_pass
+        self._compiled_features = torch.compile(target, mode=mode, dynamic=dynamic)
         self._compiled_action_dit = torch.compile(self.action_dit, mode=mode, dynamic=dynamic)
         return self
 
@@ -114,7 +129,13 @@ class DiT4DiT(nn.Module):
                 text_cache=text_cache_dir is not None))
             bb.check_config(cfg)  # before any weight loads
             backbone = str(bb.root)
-        if not load_video_weights:
+        image_encoder = None
+        if cfg.encoder == "static_image":  # the baseline: no video DiT, an image encoder trained from scratch
+            video = None
+            image_encoder = ImageEncoder(cfg)
+            if video_dtype is not None:
+                image_encoder.to(video_dtype)
+        elif not load_video_weights:
             video = _empty_video_dit(cfg, video_dtype or (torch.bfloat16 if bb is not None else torch.float32))
         elif bb is not None:
             video = VideoDiT.from_pretrained(bb.root, cfg.video, torch_dtype=video_dtype or torch.bfloat16)
@@ -134,7 +155,7 @@ class DiT4DiT(nn.Module):
             identity = CosmosReason1TextEncoder.identity_for(cfg.text.path or backbone,
                                                              max_length=cfg.text.max_length)
         cache = EmbeddingCache(text_cache_dir) if text_cache_dir else None
-        model = cls(cfg, video, action, codec, text, cache)
+        model = cls(cfg, video, action, codec, text, cache, image_encoder=image_encoder)
         model.text_identity = identity
         model.backbone = bb
         return model
@@ -154,6 +175,16 @@ class DiT4DiT(nn.Module):
         return self._encode_text(prompts)
 
     def _encode_text(self, prompts: list[str]) -> torch.Tensor:
+        # A batch holds few distinct instructions: encode each once, then gather (gradients of a
+        # trainable encoder add up over the repeats exactly as if each row were encoded).
+        unique = list(dict.fromkeys(prompts))
+        if len(unique) < len(prompts):
+            emb = self._encode_unique_text(unique)
+            where = {p: i for i, p in enumerate(unique)}
+            return emb[torch.tensor([where[p] for p in prompts], device=emb.device)]
+        return self._encode_unique_text(prompts)
+
+    def _encode_unique_text(self, prompts: list[str]) -> torch.Tensor:
         enc = self.text_encoder
         if enc is not None and enc.trainable:
             return enc(prompts)
@@ -191,14 +222,22 @@ class DiT4DiT(nn.Module):
         return next(self.action_dit.parameters()).device
 
     @property
+    def feature_encoder(self) -> nn.Module:
+        """The module the action DiT's features come from: the video DiT or the static image encoder."""
+        return self.video_dit if self.video_dit is not None else self.image_encoder
+
+    @property
     def video_dtype(self) -> torch.dtype:
-        return next(self.video_dit.parameters()).dtype
+        """Dtype of the latents and text fed to the feature encoder."""
+        return next(self.feature_encoder.parameters()).dtype
 
     # ------------------------------------------------------------------ training
     def loss(self, batch: dict[str, Any], generator: torch.Generator | None = None
              ) -> tuple[torch.Tensor, dict[str, float]]:
         """Dual flow-matching loss. Returns (total, {"loss", "loss_action", "loss_video"})."""
         cfg = self.cfg
+        if cfg.encoder == "static_image":
+            return self._static_image_loss(batch, generator)
         if "latents" in batch:  # precomputed (`dit4dit cache-latents`): the VAE is skipped
             latents = self._cached_latents(batch["latents"])
         else:
@@ -227,14 +266,14 @@ class DiT4DiT(nn.Module):
         if shared:
             features, velocity = self.video_dit.features_and_velocity(
                 torch.cat([xv, xf]), torch.cat([tsv, tsf]), torch.cat([cmv, cmf]), torch.cat([text[:nv], text]),
-                num_blocks=cfg.feature_blocks, num_velocity=nv)
+                num_blocks=cfg.feature_blocks, num_velocity=nv, pool=cfg.feature_pool)
         else:
             if need_video:
                 velocity = self.video_dit(xv, tsv, cmv, text[:nv])
             if need_action:
                 grad = contextlib.nullcontext() if cfg.feature_grad == "end_to_end" else torch.no_grad()
                 with grad:
-                    features = self.video_dit.features(xf, tsf, cmf, text, cfg.feature_blocks)
+                    features = self.video_dit.features(xf, tsf, cmf, text, cfg.feature_blocks, cfg.feature_pool)
         if features is not None and cfg.feature_grad == "detached":
             features = features.detach()
 
@@ -254,6 +293,21 @@ class DiT4DiT(nn.Module):
         logs = {k: float(v.detach()) for k, v in parts.items()}
         logs["loss"] = float(total.detach())
         return total, logs
+
+    def _static_image_loss(self, batch: dict[str, Any], generator: torch.Generator | None
+                           ) -> tuple[torch.Tensor, dict[str, float]]:
+        """The static-image baseline: features of the conditioning frame(s) and the instruction only,
+        action loss only."""
+        n_cond = self.num_cond_latents
+        if "latents" in batch:
+            cond = self._cached_latents(batch["latents"])[:, :, :n_cond]
+        else:
+            cond = self.encode_video(batch["video"][:, :, : self.cfg.inputs.num_cond_frames].to(self.device))
+        text = self.encode_text(list(batch["instruction"])).to(self.video_dtype)
+        features = self.image_encoder(cond, text)
+        loss = self._action_loss(features.float(), batch, generator)
+        value = float(loss.detach())
+        return loss, {"loss_action": value, "loss": value}
 
     def _cached_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Normalised clip latents from a latent cache, checked against what `encode_video` gives."""
@@ -315,12 +369,12 @@ class DiT4DiT(nn.Module):
         # Padded dimensions and steps carry no data: zero them so they cannot reach the inputs.
         actions = batch["actions"].to(dev).float().repeat_interleave(r, 0) * mask
         state = batch["state"].to(dev).float().repeat_interleave(r, 0)
-        feats = features.repeat_interleave(r, 0)
         n = actions.shape[0]
         tau_a = flow.sample_tau_a(n, cfg.tau_a_alpha, cfg.tau_a_beta, cfg.tau_a_scale, generator=generator, device=dev)
         noise = torch.randn(actions.shape, generator=generator, device=dev)
         noisy = flow.interpolate(actions, noise, tau_a)
-        pred = self.action_dit(noisy, tau_a, state, feats)
+        # Each sample's features serve its r draws: the cross-attention K/V are computed once.
+        pred = self.action_dit(noisy, tau_a, state, features, repeats=r)
         return flow.masked_mse(pred, flow.target_velocity(actions, noise), mask)
 
     # ------------------------------------------------------------------ inference
@@ -331,6 +385,9 @@ class DiT4DiT(nn.Module):
         latent, optional denoising steps, one truncated pass at `tau_f`."""
         cfg = self.cfg
         cond = self.encode_video(cond_video)
+        if self.image_encoder is not None:  # static-image baseline: no future, no flow time
+            encoder = self.image_encoder if self._compiled_features is None else self._compiled_features
+            return encoder(cond, text)
         b, c, _, h, w = cond.shape
         future = torch.randn((b, c, self.num_future_latents, h, w), generator=generator, device=cond.device,
                              dtype=cond.dtype)
@@ -340,7 +397,7 @@ class DiT4DiT(nn.Module):
         x, ts, cm = self.video_dit.assemble(cond, future, tau_f)
         if self._compiled_features is not None:
             return self._compiled_features(x, ts, cm, text)
-        return self.video_dit.features(x, ts, cm, text, cfg.feature_blocks)
+        return self.video_dit.features(x, ts, cm, text, cfg.feature_blocks, cfg.feature_pool)
 
     @torch.no_grad()
     def predict_action(self, cond_video: torch.Tensor, state: torch.Tensor, instruction: list[str] | None = None,
@@ -366,6 +423,9 @@ class DiT4DiT(nn.Module):
                       text: torch.Tensor | None = None, generator: torch.Generator | None = None,
                       num_steps: int | None = None) -> torch.Tensor:
         """Predicted future frames (B, 3, num_future_frames, H, W) in [-1, 1] by Euler sampling."""
+        if self.video_dit is None:
+            raise RuntimeError("predict_video: this model has no video DiT (encoder=static_image, the static-image "
+                               "baseline); it predicts actions only")
         if text is None:
             text = self.encode_text(list(instruction or []))
         cond = self.encode_video(cond_video.to(self.device))
@@ -385,7 +445,9 @@ class DiT4DiT(nn.Module):
     # ------------------------------------------------------------------ bookkeeping
     def trainable_modules(self) -> dict[str, nn.Module]:
         """Parts that carry trainable weights (the codec and a frozen text encoder never do)."""
-        out: dict[str, nn.Module] = {"video_dit": self.video_dit, "action_dit": self.action_dit}
+        out: dict[str, nn.Module] = ({"video_dit": self.video_dit} if self.video_dit is not None
+                                     else {"image_encoder": self.image_encoder})
+        out["action_dit"] = self.action_dit
         if self.text_encoder is not None and self.text_encoder.trainable:
             out["text_encoder"] = self.text_encoder
         return out
@@ -426,7 +488,12 @@ def parameter_counts(cfg: DiT4DiTConfig) -> dict[str, int]:
         "text_encoder_trainable": n(text) if text is not None else 0,
         "codec_frozen": _frozen_codec_params(cfg),
     }
-    counts["trainable_total"] = counts["video_dit"] + counts["action_dit"] + counts["text_encoder_trainable"]
+    encoder = counts["video_dit"]
+    if cfg.encoder == "static_image":
+        # The baseline trains the image encoder instead; the video DiT's counts stay for comparison.
+        with torch.device("meta"):
+            counts["image_encoder"] = encoder = n(ImageEncoder(cfg))
+    counts["trainable_total"] = encoder + counts["action_dit"] + counts["text_encoder_trainable"]
     return counts
 
 

@@ -18,7 +18,7 @@ the flow velocity `noise - x0`; losses count future frames only.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -139,6 +139,21 @@ class VideoDiT(nn.Module):
                 hidden = block(*args)
         return hidden
 
+    def _feature_blocks(self, s: _Stream, num_blocks: int, pool: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Blocks [0, num_blocks): (hidden states after the last of them, the features). The
+        features are those hidden states (`pool="last"`) or their mean over the blocks run
+        (`pool="mean"`)."""
+        if pool == "last":
+            hidden = self._blocks(s, 0, num_blocks)
+            return hidden, hidden
+        if pool != "mean":
+            raise ValueError(f"feature pool {pool!r} must be last | mean")
+        hidden, total = s.hidden, None
+        for i in range(num_blocks):
+            hidden = self._blocks(replace(s, hidden=hidden), i, i + 1)
+            total = hidden if total is None else total + hidden
+        return hidden, total / num_blocks
+
     def _head(self, hidden: torch.Tensor, s: _Stream) -> torch.Tensor:
         """Output norm, projection and unpatchify (step 8 of the diffusers forward)."""
         tr = self.transformer
@@ -164,29 +179,31 @@ class VideoDiT(nn.Module):
         return self._head(hidden, s)
 
     def features(self, x: torch.Tensor, timestep: torch.Tensor, condition_mask: torch.Tensor,
-                 text: torch.Tensor, num_blocks: int) -> torch.Tensor:
+                 text: torch.Tensor, num_blocks: int, pool: str = "last") -> torch.Tensor:
         """Truncated forward: hidden states (B, T*h/p*w/p, width) after `num_blocks` blocks.
 
         Equals the output of `transformer_blocks[num_blocks - 1]` in the full forward; blocks from
-        `num_blocks` on are never run (so they get no gradient).
+        `num_blocks` on are never run (so they get no gradient). `pool="mean"`: the mean of the
+        outputs of blocks 0..num_blocks-1 instead.
         """
         self._check_blocks(num_blocks)
         s = self._embed(x, timestep, condition_mask, text)
-        return self._blocks(s, 0, num_blocks)
+        return self._feature_blocks(s, num_blocks, pool)[1]
 
     def features_and_velocity(self, x: torch.Tensor, timestep: torch.Tensor, condition_mask: torch.Tensor,
-                              text: torch.Tensor, num_blocks: int, num_velocity: int
+                              text: torch.Tensor, num_blocks: int, num_velocity: int, pool: str = "last"
                               ) -> tuple[torch.Tensor, torch.Tensor]:
         """One batched forward for two kinds of rows.
 
         Rows [0, num_velocity) are run through every block and the head (the tau_v pass of the
         video loss); all rows are run through blocks [0, num_blocks). Returns
-        (features of rows [num_velocity, B) after `num_blocks` blocks, velocity of rows [0, num_velocity)).
+        (features of rows [num_velocity, B) after `num_blocks` blocks, velocity of rows [0, num_velocity));
+        features pooled as in :meth:`features`.
         """
         self._check_blocks(num_blocks)
         s = self._embed(x, timestep, condition_mask, text)
-        hidden = self._blocks(s, 0, num_blocks)
-        feats = hidden[num_velocity:]
+        hidden, pooled = self._feature_blocks(s, num_blocks, pool)
+        feats = pooled[num_velocity:]
         head = slice(0, num_velocity)
         sv = self._slice(s, head)
         sv.hidden = hidden[head]

@@ -8,7 +8,7 @@ Layout of a run folder::
         step_000200/
         step_000300/
           config.json             # the resolved DiT4DiTConfig (DiT4DiTConfig.to_json())
-          model.safetensors       # trainable weights only: video_dit.* action_dit.* [text_encoder.*]
+          model.safetensors       # trainable weights only: video_dit.* (or image_encoder.*) action_dit.* [text_encoder.*]
           ema.safetensors         # EMA of the same weights (when train.ema_decay is set)
           optimizer.safetensors   # AdamW moments and step counts, keyed "<weight name>/<state key>"
           optimizer.json          # parameter groups (names, hyper-parameters, weight names)
@@ -734,12 +734,42 @@ def config_differences(saved: dict[str, Any], requested: DiT4DiTConfig | dict[st
 
 def check_resume_config(checkpoint: Checkpoint, requested: DiT4DiTConfig) -> None:
     """Raise ``ConfigError`` when the requested config differs from the checkpoint's outside
-    :data:`RESUME_MAY_DIFFER`."""
-    diffs = config_differences(checkpoint.config_dict, requested)
+    :data:`RESUME_MAY_DIFFER`. Fields the checkpoint's config predates count at their defaults."""
+    diffs = config_differences(checkpoint.config.to_dict(), requested)
     if diffs:
         lines = "\n  - ".join(f"{k}: checkpoint {a!r}, requested {b!r}" for k, a, b in diffs[:20])
         raise ConfigError(f"cannot resume from {checkpoint.path}: the requested config differs from the "
                           f"checkpoint's (only {', '.join(sorted(RESUME_MAY_DIFFER))} may change):\n  - {lines}")
+
+
+@torch.no_grad()
+def init_weights_from(model: nn.Module, path: str | os.PathLike, use_ema: bool = True) -> dict[str, Any]:
+    """Initialise ``model``'s trainable weights from a run / checkpoint folder (``train.init_from``).
+
+    The EMA weights when the checkpoint has them and ``use_ema`` (the weights ``load_policy``
+    serves), else the raw ones; the optimiser state is not read. Every part of
+    ``model.trainable_modules()`` the checkpoint holds (``video_dit``, ``action_dit``, ...) is
+    loaded completely, with names and shapes checked; parts it does not hold keep their
+    initialisation. Returns ``{"checkpoint", "step", "weights", "loaded", "kept"}``.
+    """
+    ck = load_checkpoint(path)
+    ema = use_ema and ck.has_ema
+    state = ck.ema_state(lazy=True) if ema else ck.model_state(lazy=True)
+    parts = model.trainable_modules()
+    held = {k.split(".", 1)[0] for k in state}
+    loaded = [name for name in parts if name in held]
+    if not loaded:
+        raise CheckpointError(f"train.init_from={str(path)!r}: {ck.path} holds none of the model's parts "
+                              f"{sorted(parts)} (it holds {sorted(held)})")
+
+    class _Subset(nn.Module):  # the loaded parts only, for check_weights / load_weights
+        def trainable_modules(self) -> dict[str, nn.Module]:
+            return {name: parts[name] for name in loaded}
+
+    subset = {k: state[k] for k in state if k.split(".", 1)[0] in loaded}
+    load_weights(_Subset(), subset, f"train.init_from: {ck.path / (EMA_FILE if ema else MODEL_FILE)}")
+    return {"checkpoint": str(ck.path), "step": ck.step, "weights": "ema" if ema else "model", "loaded": loaded,
+            "kept": [name for name in parts if name not in held]}
 
 
 def recorded_backbone(state: Mapping[str, Any]) -> dict[str, Any] | None:

@@ -261,8 +261,9 @@ def apply_fsdp(model: nn.Module, info: DistInfo, bf16: bool = False) -> list[nn.
     if bf16:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     parts = model.trainable_modules()
-    video = parts["video_dit"]
-    for block in video.transformer.transformer_blocks:
+    video = parts.get("video_dit")  # absent in the static-image baseline (its image encoder instead)
+    encoder_blocks = video.transformer.transformer_blocks if video is not None else parts["image_encoder"].blocks
+    for block in encoder_blocks:
         fully_shard(block, **kwargs)
     for block in parts["action_dit"].blocks:
         fully_shard(block, **kwargs)
@@ -271,7 +272,7 @@ def apply_fsdp(model: nn.Module, info: DistInfo, bf16: bool = False) -> list[nn.
         fully_shard(part, **kwargs)
         roots.append(part)
     for method in ("features", "features_and_velocity"):
-        if hasattr(video, method):
+        if video is not None and hasattr(video, method):
             register_fsdp_forward_method(video, method)
     return roots
 

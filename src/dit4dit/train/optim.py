@@ -2,7 +2,8 @@
 
 Parameter groups (one optimiser, several learning rates):
 
-- ``video_dit``  / ``video_dit.no_decay``  at ``train.lr_video``;
+- ``video_dit``  / ``video_dit.no_decay``  at ``train.lr_video`` (the video DiT, or the static-image
+  baseline's image encoder in its place);
 - ``action_dit`` / ``action_dit.no_decay`` at ``train.lr_action``;
 - ``other``      / ``other.no_decay``      at ``train.lr_other`` (a trainable text encoder and any
   other trainable part of ``model.trainable_modules()``).
@@ -47,7 +48,10 @@ _NO_DECAY_NAME = re.compile(r"(pos_embed|position|tokens?$)", re.IGNORECASE)
 
 
 def group_of(part: str) -> str:
-    """The parameter-group family of a part of ``trainable_modules()``."""
+    """The parameter-group family of a part of ``trainable_modules()``. The static-image
+    baseline's ``image_encoder`` stands in for the video DiT and trains at ``lr_video``."""
+    if part == "image_encoder":
+        return "video_dit"
     return part if part in ("video_dit", "action_dit") else "other"
 
 

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..config import ConfigError, DiT4DiTConfig, override
+from ..config import ConfigError, DiT4DiTConfig
 from . import checkpoint as ckpt
 from .distributed import (DistInfo, ShardedBatchSampler, Wrapped, all_reduce_mean, barrier, broadcast_flag,
                           choose_strategy, gather_tensors, init_distributed, is_dtensor, seed_for, shutdown, wrap)
@@ -328,21 +328,28 @@ def build_training_data(cfg: DiT4DiTConfig, dataset_path: str | os.PathLike, pro
     """``(TrainingSamples, Processor)`` for a LeRobot dataset folder (statistics computed unless a
     processor is given, e.g. the one saved in the checkpoint being resumed). ``frame_cache``: see
     ``TrainingSamples`` (None = decode the videos, True = build or reuse the default cache, a
-    path = that cache)."""
+    path = that cache). ``train.episodes_per_task``: the samples (and the statistics) come from
+    the first N episodes of each task only (:func:`~dit4dit.data.samples.episodes_per_task`)."""
     from ..data.lerobot import LeRobotDataset
+    from ..data.normalize import compute_dataset_stats
     from ..data.processor import Processor
-    from ..data.samples import TrainingSamples
+    from ..data.samples import TrainingSamples, episodes_per_task
     from ..data.schema import SchemaError
 
     path = Path(dataset_path).expanduser()
     ds = LeRobotDataset(path)
     try:
+        episodes = None
+        if cfg.train.episodes_per_task is not None:
+            episodes = episodes_per_task(ds, cfg.train.episodes_per_task)
         if processor is None:
-            processor = Processor.for_dataset(ds, cfg.schema, cfg.inputs, mode=cfg.normalization,
+            stats = None if episodes is None else compute_dataset_stats(ds, cfg.schema, keys=(), episodes=episodes,
+                                                                       progress=progress)
+            processor = Processor.for_dataset(ds, cfg.schema, cfg.inputs, stats=stats, mode=cfg.normalization,
                                               action_dim=cfg.action.action_dim, state_dim=cfg.action.state_dim,
                                               action_horizon=cfg.action.action_horizon, progress=progress)
         kwargs = {"frame_cache": frame_cache} if frame_cache not in (None, False) else {}
-        samples = TrainingSamples(ds, processor=processor, **kwargs)
+        samples = TrainingSamples(ds, processor=processor, episodes=episodes, **kwargs)
     except SchemaError as e:
         raise SchemaError(f"dataset {path} does not fit schema {cfg.schema!r} of config {cfg.name!r}: {e}") from e
     return samples, processor
@@ -381,9 +388,17 @@ def _autocast(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
-def freeze_frozen_parts(model: nn.Module) -> dict[str, int]:
-    """``requires_grad`` on for the trainable parts only; returns parameter counts per part."""
-    trainable = model.trainable_modules()
+# Parts frozen by ``train.freeze_video``: the video DiT and the trainable text encoder that only conditions it.
+VIDEO_PARTS = ("video_dit", "text_encoder")
+
+
+def freeze_frozen_parts(model: nn.Module, freeze_video: bool = False) -> dict[str, int]:
+    """``requires_grad`` on for the trainable parts only; returns parameter counts per part.
+
+    ``freeze_video`` (``train.freeze_video``, the decoupled baseline's second stage): the
+    :data:`VIDEO_PARTS` are frozen as well, so they get no gradient and no optimiser state; they
+    stay in ``trainable_modules()``, so checkpoints still hold their weights."""
+    trainable = {k: m for k, m in model.trainable_modules().items() if not (freeze_video and k in VIDEO_PARTS)}
     ids = {id(p) for m in trainable.values() for p in m.parameters()}
     frozen = 0
     for p in model.parameters():
@@ -550,6 +565,10 @@ class Trainer:
     def _on_signal(self, signum, frame) -> None:  # noqa: ARG002
         self._stop_requested = True
 
+    def request_stop(self) -> None:
+        """Finish the current step, save a checkpoint and return (thread-safe; e.g. a time limit)."""
+        self._stop_requested = True
+
     # ------------------------------------------------------------------ main entry
     def run(self) -> dict[str, Any]:
         cfg = check_train_config(self.cfg)
@@ -599,7 +618,12 @@ class Trainer:
         model = DiT4DiT.from_config(cfg, self.backbone, text_cache_dir=self.text_cache_dir,
                                     load_text_encoder=load_text, video_dtype=torch.float32,
                                     load_video_weights=resume_from is None)
-        counts = freeze_frozen_parts(model)
+        counts = freeze_frozen_parts(model, tc.freeze_video)
+        if tc.init_from and resume_from is None:  # staged training: start from another run's weights
+            init = ckpt.init_weights_from(model, tc.init_from)
+            if info.is_main:
+                _log.info("initialised %s from %s (%s weights, step %d)", ", ".join(init["loaded"]),
+                          init["checkpoint"], init["weights"], init["step"])
         model.to(device)
         model.train()
         n_trainable = sum(v for k, v in counts.items() if k != "frozen")
@@ -698,7 +722,7 @@ class Trainer:
                     last_saved = step
                 if stop:
                     interrupted = True
-                    logger.info("stop requested (SIGTERM): saved step %d, exiting", step)
+                    logger.info("stop requested: saved step %d, exiting", step)
                     break
             if last_saved != step and step > 0:
                 last_ckpt = self._save(step, cfg, model, optimizer, scheduler, ema, stream, generator, processor,
@@ -804,6 +828,9 @@ class Trainer:
             model_state = ckpt.trainable_state_dict(model, full)
             if ema is not None:
                 ema_state = {n: full(s) for n, s in ema.named_shadows()}
+                # Frozen weights (train.freeze_video) have no shadow: their average is themselves.
+                for n, t in model_state.items():
+                    ema_state.setdefault(n, t)
             opt_state = ckpt.optimizer_state_tensors(optimizer, full)
         rng = gather_tensors(ckpt.capture_rng(generator), info)
         path = None
@@ -951,72 +978,3 @@ def image_strip(model: nn.Module, batch: dict, step: int) -> np.ndarray:  # noqa
 # --------------------------------------------------------------------------------------------
 # Benchmark
 # --------------------------------------------------------------------------------------------
-
-
-def bench_train(cfg: DiT4DiTConfig, device: str | torch.device | None = None, steps: int = 10, batch: int | None = None,
-                warmup: int = 2, backbone: str | None = None) -> dict[str, Any]:
-    """Training throughput with synthetic batches: the real step (loss, backward, clipping,
-    AdamW, EMA) at ``train.precision`` on one device. Returns samples/s and step times, with the
-    device and precision named."""
-    if batch is not None:
-        cfg = override(cfg, [f"train.batch_size={int(batch)}"])
-    cfg = check_train_config(cfg)
-    tc = cfg.train
-    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", torch.cuda.current_device())
-    precision = resolve_precision(tc.precision, dev)
-    from ..models.dit4dit import DiT4DiT
-
-    torch.manual_seed(tc.seed)
-    model = DiT4DiT.from_config(cfg, backbone, video_dtype=torch.float32)
-    counts = freeze_frozen_parts(model)
-    model.to(dev).train()
-    optimizer = build_optimizer(model, tc, dev)
-    scheduler = WarmupCosine.from_config(optimizer, tc)
-    ema = None
-    if tc.ema_decay is not None:
-        ema = EMA([(n, p) for g in optimizer.param_groups for n, p in zip(g["param_names"], g["params"])],
-                  tc.ema_decay)
-    generator = torch.Generator(device=dev).manual_seed(tc.seed)
-    info = DistInfo(device=dev)
-    runner = StepRunner(wrap(_LossModule(model), model, "single", info), optimizer, scheduler, ema, generator, dev,
-                        precision, tc.grad_clip, tc.grad_accum)
-    samples = SyntheticSamples(cfg, num_samples=tc.batch_size, seed=tc.seed)
-    fixed = default_collate([samples[i] for i in range(tc.batch_size)])
-    fixed = {k: (v.to(dev, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in fixed.items()}
-
-    def sync() -> None:
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-
-    for i in range(max(0, warmup)):
-        runner.step(i + 1, lambda: fixed)
-    sync()
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-    times = []
-    for i in range(steps):
-        t0 = time.perf_counter()
-        runner.step(warmup + i + 1, lambda: fixed)
-        sync()
-        times.append(time.perf_counter() - t0)
-    per_step = tc.batch_size * tc.grad_accum
-    med = float(np.median(times)) if times else float("nan")
-    out = {
-        "preset": cfg.name,
-        "device": _device_label(dev),
-        "precision": precision,
-        "batch_size": tc.batch_size,
-        "grad_accum": tc.grad_accum,
-        "steps": steps,
-        "warmup_steps": warmup,
-        "step_time_s": med,
-        "step_time_mean_s": float(np.mean(times)) if times else float("nan"),
-        "samples_per_s": per_step / med if med > 0 else float("nan"),
-        "params": counts,
-        "threads": torch.get_num_threads(),
-    }
-    if dev.type == "cuda":
-        out["peak_memory_gb"] = torch.cuda.max_memory_allocated(dev) / 2**30
-    return out

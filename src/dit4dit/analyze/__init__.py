@@ -1,0 +1,14 @@
+"""Baselines and ablations of the paper, runnable from the command line (`dit4dit analyze`).
+
+- `grid`: the cells (named variants `joint`, `joint_detached`, `action_only`, `decoupled`,
+  `static_image`; ablation grids `feature_blocks`, `feature_denoise_steps`, `tau_f`, `demos`);
+- `runner`: train every stage of each cell x seed, evaluate closed loop, analyse the features,
+  one `result.json` per run folder, resumable (`run_analysis(Study(...))`);
+- `features`: phase-labelled features, silhouette score and t-SNE (numpy);
+- `report`: aggregate over seeds (Wilson CIs over pooled episodes), `results.md`, plots;
+- `cli`: `register(subparsers)` adds the `analyze` subcommand.
+"""
+
+from .cli import register
+
+__all__ = ["register"]

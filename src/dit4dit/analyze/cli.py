@@ -1,0 +1,185 @@
+"""`dit4dit analyze`: the baselines and ablations of the paper from the command line.
+
+`register(subparsers)` adds the subcommand to the `dit4dit` parser.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+HELP = "train and evaluate the paper's baselines and ablations (cells x seeds, resumable); write results.md"
+
+EPILOG = """\
+variants: joint, joint_detached, action_only, decoupled, static_image (default: all five; 'none' for none)
+ablations: feature_blocks, feature_denoise_steps, tau_f, demos ('all' for every one);
+  --ablation NAME=V1,V2 replaces the default values, e.g. --ablation tau_f=0.5,0.995,buckets:10,
+  --ablation feature_blocks=1,3,mean, --ablation demos=5,10,25,50
+
+examples:
+  dit4dit collect toy --episodes 100 --out data/toy
+  dit4dit analyze --dataset data/toy --out studies/toy --set schema=toy_reach --steps 2000 --seeds 0,1,2
+  dit4dit analyze --dataset data/mw3 --out studies/mw3 --variants joint,decoupled,static_image \\
+      --ablation demos --ablation tau_f --steps 4000 --episodes 20 --replan-every 4 --threads 2
+Rerunning the same command skips finished runs and resumes interrupted ones; --report-only
+re-aggregates what OUT holds.
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add the `analyze` subcommand to the `dit4dit` subparsers."""
+    from ..config import preset_names
+
+    p = subparsers.add_parser("analyze", help=HELP, description=HELP, epilog=EPILOG,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", required=True, help="local LeRobot dataset folder (toy_reach or MetaWorld)")
+    p.add_argument("--out", required=True, help="study folder (runs/, results.md, results.json, plots/)")
+    p.add_argument("--preset", default="tiny", help=f"base config: {', '.join(preset_names())}")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field of the base config of every cell (repeatable), e.g. --set schema=toy_reach")
+    p.add_argument("--variants", default="all", help="comma-separated variants, 'all' or 'none' (default all)")
+    p.add_argument("--ablation", action="append", default=[], metavar="NAME[=V1,V2,...]",
+                   help="an ablation grid (repeatable; comma-separated names or 'all'); NAME=values sets its cells")
+    p.add_argument("--seeds", default="0", help="comma-separated training seeds (default 0)")
+    p.add_argument("--steps", type=int, default=None, help="training steps per stage (default: the preset's)")
+    p.add_argument("--episodes", type=int, default=10, help="closed-loop evaluation episodes per task (default 10)")
+    p.add_argument("--replan-every", type=int, default=None,
+                   help="actions executed per chunk in evaluation (default: the whole chunk)")
+    p.add_argument("--tasks", default=None, help="MetaWorld tasks to evaluate (default: the dataset's)")
+    p.add_argument("--eval-seed", type=int, default=0, help="evaluation seed (the same layouts for every cell)")
+    p.add_argument("--features", default="variants", choices=["variants", "all", "none"],
+                   help="which cells get the feature analysis (t-SNE, phase silhouette); default the variants")
+    p.add_argument("--feature-samples", type=int, default=512, help="dataset frames in the feature analysis")
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: a GPU when present)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--report-only", action="store_true", help="aggregate the runs OUT holds; train nothing")
+    p.add_argument("--dry-run", action="store_true", help="list the cells and their overrides; train nothing")
+    p.add_argument("--no-progress", action="store_true", help="no training progress bars")
+    p.add_argument("--json", action="store_true", help="print the aggregate as JSON on stdout")
+    p.set_defaults(func=cmd_analyze)
+    return p
+
+
+def parse_ablations(items: list[str]) -> tuple[tuple[str, ...], dict[str, tuple[str, ...]]]:
+    """`--ablation` arguments -> (names, {name: values}); see the epilog."""
+    from .grid import ABLATIONS, AnalysisError
+
+    names: list[str] = []
+    values: dict[str, tuple[str, ...]] = {}
+    for item in items:
+        item = item.strip()
+        if "=" in item:
+            name, text = item.split("=", 1)
+            name = name.strip()
+            vals = tuple(v.strip() for v in text.split(",") if v.strip())
+            if not vals:
+                raise AnalysisError(f"--ablation {item!r}: no values after '='")
+            names.append(name)
+            values[name] = vals
+        else:
+            for name in (n.strip() for n in item.split(",") if n.strip()):
+                names.extend(ABLATIONS if name == "all" else [name])
+    unknown = [n for n in names if n not in ABLATIONS]
+    if unknown:
+        raise AnalysisError(f"unknown ablation(s) {unknown}; available: {', '.join(ABLATIONS)}")
+    return tuple(dict.fromkeys(names)), values
+
+
+def parse_variants(text: str) -> tuple[str, ...]:
+    from .grid import VARIANTS, AnalysisError
+
+    text = text.strip()
+    if text == "all":
+        return tuple(VARIANTS)
+    if text in ("none", ""):
+        return ()
+    names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise AnalysisError(f"unknown variant(s) {unknown}; available: {', '.join(VARIANTS)} (or all, none)")
+    return names
+
+
+def parse_seeds(text: str) -> tuple[int, ...]:
+    from .grid import AnalysisError
+
+    try:
+        seeds = tuple(dict.fromkeys(int(s) for s in text.split(",") if s.strip()))
+    except ValueError:
+        raise AnalysisError(f"--seeds {text!r}: expected comma-separated integers, e.g. 0,1,2") from None
+    if not seeds:
+        raise AnalysisError("--seeds: at least one seed")
+    return seeds
+
+
+def study_from_args(args: argparse.Namespace):
+    from .runner import Study
+
+    ablations, values = parse_ablations(args.ablation)
+    tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip()) if args.tasks else ()
+    return Study(dataset=args.dataset, out=args.out, preset=args.preset, overrides=tuple(args.overrides),
+                 variants=parse_variants(args.variants), ablations=ablations, values=values,
+                 seeds=parse_seeds(args.seeds), steps=args.steps, eval_episodes=args.episodes,
+                 replan_every=args.replan_every, eval_seed=args.eval_seed, tasks=tasks, features=args.features,
+                 feature_points=args.feature_samples, device=args.device)
+
+
+def cmd_analyze(args: argparse.Namespace) -> dict[str, Any]:
+    from .runner import run_analysis, stage_configs
+
+    study = study_from_args(args)
+    if args.dry_run:
+        from ..envs import toy  # noqa: F401  (registers the toy_reach schema)
+
+        cells = study.cells()
+        plan = {"cells": [{"cell": c.key, "label": c.label, "stages": [list(s) for s in c.stages],
+                           "train_steps": [cfg.train.steps for cfg in stage_configs(study, c, study.seeds[0])]}
+                          for c in cells], "seeds": list(study.seeds), "runs": len(cells) * len(study.seeds)}
+        if args.json:
+            print(json.dumps(plan, indent=2))
+        else:
+            for c in plan["cells"]:
+                print(f"{c['cell']:<36} {' -> '.join(' '.join(s) for s in c['stages'])}")
+            print(f"{plan['runs']} runs ({len(cells)} cells x {len(study.seeds)} seeds)")
+        return plan
+    report = run_analysis(study, progress=not args.no_progress and not args.json, threads=args.threads,
+                          train=not args.report_only)
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        print(summary_table(report))
+    return report
+
+
+def summary_table(report: dict[str, Any]) -> str:
+    lines = []
+    for r in report["cells"]:
+        if r["success_mean"] is None:
+            lines.append(f"{r['group'] + '/' + r['cell']:<40} not run")
+            continue
+        ci = r["ci95"]
+        sil = f"  silhouette {r['silhouette_phase']:.3f}" if r["silhouette_phase"] is not None else ""
+        lines.append(f"{r['group'] + '/' + r['cell']:<40} {100 * r['success_mean']:5.1f}%  "
+                     f"[{100 * ci[0]:.0f}, {100 * ci[1]:.0f}]  {r['successes']}/{r['episodes']}  "
+                     f"seeds {len(r['seeds'])}{sil}")
+    lines.append(f"report: {report['plan']['out']}/results.md")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`dit4dit analyze` on its own (`python -m dit4dit.analyze ...`; argv starts with "analyze")."""
+    parser = argparse.ArgumentParser(prog="dit4dit")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    from ..config import ConfigError
+
+    try:
+        args.func(args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+

@@ -1,0 +1,441 @@
+"""Run a grid of cells x seeds: train every stage, evaluate closed loop, analyse the features,
+store one ``result.json`` per run folder, then aggregate (``report.py``).
+
+Layout of the output folder::
+
+    OUT/
+      plan.json                          # the request: cells, their overrides, seeds, settings
+      runs/<group>/<cell>/seed_<s>/
+        configs.json                     # the full config of every stage
+        train/ | stage1_video_only/ stage2_action_only/   # trainer run folders (checkpoints, metrics)
+        eval.json                        # closed-loop evaluation of the final stage
+        features.json                    # phase silhouettes + t-SNE (variants, or all cells)
+        result.json                      # written last: the run is done
+      results.json  results.md  plots/   # the aggregate (report.py)
+
+Resumable: a run whose ``result.json`` exists for the same configs and settings is skipped; a
+stage whose newest checkpoint is at ``train.steps`` is not trained again, one with an older
+checkpoint resumes from it (so raising ``--steps`` continues runs; a later stage whose earlier
+stage trained further is moved aside to ``<stage>.stale-<time>`` and trained anew); evaluation
+and feature results are reused when their settings and checkpoint step match. A run folder
+holding runs of another config is an error (choose another ``--out``), never silently mixed in.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from ..config import DiT4DiTConfig, get_preset, override
+from .grid import ABLATIONS, VARIANTS, AnalysisError, Cell, ablation_cells, variant_cells
+
+Evaluator = Callable[[Any], dict]  # Policy -> normalised evaluation result
+Log = Callable[[str], None]
+
+# Config fields that may differ between a stored run and the request: logging and checkpoint
+# cadence, and train.steps (more steps resume the stored training; the result is then recomputed).
+MAY_DIFFER = frozenset({"train.steps", "train.log_every", "train.save_every", "train.keep_last",
+                        "train.image_every", "train.eval_every", "train.tensorboard", "train.wandb",
+                        "train.wandb_project", "train.num_workers"})
+
+
+def _stderr(msg: str) -> None:
+    print(f"[analyze] {msg}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# settings
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Study:
+    """What `run_analysis` was asked for (also the content of plan.json)."""
+
+    dataset: str
+    out: str
+    preset: str = "tiny"
+    overrides: tuple[str, ...] = ()
+    variants: tuple[str, ...] = tuple(VARIANTS)
+    ablations: tuple[str, ...] = ()
+    values: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    seeds: tuple[int, ...] = (0,)
+    steps: int | None = None
+    eval_episodes: int = 10
+    replan_every: int | None = None
+    eval_seed: int = 0
+    tasks: tuple[str, ...] = ()
+    features: str = "variants"  # variants | all | none
+    feature_points: int = 512
+    device: str | None = None
+
+    def base_config(self) -> DiT4DiTConfig:
+        extra = [f"train.steps={self.steps}"] if self.steps is not None else []
+        return get_preset(self.preset, list(self.overrides) + extra)
+
+    def cells(self) -> list[Cell]:
+        base = self.base_config()
+        cells = variant_cells(self.variants)
+        for a in self.ablations:
+            cells += ablation_cells(a, base, self.values.get(a))
+        if not cells:
+            raise AnalysisError("nothing to run: no variants and no ablations were requested")
+        return cells
+
+    def eval_settings(self) -> dict[str, Any]:
+        return {"episodes_per_task": self.eval_episodes, "replan_every": self.replan_every, "seed": self.eval_seed,
+                "tasks": list(self.tasks)}
+
+    def feature_settings(self) -> dict[str, Any]:
+        return {"points": self.feature_points}
+
+    def wants_features(self, cell: Cell) -> bool:
+        return self.features == "all" or (self.features == "variants" and cell.group == "variants")
+
+
+def run_dir(out: str | Path, cell: Cell, seed: int) -> Path:
+    return Path(out) / "runs" / cell.group / cell.name / f"seed_{seed}"
+
+
+def stage_dirs(root: Path, cell: Cell, configs: Sequence[DiT4DiTConfig]) -> list[Path]:
+    if len(configs) == 1:
+        return [root / "train"]
+    return [root / f"stage{i + 1}_{c.mode}" for i, c in enumerate(configs)]
+
+
+def stage_configs(study: Study, cell: Cell, seed: int) -> list[DiT4DiTConfig]:
+    """The full config of every training stage of a run (validated; errors name the cell). A
+    stage after the first starts from the previous stage's weights (`train.init_from`)."""
+    base = study.base_config()
+    configs: list[DiT4DiTConfig] = []
+    for i, stage in enumerate(cell.stages):
+        try:
+            configs.append(override(base, list(stage) + [f"train.seed={seed}"]).validate())
+        except Exception as e:  # noqa: BLE001 - name the cell in the message
+            raise AnalysisError(f"cell {cell.key}, stage {i + 1}: {e}") from e
+    dirs = stage_dirs(run_dir(study.out, cell, seed), cell, configs)
+    return [c if i == 0 else override(c, [f"train.init_from={json.dumps(str(dirs[i - 1].resolve()))}"])
+            for i, c in enumerate(configs)]
+
+
+# --------------------------------------------------------------------------------------------
+# evaluation
+# --------------------------------------------------------------------------------------------
+
+
+def make_evaluator(cfg: DiT4DiTConfig, dataset: str, study: Study, threads: int | None = None
+                   ) -> tuple[Evaluator, list[str]]:
+    """Closed-loop evaluation for the dataset's embodiment: the built-in `toy_reach` task or
+    MetaWorld (tasks: `study.tasks`, else those whose instructions the dataset holds)."""
+    episodes, replan, seed = study.eval_episodes, study.replan_every, study.eval_seed
+    if cfg.schema == "toy_reach":
+        from ..envs.toy import TASKS
+
+        def toy(policy) -> dict:
+            from ..eval.toy import evaluate
+
+            return _normalise(evaluate(policy, episodes, replan_every=replan, seed=seed))
+
+        return toy, list(TASKS.values())
+    if cfg.schema == "metaworld_sawyer":
+        from ..envs.metaworld import INSTRUCTIONS
+
+        tasks = list(study.tasks)
+        if not tasks:
+            from ..data.lerobot import LeRobotDataset
+
+            ds = LeRobotDataset(dataset, check_videos=False)
+            by_instruction = {v: k for k, v in INSTRUCTIONS.items()}
+            tasks = [by_instruction[t] for t in ds.tasks if t in by_instruction]
+            if not tasks:
+                raise AnalysisError(f"{dataset}: no MetaWorld task instruction found among its tasks {ds.tasks}; "
+                                    f"pass --tasks")
+
+        def metaworld(policy) -> dict:
+            from ..eval.metaworld import evaluate
+
+            return _normalise(evaluate(policy, tasks, episodes, replan_every=replan, seed=seed, threads=threads))
+
+        return metaworld, tasks
+    raise AnalysisError(f"no built-in closed-loop evaluation for schema {cfg.schema!r} (toy_reach, "
+                        f"metaworld_sawyer); pass evaluator= from Python")
+
+
+def _normalise(r: dict) -> dict:
+    """The fields of an evaluation result the aggregate needs (no videos, no per-episode detail)."""
+    per_task = {t: {"successes": int(v["successes"]), "episodes": int(v["episodes"]),
+                    "success_rate": float(v["success_rate"])} for t, v in r["per_task"].items()}
+    successes = sum(v["successes"] for v in per_task.values())
+    episodes = sum(v["episodes"] for v in per_task.values())
+    return {"success_rate": successes / max(1, episodes), "successes": successes, "episodes": episodes,
+            "ci95": list(r["ci95"]), "per_task": per_task, "replan_every": r.get("replan_every")
+            if "replan_every" in r else r.get("protocol", {}).get("replan_every")}
+
+
+# --------------------------------------------------------------------------------------------
+# one run
+# --------------------------------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def _config_mismatch(saved: list[dict], configs: list[DiT4DiTConfig], ignore=MAY_DIFFER) -> list[str]:
+    """Differences (beyond `ignore`) between stored stage configs and the requested ones."""
+    from ..train.checkpoint import config_differences
+
+    if len(saved) != len(configs):
+        return [f"{len(saved)} stage(s) stored, {len(configs)} requested"]
+    out = []
+    for i, (s, c) in enumerate(zip(saved, configs)):
+        full = DiT4DiTConfig.from_dict(s).to_dict()  # fields added since count at their defaults
+        out += [f"stage {i + 1} {k}: stored {a!r}, requested {b!r}" for k, a, b in config_differences(full, c, ignore)]
+    return out
+
+
+def ckpt_exists(folder: Path) -> bool:
+    from ..train.checkpoint import latest_checkpoint
+
+    return latest_checkpoint(folder) is not None
+
+
+def _train_stage(cfg: DiT4DiTConfig, dataset: str, folder: Path, study: Study, progress: bool, log: Log,
+                 what: str) -> dict[str, Any]:
+    """Train one stage to `cfg.train.steps` (resuming a shorter checkpoint; skipping a done one)."""
+    from ..train import checkpoint as ckpt
+    from ..train.trainer import train
+
+    latest = ckpt.latest_checkpoint(folder)
+    step = ckpt.parse_step(latest.name) if latest is not None else 0
+    if latest is not None and step == cfg.train.steps:
+        log(f"{what}: trained already (step {step})")
+        summary = _read_json(folder / "summary.json") or {}
+        return {**summary, "reused": True}
+    if latest is not None and step > cfg.train.steps:
+        raise AnalysisError(f"{folder} holds a checkpoint at step {step}, beyond the requested {cfg.train.steps} "
+                            f"steps: use --steps {step} or another --out")
+    log(f"{what}: {'resuming at step ' + str(step) if latest else 'training'} to step {cfg.train.steps}")
+    summary = train(cfg, dataset, folder, resume=latest is not None, progress=progress, device=study.device)
+    summary.pop("losses", None)
+    if summary.get("interrupted") or summary.get("step") != cfg.train.steps:
+        raise AnalysisError(f"{what}: training stopped at step {summary.get('step')} of {cfg.train.steps} (a stop "
+                            f"was requested); rerun the same command to resume")
+    return summary
+
+
+def _twin_key(configs: list[DiT4DiTConfig], settings: dict[str, Any]) -> str:
+    """Runs with equal keys train and evaluate exactly the same thing (e.g. `tau_f=0.995` and `joint`)."""
+    return json.dumps([[c.to_dict() for c in configs], settings["eval"], settings["dataset"]], sort_keys=True,
+                      default=str)
+
+
+def _cached(path: Path, settings: dict[str, Any], step: int | None, compute: Callable[[], Any]) -> Any:
+    """The result stored at `path` for these settings and checkpoint step, else `compute()` (stored)."""
+    stored = _read_json(path)
+    if stored is not None and stored.get("settings") == settings and stored.get("checkpoint_step") == step:
+        return stored["result"]
+    result = compute()
+    _write_json(path, {"settings": settings, "checkpoint_step": step, "result": result})
+    return result
+
+
+def _twin_result(twin: dict[str, Any], cell: Cell, settings: dict[str, Any]) -> dict[str, Any]:
+    """`twin`'s result, relabelled as `cell`'s (same configs: nothing to train or evaluate again)."""
+    return {**twin, "cell": cell.name, "group": cell.group, "label": cell.label, "x": cell.x,
+            "overrides": [list(st) for st in cell.stages], "settings": settings,
+            "same_as": twin.get("same_as") or f"{twin['group']}/{twin['cell']}",
+            "features": twin["features"] if settings["features"] is not None else None}
+
+
+def _train_stages(root: Path, cell: Cell, configs: list[DiT4DiTConfig], study: Study, progress: bool, log: Log,
+                  what: str) -> tuple[list[dict[str, Any]], Path]:
+    """Train every stage in order; returns (stage summaries, the final stage's run folder)."""
+    dirs = stage_dirs(root, cell, configs)
+    stages: list[dict[str, Any]] = []
+    for i, (cfg, folder) in enumerate(zip(configs, dirs)):
+        label = f"{what} stage {i + 1}/{len(configs)} ({cfg.mode})" if len(configs) > 1 else what
+        if i > 0 and not stages[-1].get("reused") and ckpt_exists(folder):
+            # The previous stage has just (re)trained: this stage's old run started from other weights.
+            stale = folder.with_name(f"{folder.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
+            folder.rename(stale)
+            log(f"{label}: the previous stage changed; its old run moved to {stale.name}, training anew")
+        stages.append(_train_stage(cfg, study.dataset, folder, study, progress, log, label))
+    return stages, dirs[-1]
+
+
+def run_one(study: Study, cell: Cell, seed: int, evaluator: Evaluator, *, progress: bool = True,
+            log: Log = _stderr, prefix: str = "", twins: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Train, evaluate and analyse one cell x seed (see the module docstring); returns its result.
+
+    `twins` maps `_twin_key` to finished results of this study: a cell whose configs equal an
+    earlier cell's (an ablation value that is the default) takes that run's result instead of
+    training again (marked `same_as`)."""
+    import torch
+
+    from ..policy import Policy
+    from ..train.checkpoint import latest_checkpoint, load_policy, parse_step
+    from .features import extract_phase_features, phase_analysis
+
+    root = run_dir(study.out, cell, seed)
+    configs = stage_configs(study, cell, seed)
+    settings = {"eval": study.eval_settings(), "features": study.feature_settings() if study.wants_features(cell)
+                else None, "dataset": str(Path(study.dataset).resolve())}
+    what = f"{prefix}{cell.key} seed {seed}"
+    key = _twin_key(configs, settings)
+
+    def finish(result: dict[str, Any]) -> dict[str, Any]:
+        if twins is not None:
+            twins.setdefault(key, result)
+        return result
+
+    # 1. what the folder holds already
+    stored = _read_json(root / "configs.json")
+    diffs = _config_mismatch(stored, configs) if stored is not None else []
+    if diffs:
+        raise AnalysisError(f"{root} holds runs of another config ({'; '.join(diffs[:5])}); use another --out, "
+                            f"or delete that folder to rerun it")
+    done = _read_json(root / "result.json")
+    if (done is not None and done.get("settings") == settings
+            and not _config_mismatch(done.get("configs", []), configs, ignore=MAY_DIFFER - {"train.steps"})):
+        log(f"{what}: done already (success {done['eval']['success_rate']:.0%}), skipped")
+        return finish(done)
+    _write_json(root / "configs.json", [c.to_dict() for c in configs])
+    twin = (twins or {}).get(key)
+    if twin is not None and settings["features"] in (None, twin["settings"]["features"]):
+        result = _twin_result(twin, cell, settings)
+        _write_json(root / "result.json", result)
+        log(f"{what}: the same configs as {result['same_as']}: its result is reused")
+        return finish(result)
+
+    # 2. train, 3. evaluate, 4. analyse the features (each reused when already done)
+    t0 = time.perf_counter()
+    stages, final = _train_stages(root, cell, configs, study, progress, log, what)
+    t1 = time.perf_counter()
+    checkpoint = latest_checkpoint(final)
+    step = parse_step(checkpoint.name) if checkpoint is not None else None
+    model, processor, _ = load_policy(final, study.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    def evaluate() -> dict:
+        log(f"{what}: evaluating {study.eval_episodes} episodes per task")
+        return evaluator(Policy(model, processor, seed=study.eval_seed))
+
+    evaluation = _cached(root / "eval.json", settings["eval"], step, evaluate)
+    t2 = time.perf_counter()
+
+    def analyse() -> dict:
+        log(f"{what}: feature analysis on {study.feature_points} frames")
+        return phase_analysis(extract_phase_features(model, processor, study.dataset, study.feature_points,
+                                                     seed=seed), seed=seed)
+
+    feats = _cached(root / "features.json", settings["features"], step, analyse) if settings["features"] else None
+    t3 = time.perf_counter()
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    params = {"feature_encoder": count(model.feature_encoder), "action_dit": count(model.action_dit),
+              "trainable_total": sum(count(m) for m in model.trainable_modules().values())}
+
+    result = {
+        "cell": cell.name, "group": cell.group, "label": cell.label, "x": cell.x, "seed": seed,
+        "overrides": [list(st) for st in cell.stages], "configs": [c.to_dict() for c in configs],
+        "settings": settings, "checkpoint": str(checkpoint) if checkpoint is not None else None, "step": step,
+        "eval": evaluation, "features": {k: v for k, v in feats.items() if k != "tsne"} if feats else None,
+        "params": params, "train_episodes": _train_episodes(study.dataset, configs[-1]),
+        "stages": [{k: v for k, v in st.items() if k in ("step", "final_loss", "last_metrics", "samples_per_s",
+                                                         "wall_time_s", "device", "reused")} for st in stages],
+        "timing": {"train_s": round(t1 - t0, 2), "eval_s": round(t2 - t1, 2), "features_s": round(t3 - t2, 2)},
+    }
+    _write_json(root / "result.json", result)
+    sil = feats.get("silhouette_phase") if feats else None
+    log(f"{what}: success {evaluation['success_rate']:.0%} ({evaluation['successes']}/{evaluation['episodes']})"
+        + (f", phase silhouette {sil:.3f}" if sil is not None else ""))
+    return finish(result)
+
+
+def _train_episodes(dataset: str, cfg: DiT4DiTConfig) -> int | None:
+    """Episodes the run trained on (all, or the `train.episodes_per_task` subset)."""
+    try:
+        from ..data.lerobot import LeRobotDataset
+        from ..data.samples import episodes_per_task
+
+        ds = LeRobotDataset(dataset, check_videos=False)
+        n = cfg.train.episodes_per_task
+        return len(ds.episodes) if n is None else len(episodes_per_task(ds, n))
+    except Exception:  # noqa: BLE001 - informative only
+        return None
+
+
+# --------------------------------------------------------------------------------------------
+# the grid
+# --------------------------------------------------------------------------------------------
+
+
+def run_analysis(study: Study, *, evaluator: Evaluator | None = None, progress: bool = True, log: Log = _stderr,
+                 threads: int | None = None, train: bool = True) -> dict[str, Any]:
+    """Run every cell x seed of `study` (skipping finished runs), then aggregate.
+
+    `evaluator(policy) -> result` replaces the built-in closed-loop evaluation (tests, other
+    simulators); its result needs `per_task: {task: {successes, episodes, success_rate}}` and
+    `ci95`. `train=False` only aggregates what the output folder already holds.
+    """
+    from ..envs import toy  # noqa: F401  (registers the toy_reach schema)
+    from .report import write_report
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(int(threads))
+    unknown = [a for a in study.ablations if a not in ABLATIONS]
+    if unknown:
+        raise AnalysisError(f"unknown ablation(s) {unknown}; available: {', '.join(ABLATIONS)}")
+    if study.features not in ("variants", "all", "none"):
+        raise AnalysisError(f"features={study.features!r} must be variants | all | none")
+    if not study.seeds:
+        raise AnalysisError("no seeds given")
+    dataset = Path(study.dataset).expanduser()
+    if train and not (dataset / "meta" / "info.json").is_file():
+        raise AnalysisError(f"dataset {dataset} is not a LeRobot dataset folder (no meta/info.json)")
+    study.dataset = str(dataset)
+    out = Path(study.out).expanduser()
+    study.out = str(out)
+    base = study.base_config()
+    cells = study.cells()
+    for cell in cells:  # every config is checked before anything trains
+        for seed in study.seeds:
+            stage_configs(study, cell, seed)
+    tasks: list[str] = list(study.tasks)
+    if evaluator is None and train:
+        evaluator, tasks = make_evaluator(base, study.dataset, study, threads)
+    elif not train and not tasks:  # report only: keep what the last run evaluated
+        tasks = (_read_json(out / "plan.json") or {}).get("eval_tasks", [])
+    plan = {**{k: (list(v) if isinstance(v, tuple) else v) for k, v in study.__dict__.items()},
+            "eval_tasks": tasks, "train_steps": base.train.steps,
+            "cells": [{"group": c.group, "name": c.name, "label": c.label, "x": c.x,
+                       "stages": [list(s) for s in c.stages]} for c in cells]}
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / "plan.json", plan)
+
+    total = len(cells) * len(study.seeds)
+    t0 = time.perf_counter()
+    twins: dict[str, dict[str, Any]] = {}  # cells with the same configs share one run
+    if train:
+        for k, (cell, seed) in enumerate([(c, s) for c in cells for s in study.seeds]):
+            run_one(study, cell, seed, evaluator, progress=progress, log=log, prefix=f"[{k + 1}/{total}] ", twins=twins)
+    report = write_report(out, plan, cells, study.seeds)
+    report["wall_time_s"] = round(time.perf_counter() - t0, 2)
+    log(f"results: {out / 'results.md'}")
+    return report
