@@ -190,13 +190,17 @@ def register_train(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_train)
 
     bsub = _bench_subparsers(sub)
-    q = bsub.add_parser("train", help="training throughput (samples/s, step time) with synthetic batches")
+    q = bsub.add_parser("train", help="training throughput (samples/s, step time, MFU) with synthetic batches: "
+                                      "our step and the plain two-pass step, side by side")
     q.add_argument("--preset", default="tiny")
     q.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     q.add_argument("--device", default=None)
     q.add_argument("--backbone", default=None)
     q.add_argument("--batch", type=int, default=None)
     q.add_argument("--steps", type=int, default=10)
+    q.add_argument("--no-plain", action="store_true", help="measure our step only")
+    q.add_argument("--peak-tflops", type=float, default=None,
+                   help="device peak for MFU (default: datasheet value for known GPUs, none on CPU)")
     q.add_argument("--threads", type=int, default=None)
     q.add_argument("--out", default=None, help="also write the JSON result here")
     q.add_argument("--json", action="store_true")
@@ -235,11 +239,12 @@ def _train(args):
 
 def _bench_train(args):
     from .config import get_preset
-    from .train.trainer import bench_train
+    from .bench.train import bench_train
 
     _threads(args.threads)
     cfg = get_preset(args.preset, args.overrides)
-    r = bench_train(cfg, device=args.device, steps=args.steps, batch=args.batch, backbone=args.backbone)
+    r = bench_train(cfg, device=args.device, steps=args.steps, batch=args.batch, backbone=args.backbone,
+                    plain=not args.no_plain, peak=args.peak_tflops)
     write_result(args.out, r)
     _emit(args, r, lambda r: json.dumps(r, indent=2, default=str))
     return r
@@ -248,15 +253,26 @@ def _bench_train(args):
 # ------------------------------------------------------------------------------------------ demo
 def register_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="collect, train, evaluate and report, end to end on CPU (offline)")
+    p.add_argument("--env", default="metaworld", choices=["metaworld", "toy"],
+                   help="task suite: MetaWorld button-press-topdown / drawer-open / push (needs the metaworld "
+                        "extra), or the built-in toy_reach task")
     p.add_argument("--out", default="demo_out")
-    p.add_argument("--episodes", type=int, default=120, help="expert episodes to collect")
-    p.add_argument("--steps", type=int, default=400, help="training steps")
-    p.add_argument("--eval-episodes", type=int, default=10, help="evaluation episodes per task")
+    p.add_argument("--episodes", type=int, default=None,
+                   help="expert episodes to collect (per task for metaworld; default: the suite's)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the suite's)")
+    p.add_argument("--train-minutes", type=float, default=None,
+                   help="stop training (with a checkpoint) after this many minutes; 0 = no limit "
+                        "(default: the suite's)")
+    p.add_argument("--eval-episodes", type=int, default=None, help="evaluation episodes per task")
+    p.add_argument("--eval-max-steps", type=int, default=None,
+                   help="steps per evaluation episode (MetaWorld; default its 500-step limit)")
     p.add_argument("--replan-every", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads for training (default 1: the data worker takes another core, and "
-                        "more threads than free cores makes small matmuls far slower)")
+    p.add_argument("--workers", type=int, default=None, help="processes for collection and evaluation "
+                                                             "(default: the CPU cores, at most 4)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads for training (default: all cores; training reads frames from a cache "
+                        "in the main process, so no data worker competes for them)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_demo)
@@ -265,8 +281,9 @@ def register_demo(sub: argparse._SubParsersAction) -> None:
 def _demo(args):
     from .demo import run_demo
 
-    r = run_demo(args.out, episodes=args.episodes, steps=args.steps, eval_episodes=args.eval_episodes,
-                 replan_every=args.replan_every, seed=args.seed, overrides=args.overrides, threads=args.threads)
+    r = run_demo(args.out, env=args.env, episodes=args.episodes, steps=args.steps, eval_episodes=args.eval_episodes,
+                 replan_every=args.replan_every, seed=args.seed, overrides=args.overrides, threads=args.threads,
+                 train_minutes=args.train_minutes, workers=args.workers, eval_max_steps=args.eval_max_steps)
     _emit(args, r, lambda r: f"success {r['eval']['success_rate']:.0%} "
                              f"(95% CI {r['eval']['ci95'][0]:.2f}-{r['eval']['ci95'][1]:.2f}); "
                              f"report in {args.out}/report.md; total {r['timings']['total_s']:.0f} s")
@@ -781,3 +798,13 @@ def _cache_latents(args):
 
 REGISTRATIONS.append(register_embed_text)
 REGISTRATIONS.append(register_cache_latents)
+
+
+# ------------------------------------------------------------------------------------------ analyze
+def register_analyze(sub: argparse._SubParsersAction) -> None:
+    from .analyze import register
+
+    register(sub)
+
+
+REGISTRATIONS.append(register_analyze)

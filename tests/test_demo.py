@@ -1,0 +1,55 @@
+"""`dit4dit demo` end to end on CPU: a few-episode collect, a few training steps, a short
+closed-loop evaluation and the report (MetaWorld suite; the toy suite needs no simulator)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dit4dit.cli import main
+
+
+def _run(tmp_path, env, *extra):
+    out = tmp_path / env
+    rc = main(["demo", "--env", env, "--out", str(out), "--steps", "2", "--eval-episodes", "1", "--workers", "1",
+               "--threads", "1", "--set", "train.batch_size=4", "--set", "train.warmup_steps=1", *extra])
+    assert rc in (None, 0)
+    report = json.loads((out / "results.json").read_text())
+    md = (out / "report.md").read_text()
+    return out, report, md
+
+
+@pytest.mark.slow
+def test_demo_metaworld_end_to_end(tmp_path):
+    pytest.importorskip("metaworld")
+    from dit4dit.demo import METAWORLD_TASKS, SUITES, run_demo
+
+    out, report, md = _run(tmp_path, "metaworld", "--episodes", "1", "--eval-max-steps", "40")
+    assert report["task_suite"] == "metaworld" and report["train"]["step"] == 2
+    assert set(report["eval"]["per_task"]) == set(METAWORLD_TASKS)
+    assert all(t["episodes"] == 1 for t in report["eval"]["per_task"].values())
+    assert report["collect"]["episodes"] == len(METAWORLD_TASKS)
+    for name in ("training_curves.png", "predicted_vs_real.png"):
+        assert (out / "media" / name).is_file()
+    assert "| push-v3 |" in md and "Expert demonstrations" in md and "![rollout](media/eval/videos/" in md
+    assert report["overrides"][: len(SUITES["metaworld"].overrides)] == list(SUITES["metaworld"].overrides)
+    # a second run reuses the dataset and the finished run (no new training step)
+    again = run_demo(out, env="metaworld", steps=2, eval_episodes=1, workers=1, eval_max_steps=5,
+                     overrides=["train.batch_size=4", "train.warmup_steps=1"])
+    assert again["train"]["steps_run"] == 0 and again["eval"]["protocol"]["max_steps"] == 5
+
+
+def test_demo_toy_time_limit_stops_training_with_a_checkpoint(tmp_path):
+    out, report, md = _run(tmp_path, "toy", "--episodes", "6", "--steps", "100000", "--train-minutes", "0.05")
+    tr = report["train"]
+    assert tr["interrupted"] and 0 < tr["step"] < 100000
+    assert (out / "run" / "checkpoints").is_dir()
+    assert "stopped by the 0.05-minute training limit" in md
+
+
+def test_demo_rejects_unknown_suite(tmp_path):
+    from dit4dit.demo import run_demo
+
+    with pytest.raises(ValueError, match="unknown demo suite 'mujoco'"):
+        run_demo(tmp_path, env="mujoco")
