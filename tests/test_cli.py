@@ -75,3 +75,16 @@ def test_missing_dataset_is_a_clear_error_not_a_traceback(tmp_path, capsys):
     assert main(["dataset", "info", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err
     assert "error:" in err and "nope" in err and "Traceback" not in err
+
+
+def test_progress_bars_start_no_monitor_thread():
+    """A forked data-loader worker must not inherit locks held by a background thread: the only
+    one our progress bars would start is tqdm's monitor, which the package turns off."""
+    import threading
+
+    from dit4dit.commands import progress_bar
+
+    update = progress_bar(3, "t")
+    update(1, 3)  # an open bar: tqdm would have started its monitor thread by now
+    assert "TMonitor" not in {type(t).__name__ for t in threading.enumerate()}
+    update(3, 3)

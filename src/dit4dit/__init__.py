@@ -2,3 +2,17 @@
 action DiT that generates robot action chunks by flow matching; both are trained jointly."""
 
 __version__ = "0.1.0"
+
+
+def _no_progress_monitor_thread() -> None:
+    """Turn off tqdm's monitor thread. It wakes every 10 s to refresh any open bar (writing to
+    stderr under tqdm's locks); a data-loader worker forked while it holds those locks starts
+    with them locked and can hang. Our bars are driven by the work itself and do not need it."""
+    try:
+        import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        return
+    tqdm.tqdm.monitor_interval = 0
+
+
+_no_progress_monitor_thread()
