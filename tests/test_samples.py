@@ -568,3 +568,21 @@ def test_commands_info_show_stats_bench(v21_root, tmp_path):
         SCHEMAS.pop("fixture_bot_test")
     json.dumps(bench)
     assert bench["samples_per_s"] > 0 and bench["image_size"] == [32, 64] and bench["machine"]["cpu_count"] >= 1
+
+
+def test_fork_safe_iter_unfreezes_the_collector(v30_root):
+    """Workers fork with the collector frozen (inherited FFmpeg decoders must never be freed in a
+    worker); the parent is unfrozen again afterwards."""
+    import gc
+
+    from dit4dit.data.loader import fork_safe_iter
+
+    ds = LeRobotDataset(v30_root)
+    proc = _fixture_processor(ds, [CAM0], "single", (32, 32))
+    loader = make_loader(TrainingSamples(ds, processor=proc), 4, num_workers=1, seed=3)
+    try:
+        it = fork_safe_iter(loader.loader)
+        assert gc.get_freeze_count() == 0
+        assert next(it)["video"].shape[0] == 4
+    finally:
+        loader.close()

@@ -15,6 +15,7 @@ epoch; :meth:`ResumableLoader.batches` is an endless stream across epochs.
 
 from __future__ import annotations
 
+import gc
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -71,6 +72,25 @@ def _worker_init(worker_id: int) -> None:
     if info is not None:
         seed = info.seed % (2**32)
         np.random.seed(seed)
+
+
+def fork_safe_iter(loader: DataLoader) -> Iterator[Any]:
+    """``iter(loader)`` with the garbage collector kept away from what forked workers inherit.
+
+    Worker processes are forked from this one and inherit its objects, among them open PyAV
+    decoders whose FFmpeg threads exist only here. If a worker's garbage collector freed one of
+    them (e.g. a closed dataset's reader still in a reference cycle), FFmpeg would wait forever
+    for those threads. So: collect garbage here first (where the threads exist), freeze every
+    surviving object out of the collector's reach while the workers fork, then unfreeze here.
+    """
+    if loader.num_workers == 0:
+        return iter(loader)
+    gc.collect()
+    gc.freeze()
+    try:
+        return iter(loader)  # forks the workers (once, with persistent workers)
+    finally:
+        gc.unfreeze()
 
 
 class ResumableLoader:
@@ -132,7 +152,7 @@ class ResumableLoader:
         if self.batch_index >= self.batches_per_epoch:
             self.epoch, self.batch_index = self.epoch + 1, 0
         self.sampler.set_position(self.epoch, self.batch_index)
-        for batch in self.loader:
+        for batch in fork_safe_iter(self.loader):
             self.batch_index += 1
             yield batch
         self.epoch, self.batch_index = self.epoch + 1, 0

@@ -42,6 +42,7 @@ from ..config import ConfigError, DiT4DiTConfig
 from . import checkpoint as ckpt
 from .distributed import (DistInfo, ShardedBatchSampler, Wrapped, all_reduce_mean, barrier, broadcast_flag,
                           choose_strategy, gather_tensors, init_distributed, is_dtensor, seed_for, shutdown, wrap)
+from ..data.loader import fork_safe_iter
 from .logging import RunLogger, progress_bar
 from .optim import EMA, WarmupCosine, build_optimizer, clip_gradients, group_of
 
@@ -222,7 +223,7 @@ class BatchStream:
             self._it = None
         if self._it is None:
             self.sampler.set_position(self.epoch, self.batch)
-            self._it = iter(self.loader)
+            self._it = fork_safe_iter(self.loader)
         batch = next(self._it)
         self.batch += 1
         if self.batch >= self.batches_per_epoch:
