@@ -78,8 +78,8 @@ def test_missing_dataset_is_a_clear_error_not_a_traceback(tmp_path, capsys):
 
 
 def test_progress_bars_start_no_monitor_thread():
-    """A forked data-loader worker must not inherit locks held by a background thread: the only
-    one our progress bars would start is tqdm's monitor, which the package turns off."""
+    """Progress bars start no background thread (tqdm's monitor is turned off by the package), so
+    data-loader workers fork from a process without one."""
     import threading
 
     from dit4dit.commands import progress_bar

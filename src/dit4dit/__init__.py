@@ -5,9 +5,9 @@ __version__ = "0.1.0"
 
 
 def _no_progress_monitor_thread() -> None:
-    """Turn off tqdm's monitor thread. It wakes every 10 s to refresh any open bar (writing to
-    stderr under tqdm's locks); a data-loader worker forked while it holds those locks starts
-    with them locked and can hang. Our bars are driven by the work itself and do not need it."""
+    """Turn off tqdm's monitor thread, which wakes every 10 s to refresh open bars. Our bars are
+    driven by the work itself and do not need it, and data-loader workers fork most safely from a
+    process without background threads."""
     try:
         import tqdm
     except ImportError:  # pragma: no cover - tqdm is a dependency
