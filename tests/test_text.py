@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from dit4dit.config import TextConfig
+from dit4dit.models.backbone import tiny_qwen, tiny_tokenizer
 from dit4dit.models.text import (
     COSMOS_SYSTEM_PROMPT,
-    QWEN2_5_VL_CHAT_TEMPLATE,
     CosmosReason1TextEncoder,
     EmbeddingCache,
     TextEncoder,
@@ -21,8 +21,6 @@ from dit4dit.models.text import (
 
 PROMPTS = ["pick up the red block and place it in the bowl", "open the top drawer"]
 N_LAYERS, HIDDEN = 3, 32
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
-            "<|video_pad|>"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -57,55 +55,11 @@ def test_tiny_encoder_shapes_and_grad():
 # --------------------------------------------------------------------------------------------
 
 
-def _make_tokenizer(chat_template=QWEN2_5_VL_CHAT_TEMPLATE):
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import Qwen2Tokenizer
-
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    bpe.train_from_iterator(PROMPTS + [COSMOS_SYSTEM_PROMPT, "system user assistant"], trainer)
-    merges = json.loads(bpe.to_str())["model"]["merges"]
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in merges]
-    tok = Qwen2Tokenizer(
-        vocab=bpe.get_vocab(), merges=merges, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-        additional_special_tokens=SPECIALS[1:],
-    )
-    tok.chat_template = chat_template
-    return tok
-
-
-def _make_model(tok):
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
-    ids = tok.convert_tokens_to_ids
-    cfg = Qwen2_5_VLConfig(
-        text_config=dict(
-            vocab_size=len(tok), hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=N_LAYERS,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [1, 1, 2]},
-            bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"),
-        ),
-        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=HIDDEN,
-                           fullatt_block_indexes=[0]),
-        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
-    )
-    torch.manual_seed(0)
-    model = Qwen2_5_VLForConditionalGeneration(cfg).eval()
-    with torch.no_grad():  # make layers differ clearly from the init (norm weights are all ones)
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model
-
-
 @pytest.fixture(scope="module")
 def qwen(tmp_path_factory):
     """A Cosmos diffusers layout (`text_encoder/` + `tokenizer/`) and a plain Qwen2.5-VL folder."""
-    tok = _make_tokenizer()
-    model = _make_model(tok)
+    tok = tiny_tokenizer(PROMPTS)
+    model = tiny_qwen(tok, num_layers=N_LAYERS, hidden=HIDDEN)
     root = tmp_path_factory.mktemp("qwen")
     model.save_pretrained(root / "cosmos" / "text_encoder")
     tok.save_pretrained(root / "cosmos" / "tokenizer")
