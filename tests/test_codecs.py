@@ -77,17 +77,10 @@ def test_build_codec_pixel():
 def vae_root(tmp_path_factory):
     from diffusers import AutoencoderKLWan
 
+    from dit4dit.models.backbone import TINY_VAE
+
     torch.manual_seed(0)
-    vae = AutoencoderKLWan(
-        base_dim=8,
-        z_dim=16,
-        dim_mult=[1, 1, 1, 1],
-        num_res_blocks=1,
-        attn_scales=[],
-        temperal_downsample=[False, True, True],
-        latents_mean=MEAN,
-        latents_std=STD,
-    )
+    vae = AutoencoderKLWan(**{**TINY_VAE, "latents_mean": MEAN, "latents_std": STD})
     root = tmp_path_factory.mktemp("cosmos")
     vae.save_pretrained(root / "vae")
     return root
