@@ -26,11 +26,7 @@ import torch
 from .. import flow
 from ..config import DiT4DiTConfig
 from ..models.dit4dit import DiT4DiT
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from . import device_name, sync
 
 
 def naive_policy_step(model: DiT4DiT, cond_video: torch.Tensor, state: torch.Tensor, prompts: list[str],
@@ -69,10 +65,10 @@ def plain_copy(model: DiT4DiT) -> DiT4DiT:
 
 
 def _time(fn: Callable[[], Any], device: torch.device) -> float:
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     fn()
-    _sync(device)
+    sync(device)
     return time.perf_counter() - t0
 
 
@@ -158,7 +154,7 @@ def bench_inference(model: DiT4DiT, *, batch: int = 1, warmup: int = 2, iters: i
     return {
         "benchmark": "inference",
         "preset": cfg.name,
-        "device": _device_name(device),
+        "device": device_name(device),
         "precision": str(model.video_dtype).replace("torch.", ""),
         "batch": batch,
         "feature_blocks": cfg.feature_blocks,
@@ -185,9 +181,3 @@ def bench_inference(model: DiT4DiT, *, batch: int = 1, warmup: int = 2, iters: i
         "load_average_1m": {"before": load_before[0], "after": os.getloadavg()[0]},
         "host": platform.node(),
     }
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"

@@ -30,8 +30,9 @@ import torch
 from ..config import DiT4DiTConfig, override
 from ..train.distributed import DistInfo, wrap
 from ..train.optim import EMA, WarmupCosine, build_optimizer
-from ..train.trainer import (StepRunner, SyntheticSamples, _LossModule, check_train_config, default_collate,
-                             freeze_frozen_parts, resolve_precision)
+from ..train.trainer import (StepRunner, SyntheticSamples, _autocast, _LossModule, check_train_config,
+                             default_collate, freeze_frozen_parts, resolve_precision)
+from . import device_name, sync
 
 # Dense peak TFLOP/s by (device-name fragment, precision) — vendor datasheet values (no sparsity).
 # Matched in order, so the more specific fragments come first.
@@ -49,17 +50,6 @@ def peak_tflops(device_name: str, precision: str) -> float | None:
         if fragment in device_name and prec == precision:
             return tflops
     return None
-
-
-def _device_label(dev: torch.device) -> str:
-    if dev.type == "cuda":
-        return torch.cuda.get_device_name(dev)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
-def _sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
 
 
 def plain_loss(model: torch.nn.Module, batch: dict, generator: torch.Generator):
@@ -128,8 +118,6 @@ class _Step:
                       for k, v in fixed.items()}
         self.flops = None
         if flops_batch is not None:  # counted on a slice of the batch and scaled (FLOPs are linear in it)
-            from ..train.trainer import _autocast
-
             part = {k: v[:flops_batch] for k, v in self.batch.items()}
             with _autocast(dev, precision):
                 flops = count_step_flops(model, part, torch.Generator(device=dev).manual_seed(0))
@@ -141,7 +129,7 @@ class _Step:
         self.n += 1
         t0 = time.perf_counter()
         self.runner.step(self.n, lambda: self.batch)
-        _sync(self.dev)
+        sync(self.dev)
         if record:
             self.times.append(time.perf_counter() - t0)
 
@@ -171,7 +159,7 @@ class _Step:
 def _run_alone(step: _Step, steps: int, warmup: int) -> dict[str, Any]:
     for _ in range(max(0, warmup)):
         step.step(record=False)
-    _sync(step.dev)
+    sync(step.dev)
     if step.dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(step.dev)
     for _ in range(steps):
@@ -203,7 +191,7 @@ def bench_train(cfg: DiT4DiTConfig, device: str | torch.device | None = None, st
     if count_flops:
         flops_batch = 1 if cfg.video_loss_fraction >= 1.0 else tc.batch_size
 
-    label = _device_label(dev)
+    label = device_name(dev)
     plain_cfg = override(cfg, ["share_video_passes=false", "train.fused_adam=false"])
     # Side by side: on CPU both steps are built and timed alternately, so load drift hits both
     # alike; on a GPU one 2B model with its optimizer state fills most of the memory, so they run
