@@ -39,10 +39,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..config import ConfigError, DiT4DiTConfig
+from ..data.loader import fork_safe_iter
 from . import checkpoint as ckpt
 from .distributed import (DistInfo, ShardedBatchSampler, Wrapped, all_reduce_mean, barrier, broadcast_flag,
                           choose_strategy, gather_tensors, init_distributed, is_dtensor, seed_for, shutdown, wrap)
-from ..data.loader import fork_safe_iter
 from .logging import RunLogger, progress_bar
 from .optim import EMA, WarmupCosine, build_optimizer, clip_gradients, group_of
 
@@ -564,7 +564,7 @@ class Trainer:
         return bool(missing)
 
     def _on_signal(self, signum, frame) -> None:  # noqa: ARG002
-        self._stop_requested = True
+        self.request_stop()
 
     def request_stop(self) -> None:
         """Finish the current step, save a checkpoint and return (thread-safe; e.g. a time limit)."""
@@ -974,8 +974,3 @@ def image_strip(model: nn.Module, batch: dict, step: int) -> np.ndarray:  # noqa
 
     img = torch.cat([to_img(real), to_img(pred.float())], dim=0)
     return ((img.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
-
-
-# --------------------------------------------------------------------------------------------
-# Benchmark
-# --------------------------------------------------------------------------------------------
