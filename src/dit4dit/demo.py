@@ -29,6 +29,7 @@ import torch
 
 from .commands import progress_bar
 from .config import get_preset
+from .envs.toy import TASKS as TOY_TASKS
 
 
 def _log(msg: str) -> None:
@@ -48,7 +49,9 @@ class Suite:
 
     name: str
     title: str
-    episodes: int  # default demonstrations (per task where the suite has tasks)
+    tasks: int  # tasks evaluated
+    episodes_per_task: bool  # whether `episodes` counts per task (else in total)
+    episodes: int  # default demonstrations
     steps: int  # default training steps
     eval_episodes: int  # default evaluation episodes per task
     train_minutes: float  # default training time limit
@@ -104,10 +107,12 @@ METAWORLD_OVERRIDES = (
 )
 
 SUITES: dict[str, Suite] = {
-    "metaworld": Suite("metaworld", "MetaWorld " + ", ".join(METAWORLD_TASKS), episodes=40, steps=2600,
+    "metaworld": Suite("metaworld", "MetaWorld " + ", ".join(METAWORLD_TASKS), tasks=len(METAWORLD_TASKS),
+                       episodes_per_task=True, episodes=40, steps=2600,
                        eval_episodes=20, train_minutes=18.0, overrides=METAWORLD_OVERRIDES,
                        collect=_collect_metaworld, evaluate=_evaluate_metaworld),
-    "toy": Suite("toy", "built-in toy_reach (pixels + instruction)", episodes=120, steps=400, eval_episodes=10,
+    "toy": Suite("toy", "built-in toy_reach (pixels + instruction)", tasks=len(TOY_TASKS), episodes_per_task=False,
+                 episodes=120, steps=400, eval_episodes=10,
                  train_minutes=20.0,
                  overrides=("schema=toy_reach", "inputs.cameras=[\"image\"]", "inputs.image_size=[64,64]",
                             "inputs.fps=10.0"),
@@ -167,8 +172,9 @@ def run_demo(out: str | Path, *, env: str = "metaworld", episodes: int | None = 
         _log(f"reusing the dataset at {data_dir}")
         collected = json.loads((out / "collect.json").read_text()) if (out / "collect.json").is_file() else {}
     else:
-        _log(f"collecting {episodes} expert episodes{' per task' if env != 'toy' else ''} of {suite.title} ...")
-        total = episodes * (len(METAWORLD_TASKS) if env == "metaworld" else 1)
+        _log(f"collecting {episodes} expert episodes{' per task' if suite.episodes_per_task else ''} of "
+             f"{suite.title} ...")
+        total = episodes * (suite.tasks if suite.episodes_per_task else 1)
         collected = suite.collect(data_dir, episodes, seed, workers, progress_bar(total, "collect"))
         (out / "collect.json").write_text(json.dumps(collected, indent=2, default=str))
     timings["collect_s"] = time.perf_counter() - t_start
@@ -197,9 +203,8 @@ def run_demo(out: str | Path, *, env: str = "metaworld", episodes: int | None = 
     # 3. evaluate closed loop on held-out layouts
     t0 = time.perf_counter()
     _log(f"evaluating {eval_episodes} episodes per task, executing {replan_every} actions per chunk ...")
-    n_tasks = len(METAWORLD_TASKS) if env == "metaworld" else 2
     results = suite.evaluate(run_dir, eval_episodes, replan_every, seed, media, workers,
-                             progress_bar(eval_episodes * n_tasks, "evaluate"), max_steps=eval_max_steps)
+                             progress_bar(eval_episodes * suite.tasks, "evaluate"), max_steps=eval_max_steps)
     timings["eval_s"] = time.perf_counter() - t0
 
     # 4. pictures
