@@ -29,29 +29,22 @@ GROUP_TITLES = {
 }
 
 
-def _read(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
+def _mean_feature_score(runs: Sequence[dict[str, Any]], key: str) -> float | None:
+    """Mean over the runs of one feature-analysis score (runs without it are skipped)."""
+    values = [r["features"][key] for r in runs if r.get("features") and r["features"].get(key) is not None]
+    return float(np.mean(values)) if values else None
 
 
 def aggregate(out: Path, cells: Sequence[Cell], seeds: Sequence[int]) -> list[dict[str, Any]]:
     """One row per cell from the runs' ``result.json`` files (cells without results included)."""
-    from .runner import run_dir
+    from .runner import _read_json, run_dir
 
     rows = []
     for cell in cells:
-        runs = [r for s in seeds if (r := _read(run_dir(out, cell, s) / "result.json")) is not None]
+        runs = [r for s in seeds if (r := _read_json(run_dir(out, cell, s) / "result.json")) is not None]
         rates = [float(r["eval"]["success_rate"]) for r in runs]
         succ = sum(int(r["eval"]["successes"]) for r in runs)
         eps = sum(int(r["eval"]["episodes"]) for r in runs)
-        sil = [r["features"]["silhouette_phase"] for r in runs
-               if r.get("features") and r["features"].get("silhouette_phase") is not None]
-        sil_task = [r["features"]["silhouette_phase_within_task"] for r in runs
-                    if r.get("features") and r["features"].get("silhouette_phase_within_task") is not None]
-        sil_tsne = [r["features"]["silhouette_phase_tsne"] for r in runs
-                    if r.get("features") and r["features"].get("silhouette_phase_tsne") is not None]
         per_task: dict[str, list[int]] = {}
         for r in runs:
             for t, v in r["eval"]["per_task"].items():
@@ -68,9 +61,8 @@ def aggregate(out: Path, cells: Sequence[Cell], seeds: Sequence[int]) -> list[di
             "ci95": list(wilson_interval(succ, eps)) if eps else None,
             "per_task": {t: {"successes": a, "episodes": b, "success_rate": a / b if b else None}
                          for t, (a, b) in per_task.items()},
-            "silhouette_phase": float(np.mean(sil)) if sil else None,
-            "silhouette_phase_within_task": float(np.mean(sil_task)) if sil_task else None,
-            "silhouette_phase_tsne": float(np.mean(sil_tsne)) if sil_tsne else None,
+            **{key: _mean_feature_score(runs, key)
+               for key in ("silhouette_phase", "silhouette_phase_within_task", "silhouette_phase_tsne")},
             "train_s_mean": float(np.mean([r["timing"]["train_s"] for r in runs])) if runs else None,
             "train_episodes": runs[0].get("train_episodes") if runs else None,
             "params": runs[0].get("params") if runs else None,
@@ -304,7 +296,7 @@ def tsne_plot(panels: list[tuple[str, dict[str, Any]]], path: Path) -> Path | No
 
 def write_report(out: Path, plan: dict[str, Any], cells: Sequence[Cell], seeds: Sequence[int]) -> dict[str, Any]:
     """Aggregate, plot, and write ``results.json`` + ``results.md`` in ``out``; returns the aggregate."""
-    from .runner import run_dir
+    from .runner import _read_json, run_dir
 
     out = Path(out)
     rows = aggregate(out, cells, seeds)
@@ -322,7 +314,7 @@ def write_report(out: Path, plan: dict[str, Any], cells: Sequence[Cell], seeds: 
     panels = []
     for cell in cells:  # the first seed that has a feature analysis
         for s in seeds:
-            f = _read(run_dir(out, cell, s) / "features.json")
+            f = _read_json(run_dir(out, cell, s) / "features.json")
             if f is not None:
                 panels.append((f"{cell.key} (seed {s})", f["result"]))
                 break
