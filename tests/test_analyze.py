@@ -54,7 +54,7 @@ def toy_data(tmp_path_factory):
 def test_static_encoder_shapes_loss_and_conditioning_frames_only():
     cfg = tiny_cfg("encoder=static_image", "mode=action_only", "action.dropout=0.0")
     torch.manual_seed(0)
-    model = DiT4DiT.from_config(cfg)
+    model = DiT4DiT.from_config(cfg, random_weights=True)
     assert model.video_dit is None and set(model.trainable_modules()) == {"image_encoder", "action_dit",
                                                                           "text_encoder"}
     batch = _batch(cfg)
@@ -136,7 +136,7 @@ def test_static_encoder_checkpoint_round_trip(tmp_path):
 def test_feature_pool_mean_is_the_mean_of_the_block_outputs():
     cfg = tiny_cfg("video.num_layers=3", "feature_blocks=3")
     torch.manual_seed(0)
-    video = DiT4DiT.from_config(cfg).video_dit.eval()
+    video = DiT4DiT.from_config(cfg, random_weights=True).video_dit.eval()
     g = torch.Generator().manual_seed(0)
     c = cfg.video.latent_channels
     lat, noise = torch.randn(4, c, 2, 4, 4, generator=g), torch.randn(4, c, 2, 4, 4, generator=g)
@@ -189,7 +189,7 @@ def test_decoupled_stage_two_freezes_the_video_dit(tmp_path):
                        init["video_dit.transformer.proj_out.weight"])
 
     # the freeze itself: no gradient, no optimiser group
-    m = DiT4DiT.from_config(stage2)
+    m = DiT4DiT.from_config(stage2, random_weights=True)
     counts = freeze_frozen_parts(m, freeze_video=True)
     assert "video_dit" not in counts and not any(p.requires_grad for p in m.video_dit.parameters())
     assert {g.family for g in param_groups(m, stage2.train)} == {"action_dit"}
@@ -208,7 +208,7 @@ def test_freeze_video_and_init_from_errors(tmp_path):
     train(small, SyntheticSamples(small, num_samples=4), tmp_path / "small", progress=False)
     other = tiny_cfg("action.num_layers=3")
     with pytest.raises(ckpt.CheckpointError, match="action_dit"):
-        ckpt.init_weights_from(DiT4DiT.from_config(other), tmp_path / "small")
+        ckpt.init_weights_from(DiT4DiT.from_config(other, random_weights=True), tmp_path / "small")
     # resuming a checkpoint whose config predates the new fields: they count at their defaults
     cfg_file = tmp_path / "small" / "checkpoints" / "step_000001" / "config.json"
     d = json.loads(cfg_file.read_text())

@@ -76,7 +76,10 @@ def test_round_trip_weights_optimizer_ema_rng(tmp_path):
     loaded = ckpt.load_checkpoint(tmp_path / "run")
     assert loaded.path == path and loaded.step == 1 and loaded.config == cfg
     weights = loaded.model_state()
-    assert all(k.startswith(("video_dit.", "action_dit.", "text_encoder.")) for k in weights)
+    assert all(k.startswith(("video_dit.", "action_dit.", "text_encoder.", "codec.")) for k in weights)
+    # the pca codec's basis travels with the weights (model2 below starts unfitted)
+    assert {k for k in weights if k.startswith("codec.")} == {"codec.mean", "codec.components", "codec.scale",
+                                                              "codec.explained"}
     torch.manual_seed(123)
     from dit4dit.models.dit4dit import DiT4DiT
 

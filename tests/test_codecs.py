@@ -1,4 +1,5 @@
-"""Latent codecs: pixel space-to-depth and the frozen Wan2.1 VAE (tiny checkpoint built here)."""
+"""Latent codecs: pixel space-to-depth, the data-fitted PCA codec and the frozen Wan2.1 VAE (tiny
+checkpoint built here)."""
 
 import json
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 
 from dit4dit.config import CodecConfig
-from dit4dit.models.codecs import LatentCodec, PixelCodec, WanVAECodec, build_codec
+from dit4dit.models.codecs import LatentCodec, PCACodec, PixelCodec, WanVAECodec, build_codec
 
 # Non-trivial statistics: std far from 1 so that dividing and multiplying by it differ clearly.
 MEAN = [0.1 * i - 0.7 for i in range(16)]
@@ -66,6 +67,98 @@ def test_pixel_validation():
 def test_build_codec_pixel():
     codec = build_codec(CodecConfig(kind="pixel", pixel_factor=4))
     assert isinstance(codec, PixelCodec) and isinstance(codec, LatentCodec) and codec.latent_channels == 48
+
+
+# --------------------------------------------------------------------------------------------
+# PCA codec
+# --------------------------------------------------------------------------------------------
+
+
+def _low_rank_frames(rank, factor=4, b=6, t=2, h=16, w=16, seed=0):
+    """Frames whose f x f patches lie in a `rank`-dim affine subspace with distinct variances."""
+    g = torch.Generator().manual_seed(seed)
+    d = 3 * factor * factor
+    basis, _ = torch.linalg.qr(torch.randn(d, rank, generator=g, dtype=torch.float64))
+    n = b * t * (h // factor) * (w // factor)
+    coef = torch.randn(n, rank, generator=g, dtype=torch.float64) * torch.linspace(0.3, 0.05, rank, dtype=torch.float64)
+    offset = torch.randn(d, generator=g, dtype=torch.float64) * 0.1
+    patches = (coef @ basis.T + offset).float().reshape(b, t, h // factor, w // factor, d).movedim(-1, 1)
+    return PixelCodec(factor).decode(patches), basis.T.float()
+
+
+def test_pca_codec_recovers_a_low_rank_subspace():
+    frames, basis = _low_rank_frames(rank=5)
+    codec = PCACodec(factor=4, channels=5)
+    assert not codec.fitted
+    explained = codec.fit(frames)
+    assert codec.fitted and explained == pytest.approx(1.0, abs=1e-5)
+    z = codec.encode(frames)
+    assert z.shape == (6, 5, 2, 4, 4)
+    # Normalised latents: zero mean and unit variance per channel on the fitting data.
+    flat = z.movedim(1, -1).reshape(-1, 5)
+    torch.testing.assert_close(flat.mean(0), torch.zeros(5), atol=1e-4, rtol=0)
+    torch.testing.assert_close(flat.std(0), torch.ones(5), atol=1e-3, rtol=0)
+    # Orthonormal components spanning the data's subspace; decode inverts encode there.
+    torch.testing.assert_close(codec.components @ codec.components.T, torch.eye(5), atol=1e-5, rtol=0)
+    proj = basis @ codec.components.T  # (5, 5): an orthogonal matrix when the spans agree
+    torch.testing.assert_close(proj @ proj.T, torch.eye(5), atol=1e-4, rtol=0)
+    torch.testing.assert_close(codec.decode(z), frames, atol=1e-4, rtol=0)
+    # Components come sorted by variance.
+    assert torch.all(codec.scale[:-1] >= codec.scale[1:])
+
+
+def test_pca_codec_keeps_the_top_components_only():
+    frames, _ = _low_rank_frames(rank=6)
+    codec = PCACodec(factor=4, channels=2)
+    explained = codec.fit(frames)
+    assert 0.2 < explained < 0.999
+    # The reconstruction error is the variance left out: 1 - explained of the centred patches.
+    x = PixelCodec(4).encode(frames)
+    rec = PixelCodec(4).encode(codec.decode(codec.encode(frames)))
+    centred = x - x.mean(dim=(0, 2, 3, 4), keepdim=True)
+    left = ((x - rec) ** 2).sum() / (centred ** 2).sum()
+    assert float(left) == pytest.approx(1 - explained, abs=1e-3)
+
+
+def test_pca_codec_full_rank_is_an_exact_round_trip_and_fit_is_deterministic():
+    x = _frames(b=3, t=2, h=8, w=8)
+    a, b = PCACodec(factor=2, channels=12), PCACodec(factor=2, channels=12)
+    a.fit(x)
+    b.fit(x.clone())
+    for name, t in a.state_dict().items():
+        assert torch.equal(t, b.state_dict()[name]), name
+    torch.testing.assert_close(a.decode(a.encode(x)), x, atol=1e-4, rtol=0)
+
+
+def test_pca_codec_refuses_before_fitting_and_bad_channels():
+    codec = PCACodec(factor=4, channels=3)
+    with pytest.raises(RuntimeError, match="not fitted"):
+        codec.encode(_frames(h=16, w=16))
+    with pytest.raises(RuntimeError, match="not fitted"):
+        codec.decode(torch.zeros(1, 3, 1, 4, 4))
+    with pytest.raises(ValueError, match="channels"):
+        PCACodec(factor=2, channels=13)
+    with pytest.raises(ValueError, match="channels"):
+        PCACodec(factor=2, channels=0)
+    codec.randomize(seed=1)
+    z = codec.encode(_frames(h=16, w=16))
+    assert z.shape == (2, 3, 5, 4, 4)
+    with pytest.raises(ValueError, match=r"expects latents \(B, 3"):
+        codec.decode(torch.zeros(1, 4, 1, 4, 4))
+
+
+def test_build_pca_codec_and_config_checks():
+    from dit4dit.config import ConfigError, get_preset
+
+    codec = build_codec(CodecConfig(kind="pca", pixel_factor=8, pca_channels=16))
+    assert isinstance(codec, PCACodec) and codec.latent_channels == 16 and not codec.fitted
+    assert build_codec(CodecConfig(kind="pca", pixel_factor=8, pca_channels=16), random_weights=True).fitted
+    cfg = get_preset("tiny")
+    assert cfg.codec.kind == "pca" and cfg.video.in_channels == cfg.codec.pca_channels + 1
+    with pytest.raises(ConfigError, match="in_channels must be 33"):
+        get_preset("tiny", ["codec.pca_channels=32"])
+    with pytest.raises(ConfigError, match="pca_channels=200"):
+        get_preset("tiny", ["codec.pca_channels=200", "video.in_channels=201", "video.out_channels=200"])
 
 
 # --------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ def _act(model, cond, state, prompts, seed=3):
 def test_compiled_inference_matches_eager():
     cfg = get_preset("tiny", SMALL)
     torch.manual_seed(0)
-    model = DiT4DiT.from_config(cfg).eval()
+    model = DiT4DiT.from_config(cfg, random_weights=True).eval()
     cond, state, prompts = _inputs(cfg)
     eager = _act(model, cond, state, prompts)
     model.compile_for_inference()
@@ -38,8 +38,8 @@ def test_compiled_inference_matches_eager():
 def test_bf16_video_dit_agrees_with_fp32_within_bf16_tolerance():
     cfg = get_preset("tiny", SMALL)
     torch.manual_seed(0)
-    ref = DiT4DiT.from_config(cfg).eval()
-    fast = DiT4DiT.from_config(cfg).eval()
+    ref = DiT4DiT.from_config(cfg, random_weights=True).eval()
+    fast = DiT4DiT.from_config(cfg, random_weights=True).eval()
     fast.load_state_dict(ref.state_dict())
     fast.video_dit.to(torch.bfloat16)
     cond, state, prompts = _inputs(cfg, b=2)
@@ -62,7 +62,7 @@ def test_fast_bf16_path_agrees_with_plain_fp32_autocast_path():
 
     cfg = get_preset("tiny", SMALL + ["video.num_layers=3", "feature_blocks=2"])
     torch.manual_seed(0)
-    fast = DiT4DiT.from_config(cfg).eval()
+    fast = DiT4DiT.from_config(cfg, random_weights=True).eval()
     fast.video_dit.to(torch.bfloat16)
     plain = plain_copy(fast)
     assert next(plain.video_dit.parameters()).dtype == torch.float32

@@ -34,7 +34,7 @@ def make_batch(cfg, b=4, seed=0):
 
 def build(cfg, seed=0):
     torch.manual_seed(seed)
-    return DiT4DiT.from_config(cfg)
+    return DiT4DiT.from_config(cfg, random_weights=True)
 
 
 def test_loss_parts_and_modes():
@@ -102,7 +102,7 @@ def test_masked_action_loss_ignores_padded_dims_and_steps():
 def test_overfits_one_small_batch():
     # A fixed batch with fixed noise and timesteps (the generator is reseeded every step), so the
     # dual flow-matching loss has no irreducible variance and must fall at least tenfold.
-    cfg = small_cfg("video.timestep_scale=1000.0", "codec.pixel_factor=4", "video.in_channels=49",
+    cfg = small_cfg("video.timestep_scale=1000.0", "codec.kind=pixel", "codec.pixel_factor=4", "video.in_channels=49",
                     "video.out_channels=48")
     m = build(cfg)
     batch = make_batch(cfg, b=2)

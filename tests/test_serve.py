@@ -50,7 +50,7 @@ def tiny_policy(tmp_path_factory):
     proc = Processor.for_dataset(LeRobotDataset(root), "toy_reach", cfg.inputs, action_horizon=cfg.action.action_horizon,
                                  progress=False)
     torch.manual_seed(0)
-    return Policy(DiT4DiT.from_config(cfg), proc)
+    return Policy(DiT4DiT.from_config(cfg, random_weights=True), proc)
 
 
 @pytest.fixture(scope="module")

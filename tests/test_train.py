@@ -46,7 +46,7 @@ def build_model(cfg):
     from dit4dit.models.dit4dit import DiT4DiT
 
     torch.manual_seed(0)
-    model = DiT4DiT.from_config(cfg)
+    model = DiT4DiT.from_config(cfg, random_weights=True)
     freeze_frozen_parts(model)
     return model
 
@@ -201,6 +201,39 @@ def test_resume_may_extend_steps_but_not_change_the_model(tmp_path):
         train(cfg, data, tmp_path / "empty", progress=False, resume=True)
 
 
+def test_pca_codec_is_fitted_on_the_training_frames_and_travels_with_the_checkpoint(tmp_path):
+    from dit4dit.models.codecs import PCACodec
+    from dit4dit.models.dit4dit import DiT4DiT
+    from dit4dit.train.trainer import fit_codec
+
+    cfg = tiny_cfg("train.steps=2")
+    data = SyntheticSamples(cfg, num_samples=8)
+    s = train(cfg, data, tmp_path / "run", progress=False)
+    fit = s["codec_fit"]
+    assert fit["kind"] == "pca" and fit["channels"] == cfg.codec.pca_channels and 0 < fit["explained_variance"] <= 1
+    # the basis is the one fitted on these frames (all 8 samples, deterministic), not a random one
+    ref = PCACodec(cfg.codec.pixel_factor, cfg.codec.pca_channels)
+    ref.fit(torch.stack([data[i]["video"] for i in range(8)]).float())
+    model, _, _ = ckpt.load_policy(tmp_path / "run")
+    for name, t in ref.state_dict().items():
+        torch.testing.assert_close(model.codec.state_dict()[name], t, msg=name)
+    # resuming keeps the saved basis (it is not refitted on other data)
+    other = SyntheticSamples(cfg, num_samples=8, seed=5)
+    train(tiny_cfg("train.steps=3"), other, tmp_path / "run", progress=False, resume=True)
+    resumed, _, _ = ckpt.load_policy(tmp_path / "run")
+    assert torch.equal(resumed.codec.components, model.codec.components)
+    # a staged run (train.init_from) takes the basis its video DiT was trained with
+    m = DiT4DiT.from_config(cfg)
+    ckpt.init_weights_from(m, tmp_path / "run")
+    assert m.codec.fitted and fit_codec(m, other, seed=0) is None
+    assert torch.equal(m.codec.components, model.codec.components)
+    # a codec that is fitted on the data cannot have its latents cached ahead of training
+    from dit4dit.models.backbone import BackboneError, codec_identity
+
+    with pytest.raises(BackboneError, match="pca"):
+        codec_identity(cfg)
+
+
 # ------------------------------------------------------------------------------------------
 # bad input
 # ------------------------------------------------------------------------------------------
@@ -344,7 +377,7 @@ def test_step_flops_scale_with_the_batch_and_plain_loss_equals_ours():
 
     cfg = tiny_cfg("repeated_diffusion_steps=3")
     torch.manual_seed(0)
-    model = DiT4DiT.from_config(cfg)
+    model = DiT4DiT.from_config(cfg, random_weights=True)
     samples = SyntheticSamples(cfg, num_samples=4)
     b2 = default_collate([samples[i] for i in range(2)])
     b4 = default_collate([samples[i] for i in range(4)])

@@ -101,10 +101,12 @@ class ActionDiTConfig:
 
 @dataclass(frozen=True)
 class CodecConfig:
-    """Latent codec: `pixel` (parameter-free space-to-depth) or `wan_vae` (frozen Wan2.1 VAE)."""
+    """Latent codec: `pixel` (parameter-free space-to-depth), `pca` (space-to-depth + principal
+    components fitted on the training frames) or `wan_vae` (frozen Wan2.1 VAE)."""
 
-    kind: Literal["pixel", "wan_vae"] = "wan_vae"
-    pixel_factor: int = 8  # space-to-depth factor of the pixel codec
+    kind: Literal["pixel", "pca", "wan_vae"] = "wan_vae"
+    pixel_factor: int = 8  # space-to-depth factor of the pixel and pca codecs
+    pca_channels: int = 16  # latent channels of the pca codec (principal components per patch)
     path: str | None = None  # folder holding the VAE (diffusers layout); None = `<backbone>/vae`
     subfolder: str | None = "vae"
 
@@ -259,11 +261,14 @@ class DiT4DiTConfig:
             errs.append("lambda_video must be >= 0")
         if self.num_action_steps < 1 or self.num_video_steps < 1 or self.feature_denoise_steps < 1:
             errs.append("step counts must be >= 1")
-        if self.codec.kind == "pixel":
+        if self.codec.kind in ("pixel", "pca"):
             f = self.codec.pixel_factor
-            want = 3 * f * f + 1
+            want = (3 * f * f if self.codec.kind == "pixel" else self.codec.pca_channels) + 1
+            if self.codec.kind == "pca" and not 1 <= self.codec.pca_channels <= 3 * f * f:
+                errs.append(f"codec.pca_channels={self.codec.pca_channels} must be in [1, {3 * f * f}] (3 x {f} x {f})")
             if self.video.in_channels != want:
-                errs.append(f"pixel codec with factor {f} gives {want - 1} latent channels; video.in_channels must be {want}")
+                errs.append(f"{self.codec.kind} codec with factor {f} gives {want - 1} latent channels; "
+                            f"video.in_channels must be {want}")
             h, w = self.inputs.image_size
             ph, pw = self.video.patch_size[1:]
             if h % (f * ph) or w % (f * pw):
@@ -486,10 +491,11 @@ def _robocasa_gr1() -> DiT4DiTConfig:
 
 @register_preset("tiny")
 def _tiny() -> DiT4DiTConfig:
-    """A few-million-parameter model trained from scratch on CPU: pixel codec, tiny text encoder."""
+    """A few-million-parameter model trained from scratch on CPU: pca codec (16 channels per 8 x 8
+    patch, fitted on the training frames), tiny text encoder."""
     video = VideoDiTConfig(
-        in_channels=3 * 8 * 8 + 1,
-        out_channels=3 * 8 * 8,
+        in_channels=16 + 1,
+        out_channels=16,
         num_attention_heads=4,
         attention_head_dim=32,
         num_layers=4,
@@ -522,7 +528,7 @@ def _tiny() -> DiT4DiTConfig:
         name="tiny",
         video=video,
         action=action,
-        codec=CodecConfig(kind="pixel", pixel_factor=8),
+        codec=CodecConfig(kind="pca", pixel_factor=8, pca_channels=16),
         text=TextConfig(kind="tiny", max_length=32, width=128, num_layers=1, num_heads=4),
         inputs=InputConfig(cameras=("image",), camera_layout="single", image_size=(64, 64),
                            num_cond_frames=1, num_future_frames=2, frame_stride=4, fps=20.0),

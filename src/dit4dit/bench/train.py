@@ -98,7 +98,7 @@ class _Step:
         tc = cfg.train
         self.cfg, self.dev, self.plain = cfg, dev, plain
         torch.manual_seed(tc.seed)
-        model = DiT4DiT.from_config(cfg, backbone, video_dtype=torch.float32)
+        model = DiT4DiT.from_config(cfg, backbone, video_dtype=torch.float32, random_weights=backbone is None)
         self.counts = freeze_frozen_parts(model)
         model.to(dev).train()
         optimizer = build_optimizer(model, tc, dev)

@@ -521,6 +521,9 @@ def codec_identity(cfg: DiT4DiTConfig, backbone: "str | os.PathLike | Backbone |
     `wan_vae:<hash of the VAE folder>` for the Wan VAE (from `codec.path` or `<backbone>/vae`)."""
     if cfg.codec.kind == "pixel":
         return f"pixel:{cfg.codec.pixel_factor}"
+    if cfg.codec.kind == "pca":
+        raise BackboneError("codec.kind='pca' is fitted on the training frames when training starts, so its "
+                            "latents cannot be cached ahead of training: train from frames (--frame-cache)")
     from .codecs import resolve_vae_folder
 
     path = cfg.codec.path

@@ -1,10 +1,16 @@
 """Latent codecs: map video frames in [-1, 1] to the (normalised) latent space the video DiT sees.
 
-Two codecs share one interface (`LatentCodec`):
+Three codecs share one interface (`LatentCodec`):
 
 - `PixelCodec(factor)`: parameter-free space-to-depth. A frame (3, H, W) becomes
-  (3 * f * f, H / f, W / f); `decode` is its exact inverse. Used by the tiny models trained from
-  scratch on CPU.
+  (3 * f * f, H / f, W / f); `decode` is its exact inverse.
+- `PCACodec(factor, channels)`: space-to-depth followed by a projection onto the `channels`
+  principal components of the training frames' f x f patches, each component scaled to unit
+  variance. It compresses like the Wan VAE (16 channels per 8 x 8 patch by default), so a small
+  video DiT has room in its width for a whole token; without compression a 128-wide tiny model
+  reading 768 raw values a token cannot represent the i.i.d. noise in the velocity target and its
+  video loss stalls near 1 - 128/768. The basis is fitted on the dataset when training starts
+  (`fit`) and saved with the checkpoint (`codec.*` in model.safetensors). Used by the tiny preset.
 - `WanVAECodec`: the frozen Wan2.1 VAE (`diffusers.AutoencoderKLWan`) used by Cosmos-Predict2.5.
   Causal in time: T = 1 + 4k frames give 1 + k latent frames, the first frame is encoded on its
   own, so the conditioning frame alone can be encoded without padding the clip.
@@ -29,7 +35,7 @@ from torch import Tensor, nn
 
 from dit4dit.config import CodecConfig
 
-__all__ = ["LatentCodec", "PixelCodec", "WanVAECodec", "build_codec"]
+__all__ = ["LatentCodec", "PixelCodec", "PCACodec", "WanVAECodec", "build_codec"]
 
 
 class LatentCodec(nn.Module):
@@ -154,6 +160,95 @@ class PixelCodec(LatentCodec):
         x = latents.reshape(b, 3, f, f, t, h, w)
         x = x.permute(0, 1, 4, 5, 2, 6, 3)  # b, c, t, i, dy, j, dx
         return x.reshape(b, 3, t, h * f, w * f).clamp(-1.0, 1.0)
+
+
+class PCACodec(LatentCodec):
+    """Space-to-depth by `factor`, then the top `channels` principal components of the patches.
+
+    Buffers (saved in checkpoints): `mean` (3*f*f,), `components` (channels, 3*f*f) with
+    orthonormal rows, `scale` (channels,) the standard deviation of each component on the fitting
+    data, and `explained` the fraction of patch variance the components keep. Latent channel k is
+    `((patch - mean) @ components[k]) / scale[k]`; `decode` maps back to the closest frame in the
+    spanned subspace. An unfitted codec refuses to encode or decode.
+    """
+
+    def __init__(self, factor: int = 8, channels: int = 16):
+        super().__init__()
+        self.pixels = PixelCodec(factor)
+        d = self.pixels.latent_channels
+        if isinstance(channels, bool) or not isinstance(channels, int) or not 1 <= channels <= d:
+            raise ValueError(f"PCACodec channels must be an int in [1, {d}] (3 x {factor} x {factor}), got {channels!r}")
+        self.factor = factor
+        self.latent_channels = channels
+        self.spatial_factor = factor
+        self.temporal_factor = 1
+        self.register_buffer("mean", torch.zeros(d))
+        self.register_buffer("components", torch.zeros(channels, d))
+        self.register_buffer("scale", torch.zeros(channels))
+        self.register_buffer("explained", torch.zeros(()))
+
+    @property
+    def fitted(self) -> bool:
+        return bool((self.scale > 0).all())
+
+    def _require_fitted(self) -> None:
+        if not self.fitted:
+            raise RuntimeError("PCACodec is not fitted: training fits it on the dataset (PCACodec.fit), and a "
+                               "checkpoint stores it as codec.* in model.safetensors")
+
+    @torch.no_grad()
+    def fit(self, frames: Tensor, eps: float = 1e-6) -> float:
+        """Fit mean, components and scales on frames (B, 3, T, H, W) in [-1, 1]; returns the
+        fraction of patch variance kept. Deterministic for the same frames."""
+        patches = self.pixels.encode(frames.float())  # (B, D, T, h, w)
+        x = patches.movedim(1, -1).reshape(-1, patches.shape[1]).double()
+        if x.shape[0] < 2:
+            raise ValueError("PCACodec.fit needs at least two patches")
+        mean = x.mean(0)
+        cov = (x - mean).T @ (x - mean) / (x.shape[0] - 1)
+        evals, evecs = torch.linalg.eigh(cov)  # ascending
+        evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)
+        k = self.latent_channels
+        comps = evecs[:, :k].T
+        # Sign convention: the largest entry of each component is positive (reproducible bases).
+        idx = comps.abs().argmax(1)
+        comps = comps * comps.gather(1, idx[:, None]).sign()
+        total = float(evals.sum())
+        self.mean.copy_(mean.float())
+        self.components.copy_(comps.float())
+        self.scale.copy_(evals[:k].sqrt().clamp_min(eps).float())
+        self.explained.fill_(float(evals[:k].sum()) / total if total > 0 else 1.0)
+        return float(self.explained)
+
+    @torch.no_grad()
+    def randomize(self, seed: int = 0) -> "PCACodec":
+        """A random orthonormal basis with zero mean and unit scales instead of a fitted one (the
+        analogue of random VAE weights, for benchmarks and random-weight policies)."""
+        g = torch.Generator().manual_seed(seed)
+        d = self.mean.numel()
+        q, _ = torch.linalg.qr(torch.randn(d, self.latent_channels, generator=g, dtype=torch.float64))
+        self.mean.zero_()
+        self.components.copy_(q.T.float())
+        self.scale.fill_(1.0)
+        self.explained.fill_(self.latent_channels / d)
+        return self
+
+    def encode(self, frames: Tensor) -> Tensor:
+        self._check_frames(frames)
+        self._require_fitted()
+        x = self.pixels.encode(frames).movedim(1, -1)  # (B, T, h, w, D)
+        z = (x - self.mean.to(x.dtype)) @ self.components.T.to(x.dtype) / self.scale.to(x.dtype)
+        return z.movedim(-1, 1)
+
+    def decode(self, latents: Tensor) -> Tensor:
+        self._check_latents(latents)
+        self._require_fitted()
+        z = latents.movedim(1, -1) * self.scale.to(latents.dtype)
+        x = z @ self.components.to(latents.dtype) + self.mean.to(latents.dtype)
+        return self.pixels.decode(x.movedim(-1, 1))
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", explained={float(self.explained):.4f}"
 
 
 class WanVAECodec(LatentCodec):
@@ -307,13 +402,17 @@ def _check_vae_config(folder: Path) -> Path:
 
 
 def build_codec(cfg: CodecConfig, backbone: str | None = None, random_weights: bool = False) -> LatentCodec:
-    """Codec from config: `pixel` -> PixelCodec; `wan_vae` -> VAE from `cfg.path` or `<backbone>/<subfolder>`.
+    """Codec from config: `pixel` -> PixelCodec; `pca` -> an unfitted PCACodec (a random basis with
+    `random_weights`); `wan_vae` -> VAE from `cfg.path` or `<backbone>/<subfolder>`.
 
     `random_weights=True` (benchmarks only) builds the released Wan2.1 VAE architecture (the
     diffusers default config, with its latent mean/std) with random weights instead of loading one.
     """
     if cfg.kind == "pixel":
         return PixelCodec(cfg.pixel_factor)
+    if cfg.kind == "pca":
+        codec = PCACodec(cfg.pixel_factor, cfg.pca_channels)
+        return codec.randomize() if random_weights else codec
     if cfg.kind == "wan_vae" and random_weights:
         from diffusers import AutoencoderKLWan
 
@@ -326,4 +425,4 @@ def build_codec(cfg: CodecConfig, backbone: str | None = None, random_weights: b
                 "(which holds vae/)"
             )
         return WanVAECodec.from_pretrained(path, subfolder=cfg.subfolder)
-    raise ValueError(f"unknown codec kind {cfg.kind!r}; expected 'pixel' or 'wan_vae'")
+    raise ValueError(f"unknown codec kind {cfg.kind!r}; expected 'pixel', 'pca' or 'wan_vae'")

@@ -42,7 +42,7 @@ from torch import nn
 from .. import flow
 from ..config import DiT4DiTConfig
 from .action_dit import ActionDiT
-from .codecs import LatentCodec, build_codec
+from .codecs import LatentCodec, PCACodec, build_codec
 from .image_encoder import ImageEncoder
 from .text import CosmosReason1TextEncoder, EmbeddingCache, TextEncoder, build_text_encoder
 from .video_dit import VideoDiT
@@ -118,7 +118,8 @@ class DiT4DiT(nn.Module):
         architecture but leaves its weights uninitialised (no init compute, no 4 GB read): for
         callers that overwrite them right away, e.g. from a checkpoint, which holds every trainable
         weight. `random_weights=True` (benchmarks) builds a frozen VAE with random weights when no
-        folder is given, instead of failing."""
+        folder is given, instead of failing, and gives a `pca` codec a random basis; otherwise a
+        `pca` codec is unfitted until training fits it or a checkpoint fills it."""
         from .backbone import Backbone, needed_components
 
         cfg.validate()
@@ -145,7 +146,8 @@ class DiT4DiT(nn.Module):
                 video.to(video_dtype)
         action = ActionDiT(cfg.action)
         codec = build_codec(cfg.codec, backbone,
-                            random_weights=random_weights and backbone is None and cfg.codec.path is None)
+                            random_weights=random_weights and backbone is None and cfg.codec.path is None
+                            or random_weights and cfg.codec.kind == "pca")
         text = None
         identity = None
         if cfg.text.kind == "tiny" or load_text_encoder:
@@ -452,6 +454,23 @@ class DiT4DiT(nn.Module):
             out["text_encoder"] = self.text_encoder
         return out
 
+    def saved_modules(self) -> dict[str, nn.Module]:
+        """What a checkpoint's model.safetensors holds: the trainable parts, plus the codec when it
+        carries state fitted on the data (the `pca` codec's basis); the Wan VAE comes from its folder."""
+        out = self.trainable_modules()
+        if isinstance(self.codec, PCACodec):
+            out["codec"] = self.codec
+        return out
+
+    def fit_codec(self, frames: torch.Tensor) -> dict[str, Any] | None:
+        """Fit a codec that learns from the data (`pca`) on frames (B, 3, T, H, W) in [-1, 1].
+        None for codecs that need no fitting."""
+        if not isinstance(self.codec, PCACodec):
+            return None
+        explained = self.codec.fit(frames.to(self.codec.mean.device))
+        return {"kind": "pca", "channels": self.codec.latent_channels, "explained_variance": explained,
+                "frames": int(frames.shape[0] * frames.shape[2])}
+
 
 def _empty_video_dit(cfg: DiT4DiTConfig, dtype: torch.dtype) -> VideoDiT:
     """The video DiT of `cfg` with uninitialised weights in `dtype` on the CPU: built on the meta
@@ -498,8 +517,8 @@ def parameter_counts(cfg: DiT4DiTConfig) -> dict[str, int]:
 
 
 def _frozen_codec_params(cfg: DiT4DiTConfig) -> int:
-    """The pixel codec has no weights; the Wan2.1 VAE's default diffusers config is the released one."""
-    if cfg.codec.kind == "pixel":
+    """The pixel and pca codecs have no weights; the Wan2.1 VAE's default diffusers config is the released one."""
+    if cfg.codec.kind in ("pixel", "pca"):
         return 0
     from diffusers import AutoencoderKLWan
 

@@ -8,7 +8,8 @@ Layout of a run folder::
         step_000200/
         step_000300/
           config.json             # the resolved DiT4DiTConfig (DiT4DiTConfig.to_json())
-          model.safetensors       # trainable weights only: video_dit.* (or image_encoder.*) action_dit.* [text_encoder.*]
+          model.safetensors       # trainable weights: video_dit.* (or image_encoder.*) action_dit.* [text_encoder.*]
+                                  #   [codec.*: a codec fitted on the data, e.g. the pca codec's basis]
           ema.safetensors         # EMA of the same weights (when train.ema_decay is set)
           optimizer.safetensors   # AdamW moments and step counts, keyed "<weight name>/<state key>"
           optimizer.json          # parameter groups (names, hyper-parameters, weight names)
@@ -283,9 +284,16 @@ def _read_json(path: Path, what: str) -> Any:
 # --------------------------------------------------------------------------------------------
 
 
+def saved_parts(model: nn.Module) -> dict[str, nn.Module]:
+    """The parts whose state model.safetensors holds: ``model.saved_modules()`` (trainable parts
+    plus a codec fitted on the data) when the model defines it, else ``trainable_modules()``."""
+    fn = getattr(model, "saved_modules", None) or model.trainable_modules
+    return fn()
+
+
 def trainable_state_dict(model: nn.Module, to_cpu: Callable[[torch.Tensor], torch.Tensor] | None = None
                          ) -> dict[str, torch.Tensor]:
-    """``{part.key: tensor}`` over ``model.trainable_modules()`` (the content of model.safetensors).
+    """``{part.key: tensor}`` over :func:`saved_parts` (the content of model.safetensors).
 
     ``to_cpu`` turns each tensor into a full CPU tensor (default: detach + copy to CPU; pass
     ``distributed.to_full_cpu`` under FSDP2, where it gathers the shards).
@@ -294,7 +302,7 @@ def trainable_state_dict(model: nn.Module, to_cpu: Callable[[torch.Tensor], torc
 
     conv = to_cpu or to_full_cpu
     out: dict[str, torch.Tensor] = {}
-    for part, module in model.trainable_modules().items():
+    for part, module in saved_parts(model).items():
         for k, v in module.state_dict().items():
             out[f"{part}.{k}"] = conv(v)
     return out
@@ -311,7 +319,7 @@ def _stored_shape(state: Mapping[str, torch.Tensor], key: str) -> tuple[int, ...
 def check_weights(model: nn.Module, state: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
     """Raise :class:`CheckpointError` naming missing/unexpected keys and shape mismatches."""
     expected: dict[str, tuple[int, ...]] = {}
-    for part, module in model.trainable_modules().items():
+    for part, module in saved_parts(model).items():
         for k, v in module.state_dict().items():
             expected[f"{part}.{k}"] = _shape(v)
     missing = [k for k in expected if k not in state]
@@ -341,7 +349,7 @@ def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], source: st
     from .distributed import place_like
 
     check_weights(model, state, source)
-    for part, module in model.trainable_modules().items():
+    for part, module in saved_parts(model).items():
         for k, target in module.state_dict().items():
             target.copy_(place_like(state[f"{part}.{k}"], target))
 
@@ -748,14 +756,14 @@ def init_weights_from(model: nn.Module, path: str | os.PathLike, use_ema: bool =
 
     The EMA weights when the checkpoint has them and ``use_ema`` (the weights ``load_policy``
     serves), else the raw ones; the optimiser state is not read. Every part of
-    ``model.trainable_modules()`` the checkpoint holds (``video_dit``, ``action_dit``, ...) is
+    :func:`saved_parts` the checkpoint holds (``video_dit``, ``action_dit``, a fitted ``codec``, ...) is
     loaded completely, with names and shapes checked; parts it does not hold keep their
     initialisation. Returns ``{"checkpoint", "step", "weights", "loaded", "kept"}``.
     """
     ck = load_checkpoint(path)
     ema = use_ema and ck.has_ema
     state = ck.ema_state(lazy=True) if ema else ck.model_state(lazy=True)
-    parts = model.trainable_modules()
+    parts = saved_parts(model)
     held = {k.split(".", 1)[0] for k in state}
     loaded = [name for name in parts if name in held]
     if not loaded:

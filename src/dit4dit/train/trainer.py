@@ -460,6 +460,23 @@ def _device_label(device: torch.device) -> str:
     return str(device)
 
 
+
+CODEC_FIT_SAMPLES = 256  # training samples whose clips fit a data-fitted codec (pca)
+
+
+def fit_codec(model, samples: Dataset, seed: int, max_samples: int = CODEC_FIT_SAMPLES) -> dict[str, Any] | None:
+    """Fit the model's codec when it learns from the data and is not fitted yet (e.g. loaded by
+    ``train.init_from``): on the clips of up to ``max_samples`` samples drawn with ``seed``, the
+    same on every rank. Returns what was fitted, or None."""
+    codec = getattr(model, "codec", None)
+    if getattr(codec, "fitted", True):
+        return None
+    n = len(samples)  # type: ignore[arg-type]
+    g = torch.Generator().manual_seed(seed_for(seed, 6, 0))
+    idx = torch.randperm(n, generator=g)[:max_samples].sort().values.tolist()
+    frames = torch.stack([samples[i]["video"] for i in idx]).float()
+    return model.fit_codec(frames)
+
 class Trainer:
     """See :func:`train`. ``Trainer(...).run()`` is the same as ``train(...)``."""
 
@@ -488,6 +505,7 @@ class Trainer:
         self.text_cache_dir = text_cache_dir
         self.handle_signals = handle_signals
         self._stop_requested = False
+        self.codec_fit: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ setup helpers
     def _resume_checkpoint(self) -> ckpt.Checkpoint | None:
@@ -625,6 +643,12 @@ class Trainer:
             if info.is_main:
                 _log.info("initialised %s from %s (%s weights, step %d)", ", ".join(init["loaded"]),
                           init["checkpoint"], init["weights"], init["step"])
+        if resume_from is None:  # a codec fitted on the data (pca); resuming loads the saved one
+            self.codec_fit = fit_codec(model, samples, tc.seed)
+            if self.codec_fit is not None and info.is_main:
+                _log.info("fitted the %s codec on %d frames: %d channels keep %.1f%% of the patch variance",
+                          self.codec_fit["kind"], self.codec_fit["frames"], self.codec_fit["channels"],
+                          100 * self.codec_fit["explained_variance"])
         model.to(device)
         model.train()
         n_trainable = sum(v for k, v in counts.items() if k != "frozen")
@@ -751,6 +775,7 @@ class Trainer:
             "device": _device_label(device),
             "precision": precision,
             "params": counts,
+            "codec_fit": self.codec_fit,
             "interrupted": interrupted,
             "logging": logger.backends,
         }
