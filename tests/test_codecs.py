@@ -155,8 +155,8 @@ def test_build_pca_codec_and_config_checks():
     assert build_codec(CodecConfig(kind="pca", pixel_factor=8, pca_channels=16), random_weights=True).fitted
     cfg = get_preset("tiny")
     assert cfg.codec.kind == "pca" and cfg.video.in_channels == cfg.codec.pca_channels + 1
-    with pytest.raises(ConfigError, match="in_channels must be 33"):
-        get_preset("tiny", ["codec.pca_channels=32"])
+    with pytest.raises(ConfigError, match="in_channels must be 17"):
+        get_preset("tiny", ["codec.pca_channels=16"])
     with pytest.raises(ConfigError, match="pca_channels=200"):
         get_preset("tiny", ["codec.pca_channels=200", "video.in_channels=201", "video.out_channels=200"])
 

@@ -491,11 +491,12 @@ def _robocasa_gr1() -> DiT4DiTConfig:
 
 @register_preset("tiny")
 def _tiny() -> DiT4DiTConfig:
-    """A few-million-parameter model trained from scratch on CPU: pca codec (16 channels per 8 x 8
-    patch, fitted on the training frames), tiny text encoder."""
+    """A few-million-parameter model trained from scratch on CPU: pca codec (32 channels per 8 x 8
+    patch, fitted on the training frames, so a 2 x 2 patch token holds 128 values, the model's
+    width), tiny text encoder."""
     video = VideoDiTConfig(
-        in_channels=16 + 1,
-        out_channels=16,
+        in_channels=32 + 1,
+        out_channels=32,
         num_attention_heads=4,
         attention_head_dim=32,
         num_layers=4,
@@ -528,7 +529,7 @@ def _tiny() -> DiT4DiTConfig:
         name="tiny",
         video=video,
         action=action,
-        codec=CodecConfig(kind="pca", pixel_factor=8, pca_channels=16),
+        codec=CodecConfig(kind="pca", pixel_factor=8, pca_channels=32),
         text=TextConfig(kind="tiny", max_length=32, width=128, num_layers=1, num_heads=4),
         inputs=InputConfig(cameras=("image",), camera_layout="single", image_size=(64, 64),
                            num_cond_frames=1, num_future_frames=2, frame_stride=4, fps=20.0),
