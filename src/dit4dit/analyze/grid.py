@@ -117,6 +117,14 @@ def _joint(ablation: str, name: str, label: str, *overrides: str, x: float | Non
     return Cell(ablation, name, label, (JOINT + overrides,), x=x)
 
 
+def _count(text: str) -> int:
+    """An int >= 1 (ValueError otherwise; the caller names the ablation and its allowed values)."""
+    n = int(text)
+    if n < 1:
+        raise ValueError(text)
+    return n
+
+
 def _ablation_cell(ablation: str, v: str, cfg: DiT4DiTConfig) -> Cell:
     if ablation == "feature_blocks":
         n = cfg.video.num_layers
@@ -127,24 +135,18 @@ def _ablation_cell(ablation: str, v: str, cfg: DiT4DiTConfig) -> Cell:
             raise ValueError(v)
         return _joint(ablation, f"block_{b}", f"block {b} of {n}", f"feature_blocks={b}", "feature_pool=last", x=b)
     if ablation == "feature_denoise_steps":
-        k = int(v)
-        if k < 1:
-            raise ValueError(v)
+        k = _count(v)
         return _joint(ablation, f"steps_{k}", f"{k} step{'s' if k > 1 else ''}", f"feature_denoise_steps={k}", x=k)
     if ablation == "tau_f":
         if v.startswith("buckets:"):
-            t = int(v.split(":", 1)[1])
-            if t < 1:
-                raise ValueError(v)
+            t = _count(v.split(":", 1)[1])
             return _joint(ablation, f"buckets_{t}", f"buckets {{0/{t}..{t}/{t}}}", f"tau_f_buckets={t}")
         tau = float(v)
         if not 0.0 <= tau <= 1.0:
             raise ValueError(v)
         return _joint(ablation, f"tau_{tau:g}", f"tau_f = {tau:g}", f"tau_f={tau!r}", "tau_f_buckets=null", x=tau)
     if ablation == "demos":
-        n = int(v)
-        if n < 1:
-            raise ValueError(v)
+        n = _count(v)
         return _joint(ablation, f"demos_{n}", f"{n} demo{'s' if n != 1 else ''} per task",
                       f"train.episodes_per_task={n}", x=n)
     raise AnalysisError(f"unknown ablation {ablation!r}")  # pragma: no cover - checked by the caller
