@@ -405,15 +405,16 @@ def build_codec(cfg: CodecConfig, backbone: str | None = None, random_weights: b
     """Codec from config: `pixel` -> PixelCodec; `pca` -> an unfitted PCACodec (a random basis with
     `random_weights`); `wan_vae` -> VAE from `cfg.path` or `<backbone>/<subfolder>`.
 
-    `random_weights=True` (benchmarks only) builds the released Wan2.1 VAE architecture (the
-    diffusers default config, with its latent mean/std) with random weights instead of loading one.
+    `random_weights=True` (benchmarks only), when no VAE folder is given (neither `cfg.path` nor
+    `backbone`), builds the released Wan2.1 VAE architecture (the diffusers default config, with its
+    latent mean/std) with random weights instead of failing.
     """
     if cfg.kind == "pixel":
         return PixelCodec(cfg.pixel_factor)
     if cfg.kind == "pca":
         codec = PCACodec(cfg.pixel_factor, cfg.pca_channels)
         return codec.randomize() if random_weights else codec
-    if cfg.kind == "wan_vae" and random_weights:
+    if cfg.kind == "wan_vae" and random_weights and backbone is None and cfg.path is None:
         from diffusers import AutoencoderKLWan
 
         return WanVAECodec(AutoencoderKLWan(), source="random weights (AutoencoderKLWan default config)")

@@ -145,9 +145,7 @@ class DiT4DiT(nn.Module):
             if video_dtype is not None:
                 video.to(video_dtype)
         action = ActionDiT(cfg.action)
-        codec = build_codec(cfg.codec, backbone,
-                            random_weights=random_weights and backbone is None and cfg.codec.path is None
-                            or random_weights and cfg.codec.kind == "pca")
+        codec = build_codec(cfg.codec, backbone, random_weights=random_weights)
         text = None
         identity = None
         if cfg.text.kind == "tiny" or load_text_encoder:

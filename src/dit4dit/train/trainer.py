@@ -460,7 +460,6 @@ def _device_label(device: torch.device) -> str:
     return str(device)
 
 
-
 CODEC_FIT_SAMPLES = 256  # training samples whose clips fit a data-fitted codec (pca)
 
 
@@ -476,6 +475,7 @@ def fit_codec(model, samples: Dataset, seed: int, max_samples: int = CODEC_FIT_S
     idx = torch.randperm(n, generator=g)[:max_samples].sort().values.tolist()
     frames = torch.stack([samples[i]["video"] for i in idx]).float()
     return model.fit_codec(frames)
+
 
 class Trainer:
     """See :func:`train`. ``Trainer(...).run()`` is the same as ``train(...)``."""
@@ -645,10 +645,6 @@ class Trainer:
                           init["checkpoint"], init["weights"], init["step"])
         if resume_from is None:  # a codec fitted on the data (pca); resuming loads the saved one
             self.codec_fit = fit_codec(model, samples, tc.seed)
-            if self.codec_fit is not None and info.is_main:
-                _log.info("fitted the %s codec on %d frames: %d channels keep %.1f%% of the patch variance",
-                          self.codec_fit["kind"], self.codec_fit["frames"], self.codec_fit["channels"],
-                          100 * self.codec_fit["explained_variance"])
         model.to(device)
         model.train()
         n_trainable = sum(v for k, v in counts.items() if k != "frozen")
@@ -691,6 +687,10 @@ class Trainer:
         logger.info("%s run %s: %s, strategy %s, world %d, device %s, precision %s, trainable params %s, steps %d..%d",
                     "resuming" if resume_from is not None else "starting", self.run_dir, cfg.name, strategy,
                     info.world_size, device, precision, counts, step, target)
+        if self.codec_fit is not None:
+            logger.info("fitted the %s codec on %d frames: %d channels keep %.1f%% of the patch variance",
+                        self.codec_fit["kind"], self.codec_fit["frames"], self.codec_fit["channels"],
+                        100 * self.codec_fit["explained_variance"])
         image_fn = self.image_fn
         if tc.image_every > 0 and image_fn is None:
             image_fn = image_strip
