@@ -386,3 +386,30 @@ def test_runner_end_to_end_resume_and_report(toy_data, tmp_path, monkeypatch, ca
     args.func(args)
     printed = json.loads(capsys.readouterr().out)
     assert {r["cell"] for r in printed["cells"]} == {"decoupled", "static_image", "tau_0.995", "steps_1"}
+
+
+def test_runner_parallel_jobs_match_sequential(toy_data, tmp_path):
+    """--jobs 2: distinct runs train in worker processes, a same-config cell waits for its twin,
+    and every stored result equals the one-process run's."""
+    from dit4dit.analyze.grid import AnalysisError
+    from dit4dit.analyze.runner import Study, run_analysis
+
+    common = dict(dataset=str(toy_data), overrides=tuple(TOY), variants=("joint",), ablations=("tau_f",),
+                  values={"tau_f": ("0.995",)}, seeds=(0, 1), steps=2, eval_episodes=1, features="none",
+                  frame_cache=True)
+    logs: list[str] = []
+    par = run_analysis(Study(out=str(tmp_path / "par"), **common), progress=False, log=logs.append, jobs=2,
+                       threads=1)
+    assert any("2 distinct runs of 4, 2 at a time" in m for m in logs)
+    seq = run_analysis(Study(out=str(tmp_path / "seq"), **common), progress=False, log=lambda m: None, threads=1)
+    rows = {r["cell"]: r for r in par["cells"]}
+    assert rows["tau_0.995"]["same_as"] == "variants/joint" and rows["joint"]["seeds"] == [0, 1]
+    assert not (tmp_path / "par" / "runs" / "tau_f" / "tau_0.995" / "seed_0" / "train").exists()
+    for cell in ("variants/joint", "tau_f/tau_0.995"):
+        for seed in (0, 1):
+            a, b = (json.loads((tmp_path / d / "runs" / cell / f"seed_{seed}" / "result.json").read_text())
+                    for d in ("par", "seq"))
+            assert isinstance(a["stages"][0]["final_loss"], float) and a["eval"]["episodes"] == 2
+            assert a["eval"] == b["eval"] and a["stages"][0]["final_loss"] == b["stages"][0]["final_loss"]
+    with pytest.raises(AnalysisError, match="custom evaluator"):
+        run_analysis(Study(out=str(tmp_path / "x"), **common), evaluator=lambda p: {}, jobs=2)

@@ -53,7 +53,11 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="which cells get the feature analysis (t-SNE, phase silhouette); default the variants")
     p.add_argument("--feature-samples", type=int, default=512, help="dataset frames in the feature analysis")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: a GPU when present)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (per run with --jobs; default 1 there)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs at once, each in its own process (e.g. --jobs 2 --threads 1 on 2 cores)")
+    p.add_argument("--frame-cache", action="store_true",
+                   help="train from the dataset's frame cache (decoded once at the training resolution)")
     p.add_argument("--report-only", action="store_true", help="aggregate the runs OUT holds; train nothing")
     p.add_argument("--dry-run", action="store_true", help="list the cells and their overrides; train nothing")
     p.add_argument("--no-progress", action="store_true", help="no training progress bars")
@@ -123,7 +127,7 @@ def study_from_args(args: argparse.Namespace):
                  variants=parse_variants(args.variants), ablations=ablations, values=values,
                  seeds=parse_seeds(args.seeds), steps=args.steps, eval_episodes=args.episodes,
                  replan_every=args.replan_every, eval_seed=args.eval_seed, tasks=tasks, features=args.features,
-                 feature_points=args.feature_samples, device=args.device)
+                 feature_points=args.feature_samples, device=args.device, frame_cache=args.frame_cache)
 
 
 def cmd_analyze(args: argparse.Namespace) -> dict[str, Any]:
@@ -145,7 +149,7 @@ def cmd_analyze(args: argparse.Namespace) -> dict[str, Any]:
             print(f"{plan['runs']} runs ({len(cells)} cells x {len(study.seeds)} seeds)")
         return plan
     report = run_analysis(study, progress=not args.no_progress and not args.json, threads=args.threads,
-                          train=not args.report_only)
+                          train=not args.report_only, jobs=args.jobs)
     if args.json:
         print(json.dumps(report, indent=2, default=str))
     else:

@@ -100,6 +100,14 @@ def command_line(plan: dict[str, Any]) -> str:
         args += ["--replan-every", str(plan["replan_every"])]
     if plan.get("tasks"):
         args += ["--tasks", ",".join(plan["tasks"])]
+    if plan.get("eval_seed", 0) != 0:
+        args += ["--eval-seed", str(plan["eval_seed"])]
+    if plan.get("features", "variants") != "variants":
+        args += ["--features", plan["features"]]
+    if plan.get("feature_points", 512) != 512:
+        args += ["--feature-samples", str(plan["feature_points"])]
+    if plan.get("frame_cache"):
+        args.append("--frame-cache")
     for o in plan["overrides"]:
         args += ["--set", o]
     return " ".join(shlex.quote(a) for a in args)

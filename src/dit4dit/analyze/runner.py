@@ -73,6 +73,7 @@ class Study:
     features: str = "variants"  # variants | all | none
     feature_points: int = 512
     device: str | None = None
+    frame_cache: bool = False  # train from the dataset's frame cache (built once, before any run)
 
     def base_config(self) -> DiT4DiTConfig:
         extra = [f"train.steps={self.steps}"] if self.steps is not None else []
@@ -231,7 +232,8 @@ def _train_stage(cfg: DiT4DiTConfig, dataset: str, folder: Path, study: Study, p
         raise AnalysisError(f"{folder} holds a checkpoint at step {step}, beyond the requested {cfg.train.steps} "
                             f"steps: use --steps {step} or another --out")
     log(f"{what}: {'resuming at step ' + str(step) if latest else 'training'} to step {cfg.train.steps}")
-    summary = train(cfg, dataset, folder, resume=latest is not None, progress=progress, device=study.device)
+    summary = train(cfg, dataset, folder, resume=latest is not None, progress=progress, device=study.device,
+                    frame_cache=True if study.frame_cache else None)
     summary.pop("losses", None)
     if summary.get("interrupted") or summary.get("step") != cfg.train.steps:
         raise AnalysisError(f"{what}: training stopped at step {summary.get('step')} of {cfg.train.steps} (a stop "
@@ -243,6 +245,14 @@ def _twin_key(configs: list[DiT4DiTConfig], settings: dict[str, Any]) -> str:
     """Runs with equal keys train and evaluate exactly the same thing (e.g. `tau_f=0.995` and `joint`)."""
     return json.dumps([[c.to_dict() for c in configs], settings["eval"], settings["dataset"]], sort_keys=True,
                       default=str)
+
+
+def run_settings(study: Study, cell: Cell, seed: int) -> tuple[list[DiT4DiTConfig], dict[str, Any], str]:
+    """(stage configs, evaluation / feature / dataset settings, twin key) of one cell x seed."""
+    configs = stage_configs(study, cell, seed)
+    settings = {"eval": study.eval_settings(), "features": study.feature_settings() if study.wants_features(cell)
+                else None, "dataset": str(Path(study.dataset).resolve())}
+    return configs, settings, _twin_key(configs, settings)
 
 
 def _cached(path: Path, settings: dict[str, Any], step: int | None, compute: Callable[[], Any]) -> Any:
@@ -293,11 +303,8 @@ def run_one(study: Study, cell: Cell, seed: int, evaluator: Evaluator, *, progre
     from .features import extract_phase_features, phase_analysis
 
     root = run_dir(study.out, cell, seed)
-    configs = stage_configs(study, cell, seed)
-    settings = {"eval": study.eval_settings(), "features": study.feature_settings() if study.wants_features(cell)
-                else None, "dataset": str(Path(study.dataset).resolve())}
+    configs, settings, key = run_settings(study, cell, seed)
     what = f"{prefix}{cell.key} seed {seed}"
-    key = _twin_key(configs, settings)
 
     def finish(result: dict[str, Any]) -> dict[str, Any]:
         if twins is not None:
@@ -385,12 +392,15 @@ def _train_episodes(dataset: str, cfg: DiT4DiTConfig) -> int | None:
 
 
 def run_analysis(study: Study, *, evaluator: Evaluator | None = None, progress: bool = True, log: Log = _stderr,
-                 threads: int | None = None, train: bool = True) -> dict[str, Any]:
+                 threads: int | None = None, train: bool = True, jobs: int = 1) -> dict[str, Any]:
     """Run every cell x seed of `study` (skipping finished runs), then aggregate.
 
     `evaluator(policy) -> result` replaces the built-in closed-loop evaluation (tests, other
     simulators); its result needs `per_task: {task: {successes, episodes, success_rate}}` and
-    `ci95`. `train=False` only aggregates what the output folder already holds.
+    `ci95`. `train=False` only aggregates what the output folder already holds. `jobs > 1` runs
+    that many runs at once in worker processes (`threads` torch threads each, default 1; the
+    built-in evaluation only); a cell whose configs equal an earlier cell's still waits for
+    that cell's result instead of training again.
     """
     from ..envs import toy  # noqa: F401  (registers the toy_reach schema)
     from .report import write_report
@@ -406,6 +416,11 @@ def run_analysis(study: Study, *, evaluator: Evaluator | None = None, progress: 
         raise AnalysisError(f"features={study.features!r} must be variants | all | none")
     if not study.seeds:
         raise AnalysisError("no seeds given")
+    if jobs < 1:
+        raise AnalysisError(f"jobs={jobs}: at least 1")
+    if jobs > 1 and evaluator is not None:
+        raise AnalysisError("jobs > 1 runs the built-in evaluation in worker processes; a custom evaluator "
+                            "needs jobs=1")
     dataset = Path(study.dataset).expanduser()
     if train and not (dataset / "meta" / "info.json").is_file():
         raise AnalysisError(f"dataset {dataset} is not a LeRobot dataset folder (no meta/info.json)")
@@ -429,13 +444,58 @@ def run_analysis(study: Study, *, evaluator: Evaluator | None = None, progress: 
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / "plan.json", plan)
 
-    total = len(cells) * len(study.seeds)
+    runs = [(c, s) for c in cells for s in study.seeds]
+    total = len(runs)
     t0 = time.perf_counter()
     twins: dict[str, dict[str, Any]] = {}  # cells with the same configs share one run
     if train:
-        for k, (cell, seed) in enumerate([(c, s) for c in cells for s in study.seeds]):
-            run_one(study, cell, seed, evaluator, progress=progress, log=log, prefix=f"[{k + 1}/{total}] ", twins=twins)
+        if study.frame_cache:  # built once here, so parallel runs only read it
+            _build_frame_cache(base, study.dataset, progress)
+        if jobs > 1:
+            _run_parallel(study, runs, jobs, threads, log, twins)
+        for k, (cell, seed) in enumerate(runs):
+            run_one(study, cell, seed, evaluator, progress=progress and jobs == 1, log=log,
+                    prefix=f"[{k + 1}/{total}] ", twins=twins)
     report = write_report(out, plan, cells, study.seeds)
     report["wall_time_s"] = round(time.perf_counter() - t0, 2)
     log(f"results: {out / 'results.md'}")
     return report
+
+
+def _build_frame_cache(cfg: DiT4DiTConfig, dataset: str, progress: bool) -> None:
+    from ..train.trainer import build_training_data
+
+    build_training_data(cfg, dataset, progress=progress, frame_cache=True)
+
+
+def _parallel_run(study: Study, cell: Cell, seed: int, threads: int, prefix: str) -> dict[str, Any]:
+    """One run in a worker process (the built-in evaluation, no progress bars)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    evaluator, _ = make_evaluator(study.base_config(), study.dataset, study, threads)
+    return run_one(study, cell, seed, evaluator, progress=False, prefix=prefix)
+
+
+def _run_parallel(study: Study, runs: list[tuple[Cell, int]], jobs: int, threads: int | None, log: Log,
+                  twins: dict[str, dict[str, Any]]) -> None:
+    """Every run whose configs no earlier run shares, `jobs` at a time in spawned processes (in
+    the grid's order); fills `twins`. A failed run is logged and retried by the caller's
+    sequential pass, which then raises its error."""
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from multiprocessing import get_context
+
+    first: dict[str, int] = {}
+    for k, (cell, seed) in enumerate(runs):
+        first.setdefault(run_settings(study, cell, seed)[2], k)
+    todo = sorted(first.values())
+    log(f"{len(todo)} distinct runs of {len(runs)}, {jobs} at a time")
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
+        futures = {pool.submit(_parallel_run, study, runs[k][0], runs[k][1], threads or 1,
+                               f"[{k + 1}/{len(runs)}] "): k for k in todo}
+        for future in as_completed(futures):
+            cell, seed = runs[futures[future]]
+            try:
+                twins.setdefault(run_settings(study, cell, seed)[2], future.result())
+            except Exception as e:  # noqa: BLE001 - the sequential pass reruns it and raises
+                log(f"{cell.key} seed {seed} failed in a worker: {type(e).__name__}: {e}")
