@@ -152,6 +152,11 @@ def test_build_pca_codec_and_config_checks():
 
     codec = build_codec(CodecConfig(kind="pca", pixel_factor=8, pca_channels=16))
     assert isinstance(codec, PCACodec) and codec.latent_channels == 16 and not codec.fitted
+    assert codec.learns_from_data  # so training fits it and checkpoints save it
+    pixel = build_codec(CodecConfig(kind="pixel", pixel_factor=8))
+    assert not pixel.learns_from_data and pixel.fitted
+    with pytest.raises(TypeError, match="nothing to fit"):
+        pixel.fit(_frames(h=16, w=16))
     assert build_codec(CodecConfig(kind="pca", pixel_factor=8, pca_channels=16), random_weights=True).fitted
     cfg = get_preset("tiny")
     assert cfg.codec.kind == "pca" and cfg.video.in_channels == cfg.codec.pca_channels + 1

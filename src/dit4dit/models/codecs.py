@@ -42,12 +42,25 @@ class LatentCodec(nn.Module):
     """Base class of frozen / parameter-free codecs.
 
     Subclasses set `latent_channels`, `spatial_factor` (pixels per latent cell along H and W) and
-    `temporal_factor` (1 for per-frame codecs, 4 for the causal Wan VAE).
+    `temporal_factor` (1 for per-frame codecs, 4 for the causal Wan VAE). A codec that
+    `learns_from_data` (the PCA codec) is fitted on the training frames when training starts
+    (`fit`), is saved in checkpoints, and reports whether it is `fitted`.
     """
 
     latent_channels: int
     spatial_factor: int
     temporal_factor: int
+    learns_from_data: bool = False
+
+    @property
+    def fitted(self) -> bool:
+        """False only for a codec that learns from the data and has not been fitted yet."""
+        return True
+
+    def fit(self, frames: Tensor) -> float:
+        """Fit a codec that learns from the data on frames (B, 3, T, H, W) in [-1, 1]; returns the
+        fraction of the variance it keeps."""
+        raise TypeError(f"{type(self).__name__} does not learn from the data; there is nothing to fit")
 
     # ---- shapes -----------------------------------------------------------------------------
 
@@ -171,6 +184,8 @@ class PCACodec(LatentCodec):
     `((patch - mean) @ components[k]) / scale[k]`; `decode` maps back to the closest frame in the
     spanned subspace. An unfitted codec refuses to encode or decode.
     """
+
+    learns_from_data = True
 
     def __init__(self, factor: int = 8, channels: int = 16):
         super().__init__()

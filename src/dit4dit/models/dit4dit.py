@@ -42,7 +42,7 @@ from torch import nn
 from .. import flow
 from ..config import DiT4DiTConfig
 from .action_dit import ActionDiT
-from .codecs import LatentCodec, PCACodec, build_codec
+from .codecs import LatentCodec, build_codec
 from .image_encoder import ImageEncoder
 from .text import CosmosReason1TextEncoder, EmbeddingCache, TextEncoder, build_text_encoder
 from .video_dit import VideoDiT
@@ -456,17 +456,17 @@ class DiT4DiT(nn.Module):
         """What a checkpoint's model.safetensors holds: the trainable parts, plus the codec when it
         carries state fitted on the data (the `pca` codec's basis); the Wan VAE comes from its folder."""
         out = self.trainable_modules()
-        if isinstance(self.codec, PCACodec):
+        if self.codec.learns_from_data:
             out["codec"] = self.codec
         return out
 
     def fit_codec(self, frames: torch.Tensor) -> dict[str, Any] | None:
         """Fit a codec that learns from the data (`pca`) on frames (B, 3, T, H, W) in [-1, 1].
         None for codecs that need no fitting."""
-        if not isinstance(self.codec, PCACodec):
+        if not self.codec.learns_from_data:
             return None
         explained = self.codec.fit(frames.to(self.codec.mean.device))
-        return {"kind": "pca", "channels": self.codec.latent_channels, "explained_variance": explained,
+        return {"kind": self.cfg.codec.kind, "channels": self.codec.latent_channels, "explained_variance": explained,
                 "frames": int(frames.shape[0] * frames.shape[2])}
 
 

@@ -468,7 +468,7 @@ def fit_codec(model, samples: Dataset, seed: int, max_samples: int = CODEC_FIT_S
     ``train.init_from``): on the clips of up to ``max_samples`` samples drawn with ``seed``, the
     same on every rank. Returns what was fitted, or None."""
     codec = getattr(model, "codec", None)
-    if getattr(codec, "fitted", True):
+    if codec is None or not codec.learns_from_data or codec.fitted:
         return None
     n = len(samples)  # type: ignore[arg-type]
     g = torch.Generator().manual_seed(seed_for(seed, 6, 0))
