@@ -468,9 +468,20 @@ def _build_frame_cache(cfg: DiT4DiTConfig, dataset: str, progress: bool) -> None
     build_training_data(cfg, dataset, progress=progress, frame_cache=True)
 
 
+_STOP: Any = None  # in a worker process: the event the main process sets when interrupted
+
+
+def _init_worker(stop: Any) -> None:
+    global _STOP
+    _STOP = stop
+
+
 def _parallel_run(study: Study, cell: Cell, seed: int, threads: int, prefix: str) -> dict[str, Any]:
     """One run in a worker process (the built-in evaluation, no progress bars)."""
     import torch
+
+    if _STOP is not None and _STOP.is_set():
+        raise AnalysisError(f"{cell.key} seed {seed}: not started, the study was interrupted")
 
     torch.set_num_threads(threads)
     evaluator, _ = make_evaluator(study.base_config(), study.dataset, study, threads)
@@ -482,6 +493,9 @@ def _run_parallel(study: Study, runs: list[tuple[Cell, int]], jobs: int, threads
     """Every run whose configs no earlier run shares, `jobs` at a time in spawned processes (in
     the grid's order); fills `twins`. A failed run is logged and retried by the caller's
     sequential pass, which then raises its error."""
+    import multiprocessing
+    import signal
+    import threading
     from concurrent.futures import ProcessPoolExecutor, as_completed
     from multiprocessing import get_context
 
@@ -490,7 +504,15 @@ def _run_parallel(study: Study, runs: list[tuple[Cell, int]], jobs: int, threads
         first.setdefault(run_settings(study, cell, seed)[2], k)
     todo = sorted(first.values())
     log(f"{len(todo)} distinct runs of {len(runs)}, {jobs} at a time")
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
+    def interrupted(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupted) if threading.current_thread() is threading.main_thread() \
+        else None
+    ctx = get_context("spawn")
+    stop = ctx.Event()
+    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_init_worker, initargs=(stop,))
+    try:
         futures = {pool.submit(_parallel_run, study, runs[k][0], runs[k][1], threads or 1,
                                f"[{k + 1}/{len(runs)}] "): k for k in todo}
         for future in as_completed(futures):
@@ -499,3 +521,18 @@ def _run_parallel(study: Study, runs: list[tuple[Cell, int]], jobs: int, threads
                 twins.setdefault(run_settings(study, cell, seed)[2], future.result())
             except Exception as e:  # noqa: BLE001 - the sequential pass reruns it and raises
                 log(f"{cell.key} seed {seed} failed in a worker: {type(e).__name__}: {e}")
+    except KeyboardInterrupt:
+        # Stop the workers the way a single run stops (their trainers save a checkpoint on
+        # SIGTERM), wait for them, and leave: rerunning the command resumes.
+        log("interrupted: stopping the worker processes (each saves its checkpoint)")
+        stop.set()  # queued runs are not started
+        pool.shutdown(wait=False, cancel_futures=True)
+        for p in multiprocessing.active_children():
+            p.terminate()
+        for p in multiprocessing.active_children():
+            p.join()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
