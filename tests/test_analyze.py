@@ -413,3 +413,18 @@ def test_runner_parallel_jobs_match_sequential(toy_data, tmp_path):
             assert a["eval"] == b["eval"] and a["stages"][0]["final_loss"] == b["stages"][0]["final_loss"]
     with pytest.raises(AnalysisError, match="custom evaluator"):
         run_analysis(Study(out=str(tmp_path / "x"), **common), evaluator=lambda p: {}, jobs=2)
+
+
+def test_sample_efficiency_curve_ends_at_the_whole_dataset(toy_data):
+    from dit4dit.analyze.report import demos_per_task, full_data_point
+    from dit4dit.data.lerobot import LeRobotDataset
+    from dit4dit.data.samples import episodes_per_task
+
+    ds = LeRobotDataset(toy_data, check_videos=False)
+    n = demos_per_task(str(toy_data))
+    # the smallest episodes_per_task that keeps every episode
+    assert len(episodes_per_task(ds, n)) == len(ds.episodes) > len(episodes_per_task(ds, n - 1))
+    joint = {"group": "variants", "cell": "joint", "success_mean": 0.5, "label": "joint", "x": None}
+    assert full_data_point([joint], str(toy_data)) == {**joint, "x": n, "label": f"{n} (all, = joint)"}
+    assert full_data_point([{**joint, "success_mean": None}], str(toy_data)) is None
+    assert demos_per_task(str(toy_data) + "-missing") is None

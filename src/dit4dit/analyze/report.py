@@ -113,7 +113,8 @@ def command_line(plan: dict[str, Any]) -> str:
     return " ".join(shlex.quote(a) for a in args)
 
 
-def markdown(plan: dict[str, Any], rows: list[dict[str, Any]], plots: dict[str, str]) -> str:
+def markdown(plan: dict[str, Any], rows: list[dict[str, Any]], plots: dict[str, str],
+             full_demos: int | None = None) -> str:
     steps = plan.get("train_steps", plan.get("steps"))
     lines = [
         "# DiT4DiT baselines and ablations",
@@ -167,6 +168,9 @@ def markdown(plan: dict[str, Any], rows: list[dict[str, Any]], plots: dict[str, 
         lines.append("")
         if g in plots:
             lines += [f"![{g}]({plots[g]})", ""]
+        if g == "demos" and full_demos is not None:
+            lines += [f"The whole dataset ({full_demos} demonstrations per task) is the `joint` variant; the "
+                      "curve shows it as its last point.", ""]
         if g == "demos" and "sample_efficiency" in plots:
             lines += [f"![sample efficiency]({plots['sample_efficiency']})", ""]
     with_feats = [r for r in rows if r["silhouette_phase"] is not None]
@@ -302,6 +306,29 @@ def tsne_plot(panels: list[tuple[str, dict[str, Any]]], path: Path) -> Path | No
 # --------------------------------------------------------------------------------------------
 
 
+def demos_per_task(dataset: str | None) -> int | None:
+    """The `train.episodes_per_task` value that keeps the whole dataset (the largest number of
+    episodes of one task), or None when the dataset cannot be read."""
+    try:
+        from ..data.lerobot import LeRobotDataset
+
+        counts: dict[str, int] = {}
+        for ep in LeRobotDataset(dataset, check_videos=False).episodes:
+            task = ep.tasks[0] if ep.tasks else ""
+            counts[task] = counts.get(task, 0) + 1
+    except Exception:  # noqa: BLE001 - the point is optional (the dataset may have moved)
+        return None
+    return max(counts.values()) if counts else None
+
+
+def full_data_point(rows: list[dict[str, Any]], dataset: str | None) -> dict[str, Any] | None:
+    """The `joint` variant's row as the whole-dataset point of the demonstrations curve."""
+    joint = next((r for r in rows if r["group"] == "variants" and r["cell"] == "joint"
+                  and r["success_mean"] is not None), None)
+    n = demos_per_task(dataset) if joint is not None else None
+    return None if n is None else {**joint, "x": n, "label": f"{n} (all, = joint)"}
+
+
 def write_report(out: Path, plan: dict[str, Any], cells: Sequence[Cell], seeds: Sequence[int]) -> dict[str, Any]:
     """Aggregate, plot, and write ``results.json`` + ``results.md`` in ``out``; returns the aggregate."""
     from .runner import _read_json, run_dir
@@ -317,6 +344,11 @@ def write_report(out: Path, plan: dict[str, Any], cells: Sequence[Cell], seeds: 
         if p is not None:
             plots[g] = str(p.relative_to(out))
     demos = [r for r in rows if r["group"] == "demos"]
+    full = full_data_point(rows, plan.get("dataset"))
+    if full is not None and demos and all(r["x"] is None or r["x"] < full["x"] for r in demos):
+        demos = demos + [full]  # the whole dataset is the joint variant
+    else:
+        full = None
     if demos and (p := curve_plot(demos, plot_dir / "sample_efficiency.png")) is not None:
         plots["sample_efficiency"] = str(p.relative_to(out))
     panels = []
@@ -330,5 +362,5 @@ def write_report(out: Path, plan: dict[str, Any], cells: Sequence[Cell], seeds: 
         plots["tsne"] = str(p.relative_to(out))
     report = {"plan": plan, "cells": rows, "plots": plots}
     (out / "results.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    (out / "results.md").write_text(markdown(plan, rows, plots))
+    (out / "results.md").write_text(markdown(plan, rows, plots, full["x"] if full is not None else None))
     return report
