@@ -71,6 +71,15 @@ def test_bench_inference_tiny(capsys):
     assert "cpu" in r["device"] and r["precision"] == "float32"
 
 
+def test_bench_inference_static_image_baseline(capsys):
+    """The static-image baseline has no video DiT: its own policy step is timed, without a naive path."""
+    r = run_json(capsys, ["bench", "inference", "--preset", "tiny", "--set", "encoder=static_image", "--set",
+                          "mode=action_only", "--iters", "2", "--warmup", "1", "--threads", "1", "--json"])
+    assert r["encoder"] == "static_image" and r["ours"]["median_ms"] > 0 and r["ours"]["n"] == 2
+    assert r["naive"] is None and r["speedup_median"] is None and r["max_abs_diff_ours_vs_naive"] is None
+    assert set(r["breakdown_ms"]) == {"encode", "features", "action_steps"} and r["breakdown_ms"]["features"] > 0
+
+
 def test_missing_dataset_is_a_clear_error_not_a_traceback(tmp_path, capsys):
     assert main(["dataset", "info", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err

@@ -8,7 +8,8 @@
 
 Both run in the same process on the same random weights and inputs, interleaved, so the
 ratio is a side-by-side measurement. A policy step = observation (conditioning frames, state,
-instruction) in, action chunk out.
+instruction) in, action chunk out. The static-image baseline (`encoder=static_image`) has no video
+DiT and so no naive path: only its own policy step is timed (`naive` is null).
 """
 
 from __future__ import annotations
@@ -115,18 +116,23 @@ def bench_inference(model: DiT4DiT, *, batch: int = 1, warmup: int = 2, iters: i
 
     # The two paths compute the same action chunk (same noise, same blocks up to the exit): exactly
     # on one model, within the precision of the lower one with different weight dtypes.
-    a_ours, a_naive = ours().float(), naive().float()
-    agree = (a_ours - a_naive).abs().max().item()
-    agree_rel = agree / max(a_naive.abs().max().item(), 1e-12)
+    static = model.video_dit is None
+    agree = agree_rel = None
+    if not static:
+        a_ours, a_naive = ours().float(), naive().float()
+        agree = (a_ours - a_naive).abs().max().item()
+        agree_rel = agree / max(a_naive.abs().max().item(), 1e-12)
 
     for _ in range(warmup):
-        ours(), naive()
+        ours(), None if static else naive()
     t_ours, t_naive = [], []
     for i in range(iters):  # interleaved, so drift in machine load hits both alike
         t_ours.append(_time(ours, device))
-        t_naive.append(_time(naive, device))
+        if not static:
+            t_naive.append(_time(naive, device))
         if progress:
-            progress(f"iter {i + 1}/{iters}: ours {t_ours[-1] * 1e3:.1f} ms, naive {t_naive[-1] * 1e3:.1f} ms")
+            progress(f"iter {i + 1}/{iters}: ours {t_ours[-1] * 1e3:.1f} ms"
+                     + ("" if static else f", naive {t_naive[-1] * 1e3:.1f} ms"))
 
     # Breakdown of our path, stage by stage.
     text = model.encode_text(prompts).to(model.video_dtype)
@@ -135,43 +141,46 @@ def bench_inference(model: DiT4DiT, *, batch: int = 1, warmup: int = 2, iters: i
         box: dict[str, Any] = {}
         stages["encode"].append(_time(lambda: box.__setitem__("cond", model.encode_video(cond)), device))
         c = box["cond"]
-        b, ch, _, hh, ww = c.shape
-        fut = torch.randn((b, ch, model.num_future_latents, hh, ww), device=device, dtype=c.dtype)
-        tau_f = torch.full((b,), cfg.tau_f, device=device)
-        x, ts, cm = model.video_dit.assemble(c, fut, tau_f)
+        b = c.shape[0]
         # The same functions predict_action uses (compiled ones when compile_for_inference was called).
-        features = model._compiled_features or (
-            lambda *a: model.video_dit.features(*a, cfg.feature_blocks))
+        if static:
+            inputs, features = (c,), model._compiled_features or model.image_encoder
+        else:
+            fut = torch.randn((b, c.shape[1], model.num_future_latents, *c.shape[3:]), device=device, dtype=c.dtype)
+            inputs = model.video_dit.assemble(c, fut, torch.full((b,), cfg.tau_f, device=device))
+            features = model._compiled_features or (lambda *a: model.video_dit.features(*a, cfg.feature_blocks))
         action_dit = model.action_dit if model._compiled_action_dit is None else model._compiled_action_dit
-        stages["features"].append(_time(lambda: box.__setitem__("f", features(x, ts, cm, text).float()), device))
+        stages["features"].append(_time(lambda: box.__setitem__("f", features(*inputs, text).float()), device))
         noise = torch.randn((b, cfg.action.action_horizon, cfg.action.action_dim), device=device)
         stages["action_steps"].append(_time(
             lambda: flow.euler_sample(lambda a, tau: action_dit(a, tau, state, box["f"]), noise,
                                       cfg.num_action_steps), device))
 
-    ours_s, naive_s = _summary(t_ours), _summary(t_naive)
+    ours_s, naive_s = _summary(t_ours), _summary(t_naive) if t_naive else None
     text_enc = model.text_encoder
     return {
         "benchmark": "inference",
         "preset": cfg.name,
+        "encoder": cfg.encoder,
         "device": device_name(device),
         "precision": str(model.video_dtype).replace("torch.", ""),
         "batch": batch,
         "feature_blocks": cfg.feature_blocks,
-        "num_layers": model.video_dit.num_layers,
+        "num_layers": cfg.video.num_layers,
         "num_action_steps": cfg.num_action_steps,
-        "tokens": int(model.num_cond_latents + model.num_future_latents)
+        "tokens": int(model.num_cond_latents + (0 if static else model.num_future_latents))
         * (cfg.inputs.image_size[0] // model.codec.spatial_factor // cfg.video.patch_size[1])
         * (cfg.inputs.image_size[1] // model.codec.spatial_factor // cfg.video.patch_size[2]),
         "ours": ours_s,
         "naive": naive_s,
-        "speedup_median": naive_s["median_ms"] / ours_s["median_ms"],
+        "speedup_median": naive_s["median_ms"] / ours_s["median_ms"] if naive_s else None,
         "breakdown_ms": {k: statistics.median(v) * 1e3 for k, v in stages.items()},
         "max_abs_diff_ours_vs_naive": agree,
         "max_rel_diff_ours_vs_naive": agree_rel,
-        "naive_precision": (str(plain.video_dtype).replace("torch.", "")
-                            + (f" weights under {str(plain_autocast).replace('torch.', '')} autocast"
-                               if plain_autocast is not None else "")),
+        "naive_precision": None if static else (
+            str(plain.video_dtype).replace("torch.", "")
+            + (f" weights under {str(plain_autocast).replace('torch.', '')} autocast" if plain_autocast is not None
+               else "")),
         "naive_text_encoder": ("run each call: " + type(text_enc).__name__) if text_enc is not None
         else "not loaded (embedding taken from the cache in both paths)",
         "torch": torch.__version__,
