@@ -308,6 +308,27 @@ def test_memory_estimate_for_cosmos_2b(capsys, monkeypatch):
     assert check_training_memory(cfg, "cuda:0") is None
 
 
+def test_memory_estimate_for_the_tiny_codecs_and_the_static_baseline():
+    """The per-frame codecs (pixel, pca) give one latent frame per frame; the static-image
+    baseline trains its whole encoder on the conditioning frames only."""
+    from dit4dit.config import get_preset
+    from dit4dit.models.dit4dit import parameter_counts
+    from dit4dit.train.memory import estimate_training_memory
+
+    cfg = get_preset("tiny")
+    assert cfg.codec.kind == "pca"
+    est = estimate_training_memory(cfg)
+    per_frame = (cfg.inputs.image_size[0] // cfg.codec.pixel_factor // cfg.video.patch_size[1]) * \
+        (cfg.inputs.image_size[1] // cfg.codec.pixel_factor // cfg.video.patch_size[2])
+    assert est["tokens_per_sample"] == cfg.inputs.num_frames * per_frame
+    static = get_preset("tiny", ["encoder=static_image", "mode=action_only"])
+    s = estimate_training_memory(static)
+    assert s["tokens_per_sample"] == static.inputs.num_cond_frames * per_frame
+    assert s["params"]["video_dit"] == parameter_counts(static)["image_encoder"] == \
+        s["params"]["with_gradient"] - s["params"]["action_dit"] - parameter_counts(static)["text_encoder_trainable"]
+    assert s["rows"]["video_loss"] == 0 and s["bytes"]["activations_blocks_no_checkpointing"] > 0
+
+
 def test_memory_formula_matches_what_autograd_saves(env):
     """The activation formula against the bytes autograd really saves for one training step
     (bf16 autocast on CPU; weight casts excluded), on the tiny backbone."""

@@ -370,6 +370,13 @@ def test_bench_train_reports_device_precision_flops_and_plain_step():
     assert r["model_flops_per_step"] > 0 and r["mfu"] == pytest.approx(r["achieved_tflops"] / 1.0)
 
 
+def test_bench_train_static_image_baseline():
+    """The static-image baseline benches too (its encoder stands where the video DiT was)."""
+    r = bench_train(tiny_cfg("encoder=static_image", "mode=action_only"), "cpu", steps=1, batch=2, warmup=0,
+                    peak=1.0, plain=False)
+    assert r["samples_per_s"] > 0 and r["model_flops_per_step"] > 0
+
+
 def test_step_flops_scale_with_the_batch_and_plain_loss_equals_ours():
     """Doubling the batch doubles the counted FLOPs; the plain loss (per-draw K/V) equals ours."""
     from dit4dit.bench.train import count_step_flops, plain_loss

@@ -76,14 +76,18 @@ def count_step_flops(model: torch.nn.Module, batch: dict, generator: torch.Gener
     """Model FLOPs of one forward + backward of the loss on ``batch`` (checkpointing off)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    saved = model.video_dit.gradient_checkpointing, model.action_dit.gradient_checkpointing
-    model.video_dit.gradient_checkpointing = model.action_dit.gradient_checkpointing = False
+    parts = [m for m in (model.video_dit, model.image_encoder, model.action_dit)
+             if m is not None and hasattr(m, "gradient_checkpointing")]
+    saved = [m.gradient_checkpointing for m in parts]
+    for m in parts:
+        m.gradient_checkpointing = False
     try:
         with FlopCounterMode(display=False) as counter:
             loss, _ = model.loss(batch, generator)
             loss.backward()
     finally:
-        model.video_dit.gradient_checkpointing, model.action_dit.gradient_checkpointing = saved
+        for m, flag in zip(parts, saved):
+            m.gradient_checkpointing = flag
         model.zero_grad(set_to_none=True)
     return float(counter.get_total_flops())
 

@@ -91,11 +91,12 @@ def _vae_params(config: dict[str, Any] | None) -> int:
         return sum(p.numel() for p in AutoencoderKLWan(**kwargs).parameters())
 
 
-def _latent_grid(cfg: DiT4DiTConfig, vae_config: dict[str, Any] | None) -> tuple[int, int, int]:
-    """(T', h, w) of the latents of one training clip."""
+def _latent_grid(cfg: DiT4DiTConfig, vae_config: dict[str, Any] | None, frames: int | None = None
+                 ) -> tuple[int, int, int]:
+    """(T', h, w) of the latents of one training clip (of its first `frames` frames when given)."""
     h, w = cfg.inputs.image_size
-    t = cfg.inputs.num_frames
-    if cfg.codec.kind == "pixel":
+    t = cfg.inputs.num_frames if frames is None else frames
+    if cfg.codec.kind in ("pixel", "pca"):  # per-frame codecs: space-to-depth by the pixel factor
         f = cfg.codec.pixel_factor
         return t, h // f, w // f
     down = list((vae_config or {}).get("temperal_downsample") or [False, True, True])
@@ -142,6 +143,9 @@ def estimate_training_memory(cfg: DiT4DiTConfig, batch: int | None = None, *, ba
     if cfg.codec.kind == "wan_vae" and vae_config is not None:
         counts["codec_frozen"] = _vae_params(vae_config)
     v, a = cfg.video, cfg.action
+    static = cfg.encoder == "static_image"
+    if static:  # the image encoder takes the video DiT's place: all its blocks train, on the conditioning frames
+        counts["video_dit"] = counts["video_dit_feature_path"] = counts["image_encoder"]
 
     # ---- which parts run with gradients -------------------------------------------------------
     need_video = cfg.mode == "video_only" or (cfg.mode == "joint" and cfg.lambda_video > 0)
@@ -149,7 +153,7 @@ def estimate_training_memory(cfg: DiT4DiTConfig, batch: int | None = None, *, ba
     nv = (max(1, math.ceil(cfg.video_loss_fraction * b)) if need_action else b) if need_video else 0
     nf = b if need_action else 0
     feat_grad = need_action and cfg.feature_grad == "end_to_end"
-    K, L_f = v.num_layers, cfg.feature_blocks
+    K, L_f = v.num_layers, (v.num_layers if static else cfg.feature_blocks)
     if need_video:
         video_grad_params = counts["video_dit"]
     elif feat_grad:
@@ -187,7 +191,7 @@ def estimate_training_memory(cfg: DiT4DiTConfig, batch: int | None = None, *, ba
     states = weights + optimizer + ema + vae + text_encoder + ddp_buckets
 
     # ---- activations -------------------------------------------------------------------------
-    lat_t, lat_h, lat_w = _latent_grid(cfg, vae_config)
+    lat_t, lat_h, lat_w = _latent_grid(cfg, vae_config, cfg.inputs.num_cond_frames if static else None)
     p_t, p_h, p_w = v.patch_size
     n_tok = (lat_t // p_t) * (lat_h // p_h) * (lat_w // p_w)
     d = v.width
