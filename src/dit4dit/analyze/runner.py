@@ -504,6 +504,7 @@ def _run_parallel(study: Study, runs: list[tuple[Cell, int]], jobs: int, threads
         first.setdefault(run_settings(study, cell, seed)[2], k)
     todo = sorted(first.values())
     log(f"{len(todo)} distinct runs of {len(runs)}, {jobs} at a time")
+
     def interrupted(signum, frame):
         raise KeyboardInterrupt
 
