@@ -397,6 +397,22 @@ def write_video(frames: Sequence[np.ndarray], path: Path, fps: float = 20.0) -> 
 # --------------------------------------------------------------------------------------------
 
 
+def log_episode(log_file: Any, done: dict[tuple[int, int], dict[str, Any]], rec: dict[str, Any], out: Path,
+                frames: Sequence[np.ndarray] | None = None, name: str | None = None) -> dict[str, Any]:
+    """Save the episode's video (`frames` as `videos/<name>`, when given), append its record to
+    the open ``episodes.jsonl`` (flushed: a crash loses at most the running episode) and mark
+    ``(task_id, trial)`` done. Returns the record with its ``video`` path (or None)."""
+    video = None
+    if frames is not None:
+        written = write_video(frames, out / "videos" / str(name))
+        video = str(written.relative_to(out)) if written else None
+    rec = {**rec, "video": video}
+    log_file.write(json.dumps(rec) + "\n")
+    log_file.flush()
+    done[(int(rec["task_id"]), int(rec["trial"]))] = rec
+    return rec
+
+
 def _read_done(path: Path) -> dict[tuple[int, int], dict[str, Any]]:
     done: dict[tuple[int, int], dict[str, Any]] = {}
     if path.is_file():
@@ -490,17 +506,12 @@ def evaluate_libero(policy: Any, suite: Any, protocol: LiberoProtocol, out_dir: 
                     record = videos_per_task < 0 or recorded < videos_per_task
                     ep = run_episode(env, policy, init_states[trial], desc, protocol, builder, record=record,
                                      horizon=int(horizon) if horizon else None)
-                    video = None
-                    if record:
-                        name = f"task{tid:02d}_trial{trial:02d}_{'success' if ep.success else 'failure'}.mp4"
-                        written = write_video(ep.frames, out / "videos" / name)
-                        video = str(written.relative_to(out)) if written else None
-                        recorded += 1
-                    rec = {"task_id": tid, "trial": trial, "success": ep.success, "steps": ep.steps,
-                           "queries": ep.queries, "seconds": round(ep.seconds, 3), "video": video}
-                    log_file.write(json.dumps(rec) + "\n")
-                    log_file.flush()
-                    done[(tid, trial)] = rec
+                    name = f"task{tid:02d}_trial{trial:02d}_{'success' if ep.success else 'failure'}.mp4"
+                    rec = log_episode(log_file, done, {"task_id": tid, "trial": trial, "success": ep.success,
+                                                       "steps": ep.steps, "queries": ep.queries,
+                                                       "seconds": round(ep.seconds, 3)},
+                                      out, ep.frames if record else None, name)
+                    recorded += record
                     count += 1
                     if progress:
                         progress(count, total, rec)

@@ -23,7 +23,6 @@ videos/.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import platform
 import re
@@ -36,7 +35,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from ..serve.executor import ActionChunkExecutor, FrameHistory
-from .libero import _read_done, _write_json, resize_image, summarize, write_video
+from .libero import _read_done, _write_json, log_episode, resize_image, summarize
 
 GR1_TASKS = (
     "PnPCupToDrawerClose",
@@ -318,16 +317,10 @@ def evaluate_gr1(policy: Any, suite: Any, protocol: GR1Protocol, out_dir: str | 
                     ep = run_episode(env, policy, protocol.seed + trial, protocol, builder, record=record,
                                      horizon=int(horizon) if horizon else None)
                     frames = ep.pop("frames")
-                    video = None
-                    if record:
-                        name = f"{tid:02d}_{task}_trial{trial:02d}_{'success' if ep['success'] else 'failure'}.mp4"
-                        written = write_video(frames, out / "videos" / name)
-                        video = str(written.relative_to(out)) if written else None
-                        recorded += 1
-                    rec = {"task_id": tid, "task": task, "trial": trial, **ep, "video": video}
-                    log_file.write(json.dumps(rec) + "\n")
-                    log_file.flush()
-                    done[(tid, trial)] = rec
+                    name = f"{tid:02d}_{task}_trial{trial:02d}_{'success' if ep['success'] else 'failure'}.mp4"
+                    rec = log_episode(log_file, done, {"task_id": tid, "task": task, "trial": trial, **ep}, out,
+                                      frames if record else None, name)
+                    recorded += record
                     count += 1
                     if progress:
                         progress(count, total, rec)
