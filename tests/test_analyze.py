@@ -401,6 +401,10 @@ def test_runner_parallel_jobs_match_sequential(toy_data, tmp_path):
     par = run_analysis(Study(out=str(tmp_path / "par"), **common), progress=False, log=logs.append, jobs=2,
                        threads=1)
     assert any("2 distinct runs of 4, 2 at a time" in m for m in logs)
+    # the same-config cell's results are stored as soon as their first run is done
+    reused = [i for i, m in enumerate(logs) if "its result is reused" in m]
+    skipped = [i for i, m in enumerate(logs) if "done already" in m]  # the sequential pass after the pool
+    assert len(reused) == 2 and len(skipped) == 4 and max(reused) < min(skipped)
     seq = run_analysis(Study(out=str(tmp_path / "seq"), **common), progress=False, log=lambda m: None, threads=1)
     rows = {r["cell"]: r for r in par["cells"]}
     assert rows["tau_0.995"]["same_as"] == "variants/joint" and rows["joint"]["seeds"] == [0, 1]

@@ -452,7 +452,7 @@ def run_analysis(study: Study, *, evaluator: Evaluator | None = None, progress: 
         if study.frame_cache:  # built once here, so parallel runs only read it
             _build_frame_cache(base, study.dataset, progress)
         if jobs > 1:
-            _run_parallel(study, runs, jobs, threads, log, twins)
+            _run_parallel(study, runs, jobs, threads, log, twins, evaluator)
         for k, (cell, seed) in enumerate(runs):
             run_one(study, cell, seed, evaluator, progress=progress and jobs == 1, log=log,
                     prefix=f"[{k + 1}/{total}] ", twins=twins)
@@ -489,10 +489,11 @@ def _parallel_run(study: Study, cell: Cell, seed: int, threads: int, prefix: str
 
 
 def _run_parallel(study: Study, runs: list[tuple[Cell, int]], jobs: int, threads: int | None, log: Log,
-                  twins: dict[str, dict[str, Any]]) -> None:
+                  twins: dict[str, dict[str, Any]], evaluator: Evaluator) -> None:
     """Every run whose configs no earlier run shares, `jobs` at a time in spawned processes (in
-    the grid's order); fills `twins`. A failed run is logged and retried by the caller's
-    sequential pass, which then raises its error."""
+    the grid's order); fills `twins`, and stores the result of each same-config run as soon as
+    its first run is done. A failed run is logged and retried by the caller's sequential pass,
+    which then raises its error."""
     import multiprocessing
     import signal
     import threading
@@ -500,8 +501,12 @@ def _run_parallel(study: Study, runs: list[tuple[Cell, int]], jobs: int, threads
     from multiprocessing import get_context
 
     first: dict[str, int] = {}
+    same: dict[str, list[int]] = {}  # key -> the later runs with the same configs
     for k, (cell, seed) in enumerate(runs):
-        first.setdefault(run_settings(study, cell, seed)[2], k)
+        key = run_settings(study, cell, seed)[2]
+        if key in first:
+            same.setdefault(key, []).append(k)
+        first.setdefault(key, k)
     todo = sorted(first.values())
     log(f"{len(todo)} distinct runs of {len(runs)}, {jobs} at a time")
 
@@ -518,10 +523,17 @@ def _run_parallel(study: Study, runs: list[tuple[Cell, int]], jobs: int, threads
                                f"[{k + 1}/{len(runs)}] "): k for k in todo}
         for future in as_completed(futures):
             cell, seed = runs[futures[future]]
+            key = run_settings(study, cell, seed)[2]
             try:
-                twins.setdefault(run_settings(study, cell, seed)[2], future.result())
+                twins.setdefault(key, future.result())
             except Exception as e:  # noqa: BLE001 - the sequential pass reruns it and raises
                 log(f"{cell.key} seed {seed} failed in a worker: {type(e).__name__}: {e}")
+                continue
+            for k in same.get(key, []):  # nothing to train: the run takes the result just stored
+                wants = run_settings(study, *runs[k])[1]["features"]
+                if wants in (None, twins[key]["settings"]["features"]):  # else the sequential pass trains it
+                    run_one(study, *runs[k], evaluator, progress=False, log=log,
+                            prefix=f"[{k + 1}/{len(runs)}] ", twins=twins)
     except KeyboardInterrupt:
         # Stop the workers the way a single run stops (their trainers save a checkpoint on
         # SIGTERM), wait for them, and leave: rerunning the command resumes.
