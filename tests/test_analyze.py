@@ -86,6 +86,21 @@ def test_static_encoder_shapes_loss_and_conditioning_frames_only():
     assert "image_encoder.pos_embed" in groups["video_dit.no_decay"].names
 
 
+def test_static_encoder_token_grid_follows_the_pca_pixel_factor():
+    """A pca codec with pixel factor 4 gives 4x the tokens of factor 8 (not the VAE's fixed 8)."""
+    from dit4dit.models.image_encoder import latent_grid
+
+    cfg = tiny_cfg("encoder=static_image", "mode=action_only", "codec.pixel_factor=4")
+    assert cfg.codec.kind == "pca" and cfg.codec.spatial_factor == 4
+    model = DiT4DiT.from_config(cfg, random_weights=True).eval()
+    batch = _batch(cfg, n=2)
+    nc = cfg.inputs.num_cond_frames
+    feats = model.extract_features(batch["video"][:, :, :nc], model.encode_text(list(batch["instruction"])))
+    rows, cols = latent_grid(cfg)
+    assert (rows, cols) == (cfg.inputs.image_size[0] // 8, cfg.inputs.image_size[1] // 8)  # factor 4, patch 2
+    assert feats.shape[1] == nc * rows * cols
+
+
 def test_static_encoder_parameter_count_matches_the_video_dit():
     from dit4dit.models.image_encoder import ImageEncoder
     from dit4dit.models.video_dit import VideoDiT

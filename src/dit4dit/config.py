@@ -110,6 +110,17 @@ class CodecConfig:
     path: str | None = None  # folder holding the VAE (diffusers layout); None = `<backbone>/vae`
     subfolder: str | None = "vae"
 
+    @property
+    def per_frame(self) -> bool:
+        """True for the weightless per-frame codecs (pixel, pca): each frame is encoded alone,
+        space-to-depth by `pixel_factor`; the Wan VAE is causal in time and has frozen weights."""
+        return self.kind in ("pixel", "pca")
+
+    @property
+    def spatial_factor(self) -> int:
+        """Pixels per latent cell along H and W (the Wan2.1 VAE downsamples 8x)."""
+        return self.pixel_factor if self.per_frame else 8
+
 
 @dataclass(frozen=True)
 class TextConfig:
@@ -261,7 +272,7 @@ class DiT4DiTConfig:
             errs.append("lambda_video must be >= 0")
         if self.num_action_steps < 1 or self.num_video_steps < 1 or self.feature_denoise_steps < 1:
             errs.append("step counts must be >= 1")
-        if self.codec.kind in ("pixel", "pca"):
+        if self.codec.per_frame:
             f = self.codec.pixel_factor
             want = (3 * f * f if self.codec.kind == "pixel" else self.codec.pca_channels) + 1
             if self.codec.kind == "pca" and not 1 <= self.codec.pca_channels <= 3 * f * f:

@@ -516,7 +516,7 @@ def parameter_counts(cfg: DiT4DiTConfig) -> dict[str, int]:
 
 def _frozen_codec_params(cfg: DiT4DiTConfig) -> int:
     """The pixel and pca codecs have no weights; the Wan2.1 VAE's default diffusers config is the released one."""
-    if cfg.codec.kind in ("pixel", "pca"):
+    if cfg.codec.per_frame:
         return 0
     from diffusers import AutoencoderKLWan
 

@@ -36,7 +36,7 @@ from ..config import DiT4DiTConfig
 
 def latent_grid(cfg: DiT4DiTConfig) -> tuple[int, int]:
     """(rows, cols) of patch tokens per latent frame for the config's image size and codec."""
-    factor = cfg.codec.pixel_factor if cfg.codec.kind == "pixel" else 8  # the Wan2.1 VAE is 8x spatially
+    factor = cfg.codec.spatial_factor
     _, ph, pw = cfg.video.patch_size
     h, w = cfg.inputs.image_size
     return h // (factor * ph), w // (factor * pw)

@@ -96,8 +96,8 @@ def _latent_grid(cfg: DiT4DiTConfig, vae_config: dict[str, Any] | None, frames: 
     """(T', h, w) of the latents of one training clip (of its first `frames` frames when given)."""
     h, w = cfg.inputs.image_size
     t = cfg.inputs.num_frames if frames is None else frames
-    if cfg.codec.kind in ("pixel", "pca"):  # per-frame codecs: space-to-depth by the pixel factor
-        f = cfg.codec.pixel_factor
+    if cfg.codec.per_frame:
+        f = cfg.codec.spatial_factor
         return t, h // f, w // f
     down = list((vae_config or {}).get("temperal_downsample") or [False, True, True])
     patch = int((vae_config or {}).get("patch_size") or 1)
