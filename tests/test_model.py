@@ -178,3 +178,61 @@ def test_text_encoded_once_per_distinct_prompt_same_values_and_gradients():
     grads = [torch.autograd.grad((e * w).sum(), enc.parameters()) for e in (emb, ref)]
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+
+
+GEN = ["codec.pca_channels=48", "video.in_channels=49", "video.out_channels=48", "codec.generated_channels=8"]
+
+
+def test_generated_channels_config_checks():
+    from dit4dit.config import ConfigError
+
+    assert small_cfg(*GEN).codec.generated_channels == 8
+    with pytest.raises(ConfigError, match="generated_channels=49 must be an int in"):
+        small_cfg(*GEN[:3], "codec.generated_channels=49")
+    with pytest.raises(ConfigError, match="needs the pca codec"):
+        small_cfg("codec.kind=pixel", "video.in_channels=193", "video.out_channels=192", "codec.generated_channels=8")
+    with pytest.raises(ConfigError, match="out_channels=16 must be video.in_channels - 1"):
+        small_cfg("video.out_channels=16")
+
+
+def test_generated_channels_future_frames_carry_the_leading_channels_only():
+    cfg = small_cfg(*GEN)
+    m = build(cfg)
+    batch = make_batch(cfg)
+    latents = m.encode_video(batch["video"])
+    n_cond, g = m.num_cond_latents, 8
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(1))
+    x, _, _ = m.video_dit.video2world_inputs(latents, noise, torch.full((4,), 0.5), n_cond)
+    assert torch.equal(x[:, :, :n_cond], latents[:, :, :n_cond])  # conditioning frames keep all 48
+    assert x[:, g:, n_cond:].abs().max() == 0 and x[:, :g, n_cond:].abs().min() > 0
+
+    # The video loss reads only the generated channels of the velocity: changing the output
+    # weights of the other channels leaves it unchanged, changing a generated one does not.
+    def video_loss():
+        return m.loss(batch, torch.Generator().manual_seed(0))[1]["loss_video"]
+
+    base = video_loss()
+    proj = m.video_dit.transformer.proj_out
+    c_out = cfg.video.out_channels
+    with torch.no_grad():  # proj_out rows are ordered (patch positions..., channel): channel = row % c_out
+        rows = torch.arange(proj.weight.shape[0])
+        proj.weight[rows % c_out >= g] += 1.0
+    assert video_loss() == base
+    with torch.no_grad():
+        proj.weight[rows % c_out == 0] += 1.0
+    assert video_loss() != base
+
+    # At inference the future noise of the other channels does not reach the features, and the
+    # predicted frames decode from the generated channels only.
+    cond = batch["video"][:, :, :n_cond]
+    text = m.encode_text(batch["instruction"])
+    c = m.encode_video(cond)
+    fut = torch.randn((4, 48, m.num_future_latents, *c.shape[3:]), generator=torch.Generator().manual_seed(2))
+    fut2 = fut.clone()
+    fut2[:, g:] += 5.0
+    tau = torch.full((4,), cfg.tau_f)
+    f1 = m.video_dit.features(*m.video_dit.assemble(c, fut, tau), text, cfg.feature_blocks)
+    f2 = m.video_dit.features(*m.video_dit.assemble(c, fut2, tau), text, cfg.feature_blocks)
+    assert torch.equal(f1, f2)
+    video = m.eval().predict_video(cond, batch["instruction"], generator=torch.Generator().manual_seed(3), num_steps=2)
+    assert video.shape == (4, 3, cfg.inputs.num_future_frames, *cfg.inputs.image_size) and video.isfinite().all()

@@ -107,6 +107,11 @@ class CodecConfig:
     kind: Literal["pixel", "pca", "wan_vae"] = "wan_vae"
     pixel_factor: int = 8  # space-to-depth factor of the pixel and pca codecs
     pca_channels: int = 16  # latent channels of the pca codec (principal components per patch)
+    # Leading latent channels the video DiT generates for future frames (pca: the top principal
+    # components); the other channels are zero in future frames, so only the clean conditioning
+    # frames carry them (fine detail the policy reads but the video loss never has to model).
+    # None = all channels.
+    generated_channels: int | None = None
     path: str | None = None  # folder holding the VAE (diffusers layout); None = `<backbone>/vae`
     subfolder: str | None = "vae"
 
@@ -284,6 +289,16 @@ class DiT4DiTConfig:
             ph, pw = self.video.patch_size[1:]
             if h % (f * ph) or w % (f * pw):
                 errs.append(f"inputs.image_size={self.inputs.image_size} must be divisible by {f}x patch {ph}")
+        g = self.codec.generated_channels
+        if g is not None:
+            if self.codec.kind != "pca":
+                errs.append(f"codec.generated_channels needs the pca codec (ordered components), not {self.codec.kind!r}")
+            elif isinstance(g, bool) or not isinstance(g, int) or not 1 <= g <= self.codec.pca_channels:
+                errs.append(f"codec.generated_channels={g!r} must be an int in [1, codec.pca_channels="
+                            f"{self.codec.pca_channels}]")
+        if self.video.out_channels != self.video.in_channels - 1:
+            errs.append(f"video.out_channels={self.video.out_channels} must be video.in_channels - 1 = "
+                        f"{self.video.in_channels - 1} (the latent channels; the last input is the condition mask)")
         if self.codec.kind == "wan_vae" and self.video.in_channels != 17:
             errs.append("the Wan2.1 VAE has 16 latent channels; video.in_channels must be 17")
         if self.inputs.num_cond_frames < 1 or self.inputs.num_future_frames < 1:

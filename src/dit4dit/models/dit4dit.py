@@ -62,6 +62,8 @@ class DiT4DiT(nn.Module):
             raise ValueError(f"encoder={cfg.encoder!r} takes " + ("an image_encoder and no video_dit" if static
                                                                   else "a video_dit and no image_encoder"))
         self.video_dit = video_dit
+        if video_dit is not None:
+            video_dit.generated_channels = cfg.codec.generated_channels
         self.image_encoder = image_encoder  # the static-image baseline's feature encoder
         self.action_dit = action_dit
         self.codec = codec
@@ -278,9 +280,10 @@ class DiT4DiT(nn.Module):
             features = features.detach()
 
         if need_video:
-            target = flow.target_velocity(latents[:nv], noise_v)
-            mask = self._future_latent_mask(batch, nv, velocity)
-            parts["loss_video"] = flow.masked_mse(velocity[:, :, n_cond:], target[:, :, n_cond:], mask)
+            g = cfg.codec.generated_channels or latents.shape[1]  # channels the future frames carry
+            velocity = velocity[:, :g, n_cond:]
+            target = flow.target_velocity(latents[:nv, :g, n_cond:], noise_v[:, :g, n_cond:])
+            parts["loss_video"] = flow.masked_mse(velocity, target, self._future_latent_mask(batch, nv, velocity))
         if need_action:
             parts["loss_action"] = self._action_loss(features.float(), batch, generator)
 
@@ -438,7 +441,7 @@ class DiT4DiT(nn.Module):
             x, ts, cm = self.video_dit.assemble(cond, future, tau)
             return self.video_dit(x, ts, cm, text)[:, :, n_cond:]
 
-        future = flow.euler_sample(velocity, noise, num_steps or self.cfg.num_video_steps)
+        future = self.video_dit.generated(flow.euler_sample(velocity, noise, num_steps or self.cfg.num_video_steps))
         frames = self.codec.decode(torch.cat([cond, future], dim=2).float())
         return frames[:, :, self.cfg.inputs.num_cond_frames:].clamp(-1, 1)
 

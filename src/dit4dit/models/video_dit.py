@@ -12,7 +12,9 @@ sub-modules in the same order, so its outputs equal the diffusers forward bit fo
 Video2World conditioning (Cosmos-Predict2.5): latents (B, C, T, h, w); the first `num_cond`
 latent frames hold clean conditioning latents, a mask channel marks them, and the timestep is
 given per frame as (B, 1, T, 1, 1): `1e-4` on conditioning frames, `tau` elsewhere. The output is
-the flow velocity `noise - x0`; losses count future frames only.
+the flow velocity `noise - x0`; losses count future frames only. With `generated_channels` set,
+future frames hold only the leading latent channels (the rest are zero) while the conditioning
+frames keep all of them.
 """
 
 from __future__ import annotations
@@ -52,6 +54,9 @@ class VideoDiT(nn.Module):
         self.cfg = cfg
         self.transformer = transformer if transformer is not None else CosmosTransformer3DModel(**cfg.diffusers_kwargs())
         self.gradient_checkpointing = False
+        # Leading latent channels generated for future frames (None = all); the rest stay zero in
+        # future frames (`CodecConfig.generated_channels`). Set by the model that owns this DiT.
+        self.generated_channels: int | None = None
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -86,14 +91,21 @@ class VideoDiT(nn.Module):
         future = flow.interpolate(latents[:, :, num_cond:], noise[:, :, num_cond:], tau)
         return self.assemble(latents[:, :, :num_cond], future, tau)
 
-    @staticmethod
-    def assemble(cond: torch.Tensor, future: torch.Tensor, tau: torch.Tensor
+    def generated(self, future: torch.Tensor) -> torch.Tensor:
+        """Future latents or velocities (B, C, T, h, w) with the channels this DiT does not generate
+        set to zero (unchanged when it generates all of them)."""
+        g = self.generated_channels
+        if g is None or g >= future.shape[1]:
+            return future
+        return torch.cat([future[:, :g], future.new_zeros((future.shape[0], future.shape[1] - g, *future.shape[2:]))], 1)
+
+    def assemble(self, cond: torch.Tensor, future: torch.Tensor, tau: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Concatenate clean conditioning latents (B, C, Tc, h, w) and future latents at flow time
         `tau` (B,) along time; build the per-frame timestep and the condition-mask channel."""
         b, _, tc, h, w = cond.shape
         t = tc + future.shape[2]
-        x = torch.cat([cond, future.to(cond.dtype)], dim=2)
+        x = torch.cat([cond, self.generated(future).to(cond.dtype)], dim=2)
         timestep = tau.to(torch.float32).view(b, 1, 1, 1, 1).repeat(1, 1, t, 1, 1)
         timestep[:, :, :tc] = COND_TIMESTEP
         cond_mask = torch.zeros(b, 1, t, h, w, dtype=cond.dtype, device=cond.device)
