@@ -234,5 +234,11 @@ def test_generated_channels_future_frames_carry_the_leading_channels_only():
     f1 = m.video_dit.features(*m.video_dit.assemble(c, fut, tau), text, cfg.feature_blocks)
     f2 = m.video_dit.features(*m.video_dit.assemble(c, fut2, tau), text, cfg.feature_blocks)
     assert torch.equal(f1, f2)
+    decoded = []
+    decode = m.codec.decode
+    m.codec.decode = lambda z: decoded.append(z) or decode(z)
     video = m.eval().predict_video(cond, batch["instruction"], generator=torch.Generator().manual_seed(3), num_steps=2)
     assert video.shape == (4, 3, cfg.inputs.num_future_frames, *cfg.inputs.image_size) and video.isfinite().all()
+    (z,) = decoded
+    assert z[:, g:, n_cond:].abs().max() == 0 and z[:, :g, n_cond:].abs().min() > 0
+    assert torch.equal(z[:, :, :n_cond], c)

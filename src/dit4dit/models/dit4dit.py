@@ -280,7 +280,7 @@ class DiT4DiT(nn.Module):
             features = features.detach()
 
         if need_video:
-            g = cfg.codec.generated_channels or latents.shape[1]  # channels the future frames carry
+            g = self.video_dit.generated_channels or latents.shape[1]  # channels the future frames carry
             velocity = velocity[:, :g, n_cond:]
             target = flow.target_velocity(latents[:nv, :g, n_cond:], noise_v[:, :g, n_cond:])
             parts["loss_video"] = flow.masked_mse(velocity, target, self._future_latent_mask(batch, nv, velocity))
