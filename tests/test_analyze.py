@@ -262,6 +262,34 @@ def test_episodes_per_task_selects_the_first_episodes_of_each_task(toy_data):
         get_preset("tiny", TOY + ["train.episodes_per_task=0"])
 
 
+def test_task_repeats_oversample_a_task(toy_data):
+    from dit4dit.data.lerobot import LeRobotDataset
+    from dit4dit.data.samples import ProcessorError, repeat_tasks
+    from dit4dit.train.trainer import build_training_data
+
+    ds = LeRobotDataset(toy_data)
+    lengths = {e.index: e.length for e in ds.episodes}
+    tasks = {e.index: e.tasks[0] for e in ds.episodes}
+    first = sorted(set(tasks.values()))[0]
+    word = next(w for w in first.split() if sum(w in t for t in set(tasks.values())) == 1).upper()  # any case
+    reps = repeat_tasks(ds, None, [f"{word}=3"])
+    assert sorted(set(reps)) == sorted(lengths)
+    assert all(reps.count(i) == (3 if tasks[i] == first else 1) for i in lengths)
+    assert repeat_tasks(ds, None, []) is None
+    cfg = get_preset("tiny", TOY + [f'train.task_repeats=["{word}=3"]'])
+    samples, proc = build_training_data(cfg, toy_data, progress=False)
+    assert len(samples) == sum(lengths[i] * (3 if tasks[i] == first else 1) for i in lengths)
+    _, proc_plain = build_training_data(get_preset("tiny", TOY), toy_data, progress=False)
+    assert proc.normalizer.to_dict() == proc_plain.normalizer.to_dict()  # statistics ignore the repeats
+    # with a subset, only the subset's episodes are repeated
+    one = [min(i for i in lengths if tasks[i] == first)]
+    assert repeat_tasks(ds, one, [f"{word}=2"]) == one * 2
+    with pytest.raises(ProcessorError, match="'fly' matches none of the tasks"):
+        repeat_tasks(ds, None, ["fly=2"])
+    with pytest.raises(ConfigError, match="TEXT=K"):
+        get_preset("tiny", TOY + ['train.task_repeats=["push=0"]'])
+
+
 # ------------------------------------------------------------------------------------------
 # silhouette and t-SNE
 # ------------------------------------------------------------------------------------------

@@ -4,13 +4,16 @@ the train/eval layout split, the CLI. Needs the `metaworld` extra (skipped witho
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 
 pytest.importorskip("metaworld")
 
-from dit4dit.data.lerobot import LeRobotDataset  # noqa: E402
+from dit4dit.config import InputConfig  # noqa: E402
+from dit4dit.data.lerobot import DatasetError, LeRobotDataset  # noqa: E402
+from dit4dit.data.processor import Processor  # noqa: E402
 from dit4dit.data.schema import get_schema  # noqa: E402
 from dit4dit.envs import metaworld as mw  # noqa: E402
 from dit4dit.eval.metaworld import evaluate  # noqa: E402
@@ -63,7 +66,48 @@ def test_collect_writes_a_schema_dataset(dataset):
     meta = json.loads((out / "meta" / "metaworld.json").read_text())
     assert all(e["layout"] in mw.TRAIN_LAYOUTS for e in meta["episodes"])
     assert meta["episodes"][0]["layout"] == 3  # seed 3 starts at training layout 3
+    # the camera view travels dataset -> processor (checkpoint) -> evaluation protocol
+    assert ds.capture == {"env": "metaworld", "cameras": {mw.IMAGE_KEY: "corner4"}}
+    proc = Processor.for_dataset(ds, "metaworld_sawyer", InputConfig(image_size=(64, 64)), progress=False)
+    assert proc.protocol()["capture"] == ds.capture
+    assert Processor.from_dict(json.loads(json.dumps(proc.to_dict()))).protocol()["capture"] == ds.capture
     ds.close()
+
+
+def test_a_malformed_capture_file_is_named(dataset, tmp_path):
+    copy = tmp_path / "ds"
+    shutil.copytree(dataset[0], copy)
+    (copy / "meta" / "capture.json").write_text(json.dumps({"cameras": {mw.IMAGE_KEY: 4}}))
+    with pytest.raises(DatasetError, match=r"capture\.json.*'cameras'"):
+        LeRobotDataset(copy)
+
+
+def test_camera_views():
+    import mujoco
+
+    view = mw.CAMERA_VIEWS["corner4_zoom"]
+    rot = np.zeros(9)
+    mujoco.mju_quat2Mat(rot, view.quat())
+    rot = rot.reshape(3, 3)  # columns: the camera's x, y, z axes in world coordinates
+    to_target = np.subtract(view.lookat, view.pos) / np.linalg.norm(np.subtract(view.lookat, view.pos))
+    np.testing.assert_allclose(-rot[:, 2], to_target, atol=1e-9)  # it looks at `lookat`
+    assert abs(rot[2, 0]) < 1e-9  # image rows stay level
+    assert rot[2, 1] < 0  # upside down like corner4, so the usual flip makes its frames upright
+
+    def goal_pixels(camera):  # push's goal marker: a small pure-green sphere
+        with mw.MetaWorldEnv("push", layout=41, camera=camera, image_size=64) as env:
+            img = env.observation()[mw.IMAGE_KEY].astype(int)
+            m = env._env.model
+            fovy = m.cam_fovy[mujoco.mj_name2id(m, mujoco.mjtObj.mjOBJ_CAMERA, "corner4")]
+        green = (img[..., 1] - np.maximum(img[..., 0], img[..., 2])) > 100
+        return green, fovy
+
+    plain, fovy_plain = goal_pixels("corner4")
+    zoom, fovy_zoom = goal_pixels("corner4_zoom")
+    assert fovy_plain == 60 and fovy_zoom == view.fovy
+    assert zoom.sum() > plain.sum() >= 1  # the goal is bigger through the narrower view
+    with pytest.raises(mw.MetaWorldError, match="unknown camera 'corner5'.*corner4_zoom"):
+        mw.MetaWorldEnv("push", camera="corner5")
 
 
 def test_observation_holds_only_what_the_policy_may_see():
@@ -106,6 +150,23 @@ def test_evaluate_oracle_chunked(tmp_path):
     assert "| button-press-topdown-v3 |" in (tmp_path / "results.md").read_text()
     assert len(r["videos"]) == 1 and r["videos"][0].endswith("_success.gif")
     assert json.loads((tmp_path / "results.json").read_text())["episodes"] == 1
+
+
+class CapturedOracle(mw.OracleExpertPolicy):
+    """The oracle, declaring that its training frames came from the zoomed view."""
+
+    def metadata(self):
+        return {**super().metadata(), "capture": {"env": "metaworld", "cameras": {mw.IMAGE_KEY: "corner4_zoom"}}}
+
+
+def test_evaluate_renders_the_checkpoints_camera():
+    r = evaluate(CapturedOracle(horizon=4, image_size=64), TASK, episodes=1, max_steps=3)
+    assert r["protocol"]["camera"] == "corner4_zoom"
+    with pytest.warns(UserWarning, match="trained on 'corner4_zoom' frames"):
+        r = evaluate(CapturedOracle(horizon=4, image_size=64), TASK, episodes=1, max_steps=3, camera="corner4")
+    assert r["protocol"]["camera"] == "corner4"
+    assert evaluate(mw.OracleExpertPolicy(horizon=4, image_size=64), TASK, episodes=1,
+                    max_steps=3)["protocol"]["camera"] == mw.DEFAULT_CAMERA
 
 
 def test_cli_parsers():

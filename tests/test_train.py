@@ -154,6 +154,48 @@ def test_ema_update_and_swap():
 
 
 # ------------------------------------------------------------------------------------------
+# time budget
+# ------------------------------------------------------------------------------------------
+
+
+def test_time_budget_plans_the_steps_that_fit(monkeypatch):
+    from dit4dit.train import trainer as tr
+
+    now = [100.0]
+    monkeypatch.setattr(tr.time, "perf_counter", lambda: now[0])
+    b = tr.TimeBudget(1.0, start_step=0, target=1000)  # 60 s
+    now[0] += 0.5
+    assert b.plan(tr.TimeBudget.MIN_STEPS - 1) is None  # too few steps to know the pace
+    now[0] = 130.0  # 20 steps took 30 s: 1.5 s a step, 30 s left -> 20 more steps
+    assert b.plan(20) == 40
+    now[0] = 150.0  # the pace improved: 40 steps in 50 s, 10 s left -> 8 more
+    assert b.plan(40) == 48
+    now[0] = 170.0  # over budget: stop at the current step
+    assert b.plan(49) == 49
+    fast = tr.TimeBudget(1.0, start_step=500, target=1000)  # resumed at step 500
+    now[0] += 2.0
+    assert fast.plan(600) == 1000  # 100 steps in 2 s: the configured target fits
+    assert tr.TimeBudget(None, 0, 10).plan(50) is None and tr.TimeBudget(None, 0, 10).summary() is None
+
+
+def test_time_budget_ends_the_schedule_and_the_run(tmp_path):
+    cfg = tiny_cfg("train.steps=100000", "train.time_budget_minutes=0.04", "train.min_lr=1e-6",
+                   "train.warmup_steps=2")
+    data = SyntheticSamples(cfg, num_samples=16)
+    s = train(cfg, data, tmp_path / "run", progress=False)
+    planned = s["time_budget"]["planned_steps"]
+    assert s["time_budget"]["seconds"] == pytest.approx(2.4)
+    assert s["step"] == planned and 20 <= planned < 100000 and not s["interrupted"]
+    assert ckpt.latest_checkpoint(tmp_path / "run").name == f"step_{planned:06d}"
+    rows = [r for r in read_metrics(tmp_path / "run") if "lr/action_dit" in r]
+    peak = cfg.train.lr_action
+    assert rows[-1]["step"] == planned and rows[-1]["lr/action_dit"] < 0.05 * peak  # the decay has ended
+    assert max(r["lr/action_dit"] for r in rows) == pytest.approx(peak)
+    with pytest.raises(ConfigError, match="time_budget_minutes"):
+        tiny_cfg("train.time_budget_minutes=0")
+
+
+# ------------------------------------------------------------------------------------------
 # exact resume
 # ------------------------------------------------------------------------------------------
 

@@ -273,6 +273,8 @@ def register_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads for training (default: all cores; training reads frames from a cache "
                         "in the main process, so no data worker competes for them)")
+    p.add_argument("--camera", default=None,
+                   help="MetaWorld camera for collection and evaluation (default: the suite's)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_demo)
@@ -283,7 +285,8 @@ def _demo(args):
 
     r = run_demo(args.out, env=args.env, episodes=args.episodes, steps=args.steps, eval_episodes=args.eval_episodes,
                  replan_every=args.replan_every, seed=args.seed, overrides=args.overrides, threads=args.threads,
-                 train_minutes=args.train_minutes, workers=args.workers, eval_max_steps=args.eval_max_steps)
+                 train_minutes=args.train_minutes, workers=args.workers, eval_max_steps=args.eval_max_steps,
+                 camera=args.camera)
     _emit(args, r, lambda r: f"success {r['eval']['success_rate']:.0%} "
                              f"(95% CI {r['eval']['ci95'][0]:.2f}-{r['eval']['ci95'][1]:.2f}); "
                              f"report in {args.out}/report.md; total {r['timings']['total_s']:.0f} s")
@@ -527,7 +530,9 @@ def register_metaworld(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--episodes", type=int, required=True, help="successful episodes per task")
     q.add_argument("--out", required=True, help="dataset folder (LeRobot v3.0)")
     q.add_argument("--image-size", type=int, default=64)
-    q.add_argument("--camera", default="corner4")
+    q.add_argument("--camera", default="corner4",
+                   help="a MetaWorld camera (corner, corner2, corner3, corner4, topview, gripperPOV, behindGripper) "
+                        "or one of ours (corner4_zoom)")
     q.add_argument("--workers", type=int, default=1, help="parallel collection processes")
     q.add_argument("--seed", type=int, default=0, help="rotates the training layouts and seeds the noise")
     q.add_argument("--max-steps", type=int, default=500)
@@ -553,7 +558,9 @@ def register_metaworld(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=1, help="parallel processes, each loading the checkpoint")
     p.add_argument("--device", default="cpu")
     p.add_argument("--backbone", default=None, help="local Cosmos-Predict2.5 folder for the frozen parts")
-    p.add_argument("--camera", default="corner4")
+    p.add_argument("--camera", default=None,
+                   help="camera view (default: the one the checkpoint's training data was collected with, "
+                        "else corner4)")
     p.add_argument("--image-size", type=int, default=None, help="default: the checkpoint's camera size")
     p.add_argument("--out", default=None, help="write results.json, results.md and videos here")
     p.add_argument("--record", type=int, default=1, help="videos per task (with --out)")

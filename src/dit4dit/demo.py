@@ -58,13 +58,15 @@ class Suite:
     overrides: tuple[str, ...]  # on top of the tiny preset
     collect: Callable[..., dict[str, Any]]
     evaluate: Callable[..., dict[str, Any]]
+    camera: str | None = None  # default camera (simulated suites with a choice of cameras)
 
 
-def _collect_metaworld(data_dir: Path, episodes: int, seed: int, workers: int, progress) -> dict[str, Any]:
-    from .envs.metaworld import collect
+def _collect_metaworld(data_dir: Path, episodes: int, seed: int, workers: int, progress,
+                       camera: str | None = None) -> dict[str, Any]:
+    from .envs.metaworld import DEFAULT_CAMERA, collect
 
     return collect(list(METAWORLD_TASKS), episodes, data_dir, image_size=64, seed=seed, workers=workers,
-                   progress=progress)
+                   progress=progress, camera=camera or DEFAULT_CAMERA)
 
 
 def _evaluate_metaworld(run_dir: Path, episodes: int, replan_every: int, seed: int, media: Path, workers: int,
@@ -74,13 +76,14 @@ def _evaluate_metaworld(run_dir: Path, episodes: int, replan_every: int, seed: i
 
     r = evaluate(str(run_dir), list(METAWORLD_TASKS), episodes, replan_every=replan_every, seed=seed,
                  workers=workers, record_videos=2, out=media / "eval", progress=progress,
-                 max_steps=max_steps or MAX_PATH_LENGTH)
+                 max_steps=max_steps or MAX_PATH_LENGTH)  # the camera view the checkpoint was trained on
     r["videos"] = [str(Path(v).relative_to(media)) for v in r["videos"]]
     r["replan_every"] = r["protocol"]["replan_every"]
     return r
 
 
-def _collect_toy(data_dir: Path, episodes: int, seed: int, workers: int, progress) -> dict[str, Any]:  # noqa: ARG001
+def _collect_toy(data_dir: Path, episodes: int, seed: int, workers: int, progress,  # noqa: ARG001
+                 camera: str | None = None) -> dict[str, Any]:  # noqa: ARG001
     from .envs.toy import collect
 
     return collect(str(data_dir), episodes, seed=seed, progress=progress)
@@ -104,13 +107,14 @@ def _evaluate_toy(run_dir: Path, episodes: int, replan_every: int, seed: int, me
 METAWORLD_OVERRIDES = (
     "schema=metaworld_sawyer", "inputs.image_size=[64,64]", "inputs.fps=80.0",
     "train.batch_size=16", "repeated_diffusion_steps=2", "video_loss_fraction=0.5",
+    "train.lr_video=3e-3", "train.lr_action=3e-3", "train.lr_other=3e-3", 'train.task_repeats=["push=2"]',
 )
 
 SUITES: dict[str, Suite] = {
     "metaworld": Suite("metaworld", "MetaWorld " + ", ".join(METAWORLD_TASKS), tasks=len(METAWORLD_TASKS),
-                       episodes_per_task=True, episodes=40, steps=2600,
-                       eval_episodes=20, train_minutes=18.0, overrides=METAWORLD_OVERRIDES,
-                       collect=_collect_metaworld, evaluate=_evaluate_metaworld),
+                       episodes_per_task=True, episodes=40, steps=5200,
+                       eval_episodes=20, train_minutes=22.0, overrides=METAWORLD_OVERRIDES,
+                       collect=_collect_metaworld, evaluate=_evaluate_metaworld, camera="corner4_zoom"),
     "toy": Suite("toy", "built-in toy_reach (pixels + instruction)", tasks=len(TOY_TASKS), episodes_per_task=False,
                  episodes=120, steps=400, eval_episodes=10,
                  train_minutes=20.0,
@@ -139,7 +143,7 @@ def run_demo(out: str | Path, *, env: str = "metaworld", episodes: int | None = 
              eval_episodes: int | None = None, replan_every: int = 4, seed: int = 0,
              overrides: list[str] | tuple[str, ...] = (), threads: int | None = None,
              train_minutes: float | None = None, workers: int | None = None,
-             eval_max_steps: int | None = None) -> dict[str, Any]:
+             eval_max_steps: int | None = None, camera: str | None = None) -> dict[str, Any]:
     """Collect, train, evaluate and report; returns the report dict (also in OUT/results.json).
 
     Re-running with the same OUT reuses the dataset and resumes (or reuses) the training run.
@@ -155,6 +159,7 @@ def run_demo(out: str | Path, *, env: str = "metaworld", episodes: int | None = 
     steps = suite.steps if steps is None else steps
     eval_episodes = suite.eval_episodes if eval_episodes is None else eval_episodes
     train_minutes = suite.train_minutes if train_minutes is None else train_minutes
+    camera = camera or suite.camera
     cores = os.cpu_count() or 1
     workers = max(1, min(cores, 4)) if workers is None else workers
     if threads:
@@ -169,18 +174,24 @@ def run_demo(out: str | Path, *, env: str = "metaworld", episodes: int | None = 
     # 1. collect
     data_dir = out / "data"
     if (data_dir / "meta" / "info.json").is_file():
+        captured = _captured_cameras(data_dir)
+        if camera and captured and camera not in captured:
+            raise ValueError(f"{data_dir} was collected with camera {sorted(captured)}, not {camera!r}: "
+                             f"choose another --out (or drop --camera to reuse it)")
         _log(f"reusing the dataset at {data_dir}")
         collected = json.loads((out / "collect.json").read_text()) if (out / "collect.json").is_file() else {}
     else:
         _log(f"collecting {episodes} expert episodes{' per task' if suite.episodes_per_task else ''} of "
              f"{suite.title} ...")
         total = episodes * (suite.tasks if suite.episodes_per_task else 1)
-        collected = suite.collect(data_dir, episodes, seed, workers, progress_bar(total, "collect"))
+        collected = suite.collect(data_dir, episodes, seed, workers, progress_bar(total, "collect"), camera=camera)
         (out / "collect.json").write_text(json.dumps(collected, indent=2, default=str))
     timings["collect_s"] = time.perf_counter() - t_start
 
-    # 2. train (stopped early, with a checkpoint, when the time limit is reached)
-    cfg = demo_config(env, steps, [f"train.seed={seed}", *overrides])
+    # 2. train: the run plans as many steps as fit in 95% of the time limit (so that its learning
+    # rate is annealed by then); the limit itself stops it, with a checkpoint, if that plan slips
+    budget = [f"train.time_budget_minutes={0.95 * train_minutes:.4g}"] if train_minutes > 0 else []
+    cfg = demo_config(env, steps, [f"train.seed={seed}", *budget, *overrides])
     run_dir = out / "run"
     t0 = time.perf_counter()
     _log(f"training the tiny preset for {steps} steps on {torch.get_num_threads()} CPU thread(s), "
@@ -218,16 +229,27 @@ def run_demo(out: str | Path, *, env: str = "metaworld", episodes: int | None = 
     report = {"task_suite": env, "title": suite.title, "collect": collected, "train": _summary_view(summary),
               "eval": results, "timings": timings, "seed": seed, "config": cfg.name,
               "overrides": [*suite.overrides, *overrides], "steps": steps, "train_minutes": train_minutes,
-              "threads": torch.get_num_threads(), "cpu_count": cores}
+              "threads": torch.get_num_threads(), "cpu_count": cores,
+              "camera": results.get("protocol", {}).get("camera")}
     (out / "results.json").write_text(json.dumps(report, indent=2, default=str))
     _write_markdown(out / "report.md", report, gifs, curves, strip)
     _log(f"report: {out / 'report.md'}")
     return report
 
 
+def _captured_cameras(data_dir: Path) -> set[str]:
+    """The camera views a demo dataset was collected with (its meta/capture.json; empty if none)."""
+    from .data.lerobot import CAPTURE_FILE
+
+    path = data_dir / "meta" / CAPTURE_FILE
+    if not path.is_file():
+        return set()
+    return set((json.loads(path.read_text()).get("cameras") or {}).values())
+
+
 def _summary_view(summary: dict[str, Any]) -> dict[str, Any]:
-    keep = ("step", "steps_run", "final_loss", "samples_per_s", "wall_time_s", "interrupted", "checkpoint", "device",
-            "precision")
+    keep = ("step", "steps_run", "final_loss", "samples_per_s", "wall_time_s", "interrupted", "time_budget",
+            "checkpoint", "device", "precision")
     return {k: summary[k] for k in keep if k in summary} or summary
 
 
@@ -270,6 +292,9 @@ def _write_markdown(path: Path, r: dict[str, Any], gifs: list[str], curves, stri
     lines += [f"| **all** | **{ev['success_rate']:.0%}** | [{ev['ci95'][0]:.2f}, {ev['ci95'][1]:.2f}] | |", "",
               f"Executed {ev['replan_every']} actions of each chunk before replanning.", ""]
     trained = f"Trained {tr.get('step')} of {r['steps']} steps"
+    planned = (tr.get("time_budget") or {}).get("planned_steps")
+    if not tr.get("interrupted") and planned is not None and planned < r["steps"]:
+        trained += f" (as many as fit in the {r['train_minutes']:g}-minute training limit)"
     if tr.get("interrupted"):
         trained += f" (stopped by the {r['train_minutes']:g}-minute training limit)"
     if tr.get("final_loss") is not None:

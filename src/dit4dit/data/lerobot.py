@@ -234,6 +234,22 @@ def _read_parquet(path: Path, columns: list[str] | None = None, what: str = "") 
 # ----------------------------------------------------------------------------------------------
 
 
+CAPTURE_FILE = "capture.json"
+
+
+def _read_capture(path: Path) -> dict[str, Any]:
+    """``meta/capture.json``, written by our collectors: how the frames were captured, e.g.
+    ``{"env": "metaworld", "cameras": {"observation.images.image": "corner4_zoom"}}``. Not part of
+    the LeRobot format; {} when absent. Checkpoints keep it so evaluation renders the same views."""
+    if not path.is_file():
+        return {}
+    d = _read_json(path)
+    cams = d.get("cameras", {}) if isinstance(d, dict) else None
+    if not isinstance(cams, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in cams.items()):
+        raise DatasetError(f"{path}: expected a JSON object whose 'cameras' maps camera keys to view names")
+    return d
+
+
 class LeRobotDataset:
     """A LeRobot dataset (v2.0/v2.1 or v3.0) in a local folder.
 
@@ -274,6 +290,7 @@ class LeRobotDataset:
         if not (self.fps > 0 and math.isfinite(self.fps)):
             raise DatasetError(f"{info_path}: invalid fps {info.get('fps')!r}")
         self.robot_type = info.get("robot_type")
+        self.capture = _read_capture(self.root / "meta" / CAPTURE_FILE)
         feats = info.get("features")
         if not isinstance(feats, dict) or not feats:
             raise DatasetError(f"{info_path}: missing 'features'")

@@ -55,8 +55,12 @@ class Processor:
         action_horizon: int | None = None,
         camera_sizes: Mapping[str, Sequence[int]] | None = None,
         strict_image_size: bool = True,
+        capture: Mapping[str, Any] | None = None,
     ) -> None:
         self.schema = schema.validate(state_dim, action_dim)
+        # how the training data's frames were captured (the dataset's meta/capture.json, e.g. the
+        # simulator camera view of each camera key): evaluation renders the same views
+        self.capture: dict[str, Any] = json.loads(json.dumps(dict(capture or {})))
         self.normalizer = normalizer
         self.inputs = inputs
         self.action_dim = int(action_dim)
@@ -147,7 +151,8 @@ class Processor:
             if hw is not None:
                 sizes[c.key] = hw
         proc = cls(schema, normalizer, inputs, action_dim=action_dim, state_dim=state_dim,
-                   action_horizon=action_horizon, camera_sizes=None, strict_image_size=strict_image_size)
+                   action_horizon=action_horizon, camera_sizes=None, strict_image_size=strict_image_size,
+                   capture=getattr(dataset, "capture", None))
         proc.camera_sizes = {k: v for k, v in sizes.items() if k in proc.camera_keys}
         return proc
 
@@ -379,6 +384,7 @@ class Processor:
             "action_dim": self.schema.action_dim,
             "action_horizon": self.action_horizon,
             "normalization": self.normalizer.mode,
+            **({"capture": self.capture} if self.capture else {}),
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -393,6 +399,7 @@ class Processor:
             "action_horizon": self.action_horizon,
             "camera_sizes": {k: list(v) for k, v in self.camera_sizes.items()},
             "strict_image_size": self.strict_image_size,
+            "capture": self.capture,
         }
 
     @classmethod
@@ -406,7 +413,7 @@ class Processor:
         inputs = _config_from_dict(InputConfig, dict(d["inputs"]), "inputs")
         return cls(schema, normalizer, inputs, action_dim=d["action_dim"], state_dim=d["state_dim"],
                    action_horizon=d.get("action_horizon"), camera_sizes=d.get("camera_sizes") or {},
-                   strict_image_size=d.get("strict_image_size", True))
+                   strict_image_size=d.get("strict_image_size", True), capture=d.get("capture") or {})
 
     def save(self, directory: str | Path) -> Path:
         directory = Path(directory)

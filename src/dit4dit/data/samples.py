@@ -118,6 +118,30 @@ def episodes_per_task(dataset: Any, n: int) -> list[int]:
     return sorted(i for chosen in kept.values() for i in chosen)
 
 
+def repeat_tasks(dataset: Any, episodes: Sequence[int] | None, repeats: Sequence[str]) -> list[int] | None:
+    """The episode list with the episodes of some tasks repeated (``train.task_repeats``: entries
+    ``"TEXT=K"``; an episode's first task is matched, case-insensitively, against each TEXT in
+    turn and the first match repeats it K times). ``episodes`` None means every episode; returns
+    it unchanged when there is nothing to repeat. A TEXT that matches no task is an error."""
+    from ..config import parse_task_repeat
+
+    if not repeats:
+        return None if episodes is None else list(episodes)
+    rules = [parse_task_repeat(r) for r in repeats]
+    by_index = {e.index: e for e in dataset.episodes}
+    wanted = list(episodes) if episodes is not None else sorted(by_index)
+    tasks = sorted({(by_index[i].tasks or ("",))[0] for i in wanted})
+    for text, _ in rules:
+        if not any(text.lower() in t.lower() for t in tasks):
+            raise ProcessorError(f"train.task_repeats: {text!r} matches none of the tasks {tasks}")
+    out: list[int] = []
+    for i in wanted:
+        task = (by_index[i].tasks or ("",))[0].lower()
+        k = next((k for text, k in rules if text.lower() in task), 1)
+        out += [i] * k
+    return out
+
+
 def _default_opener(root: str | Path) -> Any:
     from .lerobot import LeRobotDataset
 

@@ -43,6 +43,50 @@ IMAGE_KEY = "observation.images.image"
 STATE_KEY = "observation.state"
 ACTION_KEY = "action"
 DEFAULT_CAMERA = "corner4"
+# MetaWorld's own cameras (the `camera_name` values of its envs)
+METAWORLD_CAMERAS = ("corner", "corner2", "corner3", "corner4", "topview", "gripperPOV", "behindGripper")
+
+
+@dataclass(frozen=True)
+class CameraView:
+    """A fixed camera of our own: MetaWorld's ``base`` camera moved to ``pos`` (world, m), aimed at
+    ``lookat`` with vertical field of view ``fovy`` (degrees). Kept upside down like MetaWorld's
+    corner cameras, so the same both-axes flip turns its frames upright."""
+
+    base: str
+    pos: tuple[float, float, float]
+    lookat: tuple[float, float, float]
+    fovy: float
+
+    def quat(self) -> np.ndarray:
+        """MuJoCo (w, x, y, z) orientation: the camera's -z axis points at ``lookat``."""
+        f = np.asarray(self.lookat, np.float64) - np.asarray(self.pos, np.float64)
+        f /= np.linalg.norm(f)
+        right = np.cross(f, (0.0, 0.0, 1.0))
+        right /= np.linalg.norm(right)
+        up = np.cross(-f, right)
+        rot = np.stack([-right, -up, -f], axis=1)  # columns: camera x, y, z in world axes (rolled 180 deg)
+        import mujoco
+
+        q = np.zeros(4)
+        mujoco.mju_mat2Quat(q, rot.reshape(-1))
+        return q
+
+
+# corner4's position, aimed at the middle of the workspace (the objects' and goals' ranges of the
+# default suite) with a 38-degree field of view instead of 60: the objects appear about 1.7x
+# larger, and the hand, the objects and the goals of button-press-topdown, drawer-open and push
+# stay in view through the experts' episodes.
+CAMERA_VIEWS: dict[str, CameraView] = {
+    "corner4_zoom": CameraView(base="corner4", pos=(0.75, 0.075, 0.7), lookat=(0.0, 0.72, 0.1), fovy=38.0),
+}
+
+
+def check_camera(camera: str) -> str:
+    if camera not in METAWORLD_CAMERAS and camera not in CAMERA_VIEWS:
+        raise MetaWorldError(f"unknown camera {camera!r}; MetaWorld's: {list(METAWORLD_CAMERAS)}, "
+                             f"ours: {sorted(CAMERA_VIEWS)}")
+    return camera
 NUM_LAYOUTS = 50
 TRAIN_LAYOUTS: tuple[int, ...] = tuple(range(40))
 EVAL_LAYOUTS: tuple[int, ...] = tuple(range(40, 50))
@@ -284,13 +328,23 @@ class MetaWorldEnv:
         if not 1 <= int(max_steps) <= MAX_PATH_LENGTH:
             raise MetaWorldError(f"max_steps={max_steps} must be in [1, {MAX_PATH_LENGTH}] (MetaWorld's limit)")
         self.max_steps = int(max_steps)
-        self.camera = camera
+        self.camera = check_camera(camera)
+        view = CAMERA_VIEWS.get(camera)
         self.height, self.width = _size(image_size)
         self.instruction = instruction or INSTRUCTIONS[self.task]
         self.layout_seed = int(layout_seed)
         self._bench = _benchmark(self.task, self.layout_seed)
-        self._env = self._bench.train_classes[self.task](render_mode="rgb_array", camera_name=camera,
+        self._env = self._bench.train_classes[self.task](render_mode="rgb_array",
+                                                         camera_name=view.base if view else camera,
                                                          width=self.width, height=self.height)
+        if view is not None:
+            import mujoco
+
+            m = self._env.model
+            cid = mujoco.mj_name2id(m, mujoco.mjtObj.mjOBJ_CAMERA, view.base)
+            m.cam_pos[cid] = view.pos
+            m.cam_quat[cid] = view.quat()
+            m.cam_fovy[cid] = view.fovy
         if fast_render:
             m = self._env.model
             m.vis.quality.offsamples = 0
@@ -544,6 +598,12 @@ def layout_for_attempt(attempt: int, seed: int = 0, layouts: Sequence[int] = TRA
     return layouts[(seed + attempt) % len(layouts)], attempt // len(layouts)
 
 
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.replace(path)
+
+
 def collect(tasks: str | Sequence[str], episodes_per_task: int, out: str | Path, *, image_size: int = 64,
             camera: str = DEFAULT_CAMERA, seed: int = 0, workers: int = 1, max_steps: int = MAX_PATH_LENGTH,
             action_noise: float = 0.0, repeat_noise: float = 0.1, max_attempts: int | None = None,
@@ -564,9 +624,11 @@ def collect(tasks: str | Sequence[str], episodes_per_task: int, out: str | Path,
     Returns a summary with the experts' success rate per task and the collection speed; a
     ``meta/metaworld.json`` file in the dataset records the tasks, layouts and settings.
     """
+    from ..data.lerobot import CAPTURE_FILE
     from ..data.writer import LeRobotWriter
 
     task_list = parse_tasks(tasks)
+    check_camera(camera)
     if episodes_per_task < 1:
         raise MetaWorldError("episodes_per_task must be >= 1")
     if gripper not in ("binary", "continuous"):
@@ -634,8 +696,9 @@ def collect(tasks: str | Sequence[str], episodes_per_task: int, out: str | Path,
                 "repeat_noise": repeat_noise, "layout_seed": LAYOUT_SEED, "train_layouts": list(TRAIN_LAYOUTS),
                 "eval_layouts": list(EVAL_LAYOUTS),
                 "gripper": "binary (-1 open, +1 close)" if gripper == "binary" else "continuous (expert effort)"}
-    meta_path = Path(out).expanduser() / "meta" / "metaworld.json"
-    meta_path.write_text(json.dumps({"settings": settings, "episodes": episodes_meta}, indent=2) + "\n")
+    meta = Path(out).expanduser() / "meta"
+    _write_json(meta / "metaworld.json", {"settings": settings, "episodes": episodes_meta})
+    _write_json(meta / CAPTURE_FILE, {"env": "metaworld", "cameras": {IMAGE_KEY: camera}})
     incomplete = [t for t, s in per_task.items() if s["kept"] < episodes_per_task]
     return {
         "dataset": str(Path(out).expanduser()),

@@ -2,7 +2,8 @@
 
 Protocol. Episode ``e`` of a task runs on layout ``EVAL_LAYOUTS[(seed + e) % 10]`` (never a
 demonstration layout, see :mod:`dit4dit.envs.metaworld`). The policy gets the observation dict
-(camera image at the checkpoint's camera size, hand state, instruction) and returns an action
+(camera image at the checkpoint's camera size and from the camera view its training data was
+captured with, hand state, instruction) and returns an action
 chunk (H, 4); the first ``replan_every`` actions are executed (default: the checkpoint's
 ``replan_every`` when its protocol states one, else the whole chunk), then the policy is asked
 again. An episode ends at the first ``info["success"]`` (success) or after ``max_steps`` steps
@@ -24,6 +25,7 @@ import functools
 import json
 import os
 import time
+import warnings
 from collections import deque
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -38,6 +40,7 @@ from ..envs.metaworld import (
     MAX_PATH_LENGTH,
     MetaWorldError,
     cached_env,
+    check_camera,
     parse_tasks,
     JobRunner,
 )
@@ -75,6 +78,17 @@ def _image_size(meta: dict[str, Any], override: int | Sequence[int] | None) -> t
     if meta.get("image_size"):
         return int(meta["image_size"][0]), int(meta["image_size"][1])
     return DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE
+
+
+def _camera(meta: dict[str, Any], override: str | None) -> str:
+    """The camera view to render: ``override``, else the view the checkpoint's training frames were
+    captured from (its protocol's ``capture``), else MetaWorld's ``corner4``."""
+    trained = ((meta.get("capture") or {}).get("cameras") or {}).get(IMAGE_KEY)
+    camera = check_camera(override or trained or DEFAULT_CAMERA)
+    if trained and camera != trained:
+        warnings.warn(f"evaluating with camera {camera!r}, but the checkpoint was trained on {trained!r} frames",
+                      stacklevel=3)
+    return camera
 
 
 def _replan(meta: dict[str, Any], replan_every: int | None) -> int | None:
@@ -202,7 +216,7 @@ def _specs(tasks: list[str], episodes: int, *, seed: int, layouts: Sequence[int]
 
 def evaluate(policy_or_checkpoint: Any, tasks: str | Sequence[str], episodes: int = 10, *,
              replan_every: int | None = None, max_steps: int = MAX_PATH_LENGTH, seed: int = 0, workers: int = 1,
-             record_videos: int = 0, out: str | Path | None = None, camera: str = DEFAULT_CAMERA,
+             record_videos: int = 0, out: str | Path | None = None, camera: str | None = None,
              image_size: int | Sequence[int] | None = None, device: str = "cpu", backbone: str | None = None,
              layouts: Sequence[int] = EVAL_LAYOUTS, video_format: str = "gif", threads: int | None = None,
              progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
@@ -241,6 +255,7 @@ def evaluate(policy_or_checkpoint: Any, tasks: str | Sequence[str], episodes: in
         meta = policy_protocol(local_policy)
         workers = 1  # an in-memory policy cannot be shipped to other processes
     size = _image_size(meta, image_size)
+    camera = _camera(meta, camera)
     replan = _replan(meta, replan_every)
     nc = int(meta.get("num_cond_frames") or 1)
     stride = int(meta.get("frame_stride") or 1)

@@ -76,6 +76,7 @@ REQUIRED_FILES = (CONFIG_FILE, MODEL_FILE, STATE_FILE)
 RESUME_MAY_DIFFER = frozenset({
     "train.steps", "train.log_every", "train.save_every", "train.keep_last", "train.image_every",
     "train.eval_every", "train.tensorboard", "train.wandb", "train.wandb_project", "train.num_workers",
+    "train.time_budget_minutes",
 })
 
 # Test hook: "STEP:SECONDS" makes the save of checkpoint STEP pause for SECONDS after writing the

@@ -330,11 +330,12 @@ def build_training_data(cfg: DiT4DiTConfig, dataset_path: str | os.PathLike, pro
     processor is given, e.g. the one saved in the checkpoint being resumed). ``frame_cache``: see
     ``TrainingSamples`` (None = decode the videos, True = build or reuse the default cache, a
     path = that cache). ``train.episodes_per_task``: the samples (and the statistics) come from
-    the first N episodes of each task only (:func:`~dit4dit.data.samples.episodes_per_task`)."""
+    the first N episodes of each task only (:func:`~dit4dit.data.samples.episodes_per_task`);
+    ``train.task_repeats`` then repeats some tasks' episodes (:func:`~dit4dit.data.samples.repeat_tasks`)."""
     from ..data.lerobot import LeRobotDataset
     from ..data.normalize import compute_dataset_stats
     from ..data.processor import Processor
-    from ..data.samples import TrainingSamples, episodes_per_task
+    from ..data.samples import TrainingSamples, episodes_per_task, repeat_tasks
     from ..data.schema import SchemaError
 
     path = Path(dataset_path).expanduser()
@@ -350,7 +351,8 @@ def build_training_data(cfg: DiT4DiTConfig, dataset_path: str | os.PathLike, pro
                                               action_dim=cfg.action.action_dim, state_dim=cfg.action.state_dim,
                                               action_horizon=cfg.action.action_horizon, progress=progress)
         kwargs = {"frame_cache": frame_cache} if frame_cache not in (None, False) else {}
-        samples = TrainingSamples(ds, processor=processor, episodes=episodes, **kwargs)
+        samples = TrainingSamples(ds, processor=processor, episodes=repeat_tasks(ds, episodes, cfg.train.task_repeats),
+                                  **kwargs)
     except SchemaError as e:
         raise SchemaError(f"dataset {path} does not fit schema {cfg.schema!r} of config {cfg.name!r}: {e}") from e
     return samples, processor
@@ -475,6 +477,42 @@ def fit_codec(model, samples: Dataset, seed: int, max_samples: int = CODEC_FIT_S
     idx = torch.randperm(n, generator=g)[:max_samples].sort().values.tolist()
     frames = torch.stack([samples[i]["video"] for i in idx]).float()
     return model.fit_codec(frames)
+
+
+class TimeBudget:
+    """``train.time_budget_minutes``: how many steps fit in the time left.
+
+    From ``MIN_STEPS`` timed steps on (and at least 2% of the budget), :meth:`plan` projects the
+    last step that ends within the budget at the mean pace since the loop started (checkpoints and
+    logging included) and returns it, capped at the configured target; None while unknown or
+    without a budget. The projection may move both ways as the pace settles; the trainer ends the
+    learning-rate schedule and the run there."""
+
+    MIN_STEPS = 20
+
+    def __init__(self, minutes: float | None, start_step: int, target: int) -> None:
+        self.seconds = None if minutes is None else float(minutes) * 60.0
+        self.start_step = int(start_step)
+        self.target = int(target)
+        self.t0 = time.perf_counter()
+        self.planned: int | None = None
+
+    def plan(self, step: int) -> int | None:
+        if self.seconds is None:
+            return None
+        done = step - self.start_step
+        elapsed = time.perf_counter() - self.t0
+        if done < self.MIN_STEPS or elapsed < 0.02 * self.seconds:
+            return None
+        fit = step + int(max(0.0, self.seconds - elapsed) / (elapsed / done))
+        self.planned = max(step, min(self.target, fit))
+        return self.planned
+
+    def summary(self) -> dict[str, Any] | None:
+        if self.seconds is None:
+            return None
+        return {"seconds": self.seconds, "configured_steps": self.target, "planned_steps": self.planned,
+                "elapsed_s": time.perf_counter() - self.t0}
 
 
 class Trainer:
@@ -707,6 +745,7 @@ class Trainer:
         last_metrics: dict[str, float] = {}
         interrupted = False
         run_time = 0.0
+        budget = TimeBudget(tc.time_budget_minutes, step, target)
         try:
             while step < target:
                 t0 = time.perf_counter()
@@ -728,6 +767,12 @@ class Trainer:
                 window_norm += grad_norm
                 for k, v in parts.items():
                     window[k] = window.get(k, 0.0) + v
+                planned = budget.plan(step)
+                if planned is not None and planned != target:
+                    target = planned
+                    scheduler.total_steps = target  # the cosine decay ends at the planned step
+                    if bar is not None:
+                        bar.total = target
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{max(scheduler.lrs().values()):.2e}", refresh=False)
@@ -777,6 +822,7 @@ class Trainer:
             "params": counts,
             "codec_fit": self.codec_fit,
             "interrupted": interrupted,
+            "time_budget": budget.summary(),
             "logging": logger.backends,
         }
         if info.is_main:
