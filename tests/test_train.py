@@ -176,6 +176,15 @@ def test_time_budget_plans_the_steps_that_fit(monkeypatch):
     now[0] += 2.0
     assert fast.plan(600) == 1000  # 100 steps in 2 s: the configured target fits
     assert tr.TimeBudget(None, 0, 10).plan(50) is None and tr.TimeBudget(None, 0, 10).summary() is None
+    # the pace is the recent one: 50 steps at 1 s, then 50 at 0.1 s, in a 100-s budget
+    now[0] = 0.0
+    b = tr.TimeBudget(100 / 60, start_step=0, target=10_000)
+    for step in range(1, 101):
+        now[0] += 1.0 if step <= 50 else 0.1
+        planned = b.plan(step)
+    # 45 s left at the pace of the last 10 s (0.18 s a step) -> 250 more steps; the mean pace since
+    # the start (0.55 s a step) would give 81
+    assert planned == 100 + int(45 / ((55 - 45) / (100 - 45)))
 
 
 def test_time_budget_ends_the_schedule_and_the_run(tmp_path):

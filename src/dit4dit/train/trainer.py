@@ -21,6 +21,7 @@ k and resumed reproduces the per-step losses of the uninterrupted run bit for bi
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import logging
@@ -483,28 +484,35 @@ class TimeBudget:
     """``train.time_budget_minutes``: how many steps fit in the time left.
 
     From ``MIN_STEPS`` timed steps on (and at least 2% of the budget), :meth:`plan` projects the
-    last step that ends within the budget at the mean pace since the loop started (checkpoints and
-    logging included) and returns it, capped at the configured target; None while unknown or
-    without a budget. The projection may move both ways as the pace settles; the trainer ends the
-    learning-rate schedule and the run there."""
+    last step that ends within the budget at the recent pace (the steps of the last tenth of the
+    budget, checkpoints and logging included, so the plan follows a machine whose speed changes)
+    and returns it, capped at the configured target; None while unknown or without a budget. The
+    trainer ends the learning-rate schedule and the run at the plan."""
 
     MIN_STEPS = 20
+    WINDOW = 0.1  # fraction of the budget over which the pace is measured
 
     def __init__(self, minutes: float | None, start_step: int, target: int) -> None:
         self.seconds = None if minutes is None else float(minutes) * 60.0
         self.start_step = int(start_step)
         self.target = int(target)
         self.t0 = time.perf_counter()
+        self.marks: collections.deque[tuple[int, float]] = collections.deque([(self.start_step, self.t0)])
         self.planned: int | None = None
 
     def plan(self, step: int) -> int | None:
         if self.seconds is None:
             return None
-        done = step - self.start_step
-        elapsed = time.perf_counter() - self.t0
-        if done < self.MIN_STEPS or elapsed < 0.02 * self.seconds:
+        now = time.perf_counter()
+        self.marks.append((step, now))
+        while len(self.marks) > self.MIN_STEPS + 1 and now - self.marks[1][1] >= self.WINDOW * self.seconds:
+            self.marks.popleft()  # keep one mark at least a window old
+        elapsed = now - self.t0
+        if step - self.start_step < self.MIN_STEPS or elapsed < 0.02 * self.seconds:
             return None
-        fit = step + int(max(0.0, self.seconds - elapsed) / (elapsed / done))
+        s0, t0 = self.marks[0]
+        pace = (now - t0) / max(1, step - s0)  # seconds a step, recently
+        fit = step + int(max(0.0, self.seconds - elapsed) / pace)
         self.planned = max(step, min(self.target, fit))
         return self.planned
 
