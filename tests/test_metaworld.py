@@ -16,7 +16,7 @@ from dit4dit.data.lerobot import DatasetError, LeRobotDataset  # noqa: E402
 from dit4dit.data.processor import Processor  # noqa: E402
 from dit4dit.data.schema import get_schema  # noqa: E402
 from dit4dit.envs import metaworld as mw  # noqa: E402
-from dit4dit.eval.metaworld import evaluate  # noqa: E402
+from dit4dit.eval.metaworld import episode_layouts, evaluate  # noqa: E402
 
 TASK = "button-press-topdown-v3"
 
@@ -29,20 +29,27 @@ def dataset(tmp_path_factory):
 
 
 def test_layout_split_is_disjoint():
-    train, held_out = set(mw.TRAIN_LAYOUTS), set(mw.EVAL_LAYOUTS)
+    train = {mw.train_layout(i) for i in range(200)}
+    held_out = {mw.eval_layout(i) for i in range(50)}
     assert not train & held_out
-    assert train | held_out == set(range(mw.NUM_LAYOUTS))
+    assert train | held_out == set(range(250))  # five MT1 seeds, 40 + 10 layouts each
+    assert mw.TRAIN_LAYOUTS == tuple(range(40)) and mw.EVAL_LAYOUTS == tuple(range(40, 50))
+    assert all(mw.is_train_layout(v) for v in train) and not any(mw.is_train_layout(v) for v in held_out)
     for seed in (0, 7, 39, 123):
-        assert {mw.layout_for_attempt(a, seed)[0] for a in range(200)} <= train
-    # the layouts are a fixed function of LAYOUT_SEED, and distinct
-    vecs = mw.layout_vectors(TASK)
-    assert vecs.shape[0] == mw.NUM_LAYOUTS
-    assert len({v.round(6).tobytes() for v in vecs}) == mw.NUM_LAYOUTS
-    fresh = mw._benchmark.__wrapped__(TASK, mw.LAYOUT_SEED)  # a new MT1: same seed, same layouts
+        attempts = [mw.layout_for_attempt(a, seed) for a in range(200)]
+        assert set(attempts) <= {mw.train_layout(i) for i in range(400)} and len(set(attempts)) == 200
+    # the layouts are a fixed function of LAYOUT_SEED, and distinct across seeds
+    layouts = [*range(50), 50, 95, 140]
+    vecs = mw.layout_vectors(TASK, layouts)
+    assert vecs.shape[0] == len(layouts)
+    assert len({v.round(6).tobytes() for v in vecs}) == len(layouts)
+    fresh = mw._benchmark.__wrapped__(TASK, mw.LAYOUT_SEED + 1)  # a new MT1: same seed, same layouts
     env = fresh.train_classes[TASK]()
     env.set_task(fresh.train_tasks[45])
-    np.testing.assert_array_equal(np.asarray(env._last_rand_vec), vecs[45])
+    np.testing.assert_array_equal(np.asarray(env._last_rand_vec), vecs[layouts.index(95)])
     env.close()
+    with pytest.raises(mw.MetaWorldError, match="layout -1"):
+        mw.layout_task(TASK, -1)
 
 
 def test_collect_writes_a_schema_dataset(dataset):
@@ -82,10 +89,11 @@ def test_a_malformed_capture_file_is_named(dataset, tmp_path):
         LeRobotDataset(copy)
 
 
-def test_camera_views():
+@pytest.mark.parametrize("name", sorted(mw.CAMERA_VIEWS))
+def test_camera_views_look_at_their_target_upside_down(name):
     import mujoco
 
-    view = mw.CAMERA_VIEWS["corner4_zoom"]
+    view = mw.CAMERA_VIEWS[name]
     rot = np.zeros(9)
     mujoco.mju_quat2Mat(rot, view.quat())
     rot = rot.reshape(3, 3)  # columns: the camera's x, y, z axes in world coordinates
@@ -94,19 +102,24 @@ def test_camera_views():
     assert abs(rot[2, 0]) < 1e-9  # image rows stay level
     assert rot[2, 1] < 0  # upside down like corner4, so the usual flip makes its frames upright
 
+
+def test_camera_views_show_the_goal_larger():
+    import mujoco
+
     def goal_pixels(camera):  # push's goal marker: a small pure-green sphere
         with mw.MetaWorldEnv("push", layout=41, camera=camera, image_size=64) as env:
             img = env.observation()[mw.IMAGE_KEY].astype(int)
             m = env._env.model
             fovy = m.cam_fovy[mujoco.mj_name2id(m, mujoco.mjtObj.mjOBJ_CAMERA, "corner4")]
         green = (img[..., 1] - np.maximum(img[..., 0], img[..., 2])) > 100
-        return green, fovy
+        return int(green.sum()), fovy
 
     plain, fovy_plain = goal_pixels("corner4")
     zoom, fovy_zoom = goal_pixels("corner4_zoom")
-    assert fovy_plain == 60 and fovy_zoom == view.fovy
-    assert zoom.sum() > plain.sum() >= 1  # the goal is bigger through the narrower view
-    with pytest.raises(mw.MetaWorldError, match="unknown camera 'corner5'.*corner4_zoom"):
+    close, fovy_close = goal_pixels("corner4_close")
+    assert fovy_plain == 60 and fovy_zoom == mw.CAMERA_VIEWS["corner4_zoom"].fovy == fovy_close
+    assert close > zoom > plain >= 1  # the goal is bigger through the narrower / nearer views
+    with pytest.raises(mw.MetaWorldError, match="unknown camera 'corner5'.*corner4_close.*corner4_zoom"):
         mw.MetaWorldEnv("push", camera="corner5")
 
 
@@ -134,6 +147,14 @@ class TwoFrameOracle(mw.OracleExpertPolicy):
         assert img.shape == (2, 64, 64, 3) and img.dtype == np.uint8
         assert set(obs) == {mw.IMAGE_KEY, mw.STATE_KEY, "prompt"} and obs["prompt"] == "press the button from the top"
         return super().infer(obs)
+
+
+def test_evaluation_episodes_get_held_out_layouts_of_their_own():
+    assert episode_layouts(20) == [*range(40, 50), *range(90, 100)]
+    assert episode_layouts(3, seed=9) == [49, 90, 91]
+    assert episode_layouts(5, seed=1, layouts=[3, 7]) == [7, 3, 7, 3, 7]  # a given list is cycled
+    with pytest.raises(mw.MetaWorldError, match="layout numbers >= 0"):
+        evaluate(mw.OracleExpertPolicy(), TASK, episodes=1, layouts=[-2])
 
 
 def test_evaluate_oracle_chunked(tmp_path):

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from dit4dit.envs import metaworld as mw
-from dit4dit.eval.metaworld import _camera, _checkpoint_protocol, load_checkpoint_policy
+from dit4dit.eval.metaworld import load_checkpoint_scene
 
 
 def first_actions(policy, env: mw.MetaWorldEnv, layout: int, seeds: int) -> tuple[np.ndarray, np.ndarray]:
@@ -45,9 +45,7 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    camera = _camera(_checkpoint_protocol(args.run), None)
-    policy = load_checkpoint_policy(args.run)
-    size = policy.metadata()["camera_sizes"][mw.IMAGE_KEY]
+    policy, camera, size = load_checkpoint_scene(args.run)
     result = {"run": args.run, "task": mw.task_name(args.task), "camera": camera, "seeds": args.seeds,
               "machine": platform.processor() or platform.machine(), "torch": torch.__version__}
     with mw.MetaWorldEnv(args.task, mw.EVAL_LAYOUTS[0], camera=camera, image_size=size) as env:

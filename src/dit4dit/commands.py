@@ -260,9 +260,11 @@ def register_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--episodes", type=int, default=None,
                    help="expert episodes to collect (per task for metaworld; default: the suite's)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the suite's)")
+    p.add_argument("--minutes", type=float, default=None,
+                   help="time budget of the whole demo: training gets what collection leaves, less a "
+                        "reserve for evaluation (default: the suite's, 30 for metaworld)")
     p.add_argument("--train-minutes", type=float, default=None,
-                   help="stop training (with a checkpoint) after this many minutes; 0 = no limit "
-                        "(default: the suite's)")
+                   help="training time limit instead of the one --minutes leaves; 0 = no limit")
     p.add_argument("--eval-episodes", type=int, default=None, help="evaluation episodes per task")
     p.add_argument("--eval-max-steps", type=int, default=None,
                    help="steps per evaluation episode (MetaWorld; default its 500-step limit)")
@@ -285,7 +287,7 @@ def _demo(args):
 
     r = run_demo(args.out, env=args.env, episodes=args.episodes, steps=args.steps, eval_episodes=args.eval_episodes,
                  replan_every=args.replan_every, seed=args.seed, overrides=args.overrides, threads=args.threads,
-                 train_minutes=args.train_minutes, workers=args.workers, eval_max_steps=args.eval_max_steps,
+                 minutes=args.minutes, train_minutes=args.train_minutes, workers=args.workers, eval_max_steps=args.eval_max_steps,
                  camera=args.camera)
     _emit(args, r, lambda r: f"success {r['eval']['success_rate']:.0%} "
                              f"(95% CI {r['eval']['ci95'][0]:.2f}-{r['eval']['ci95'][1]:.2f}); "
@@ -524,7 +526,7 @@ def register_metaworld(sub: argparse._SubParsersAction) -> None:
         collect = sub.add_parser("collect", help="collect expert demonstrations into a LeRobot v3.0 dataset")
         collect.add_subparsers(dest="env", required=True)
     csub = next(a for a in collect._actions if isinstance(a, argparse._SubParsersAction))
-    q = csub.add_parser("metaworld", help="MetaWorld scripted experts on training layouts 0..39 "
+    q = csub.add_parser("metaworld", help="MetaWorld scripted experts, one training layout an episode "
                                           "(needs `pip install -e '.[metaworld]'`)")
     q.add_argument("--tasks", required=True, help="comma-separated tasks, e.g. button-press-topdown,drawer-open,push")
     q.add_argument("--episodes", type=int, required=True, help="successful episodes per task")
@@ -532,14 +534,12 @@ def register_metaworld(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--image-size", type=int, default=64)
     q.add_argument("--camera", default="corner4",
                    help="a MetaWorld camera (corner, corner2, corner3, corner4, topview, gripperPOV, behindGripper) "
-                        "or one of ours (corner4_zoom)")
+                        "or one of ours (corner4_zoom, corner4_close)")
     q.add_argument("--workers", type=int, default=1, help="parallel collection processes")
-    q.add_argument("--seed", type=int, default=0, help="rotates the training layouts and seeds the noise")
+    q.add_argument("--seed", type=int, default=0, help="shifts the training layouts and seeds the noise")
     q.add_argument("--max-steps", type=int, default=500)
     q.add_argument("--action-noise", type=float, default=0.0,
                    help="std of noise on the executed dx, dy, dz (labels stay the expert's)")
-    q.add_argument("--repeat-noise", type=float, default=0.1,
-                   help="noise std once the 40 training layouts have all been used")
     q.add_argument("--gripper", default="binary", choices=["binary", "continuous"],
                    help="binary: snap the experts' grip to -1/+1 as the metaworld_sawyer schema does")
     q.add_argument("--overwrite", action="store_true")
@@ -547,7 +547,7 @@ def register_metaworld(sub: argparse._SubParsersAction) -> None:
     q.set_defaults(func=_collect_metaworld)
 
     p = get_eval_subparsers(sub).add_parser(
-        "metaworld", help="closed-loop MetaWorld evaluation of a checkpoint on held-out layouts 40..49")
+        "metaworld", help="closed-loop MetaWorld evaluation of a checkpoint on held-out layouts (40..49, 90..99, ...)")
     p.add_argument("--checkpoint", required=True, help="run folder, its checkpoints/ folder or one checkpoint")
     p.add_argument("--tasks", required=True, help="comma-separated tasks")
     p.add_argument("--episodes", type=int, default=10, help="episodes per task")
@@ -578,7 +578,7 @@ def _collect_metaworld(args):
         n = len(parse_tasks(args.tasks)) * args.episodes
         r = collect(args.tasks, args.episodes, args.out, image_size=args.image_size, camera=args.camera,
                     seed=args.seed, workers=args.workers, max_steps=args.max_steps, action_noise=args.action_noise,
-                    repeat_noise=args.repeat_noise, gripper=args.gripper, overwrite=args.overwrite,
+                    gripper=args.gripper, overwrite=args.overwrite,
                     progress=progress_bar(n, "collect metaworld"))
     except (MetaWorldError, FileExistsError) as e:
         raise ConfigError(str(e)) from e

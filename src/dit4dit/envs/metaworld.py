@@ -5,11 +5,13 @@ What the policy sees (DESIGN §7): the `corner4` camera image, the hand state (t
 values of MetaWorld's 39-D observation: hand x, y, z and the gripper opening in [0, 1]) and a
 language instruction — never the object or goal positions, which only the scripted experts read.
 
-Layouts. `MT1(task, seed=LAYOUT_SEED)` draws 50 object/goal layouts per task; `set_task` selects
-one and `reset()` keeps it. Layouts 0..39 (`TRAIN_LAYOUTS`) are used for demonstrations, layouts
-40..49 (`EVAL_LAYOUTS`) are held out for evaluation. `LAYOUT_SEED` is fixed so the split is the
-same on every machine (MetaWorld itself draws the layouts from NumPy's global generator when no
-seed is given).
+Layouts. `MT1(task, seed=s)` draws 50 object/goal layouts per task; `set_task` selects one and
+`reset()` keeps it. Layout number ``L`` is layout ``L % 50`` of ``MT1(task, seed=LAYOUT_SEED + L // 50)``,
+so there are as many layouts as a collection needs, the same on every machine (MetaWorld itself
+draws them from NumPy's global generator when no seed is given). In every block of 50 the first 40
+are training layouts (`train_layout(i)`: 0..39, 50..89, ...) and the last 10 are held out for
+evaluation (`eval_layout(i)`: 40..49, 90..99, ...); `TRAIN_LAYOUTS` and `EVAL_LAYOUTS` are the
+first block's.
 
 Actions: (dx, dy, dz, gripper) in [-1, 1]; MetaWorld moves the hand mocap by `action * 0.01` m per
 step (frame_skip 5 x 2.5 ms = 12.5 ms a step, i.e. 80 control steps a second). The experts'
@@ -73,12 +75,16 @@ class CameraView:
         return q
 
 
-# corner4's position, aimed at the middle of the workspace (the objects' and goals' ranges of the
-# default suite) with a 38-degree field of view instead of 60: the objects appear about 1.7x
-# larger, and the hand, the objects and the goals of button-press-topdown, drawer-open and push
-# stay in view through the experts' episodes.
+# corner4_zoom: corner4's position, aimed at the middle of the workspace (the objects' and goals'
+# ranges of the default suite) with a 38-degree field of view instead of 60: objects appear about
+# 1.7x larger. corner4_close: the same direction of view from 40% nearer (0.82 m from the middle of
+# the workspace instead of 1.17 m): push's puck covers about 26 pixels at 64 x 64 (corner4_zoom: 13,
+# corner4: 4). Both keep the objects and goals of button-press-topdown, drawer-open and push in view
+# through the experts' episodes; corner4_close loses the hand at the top edge while it is high up
+# (the hand state still gives its position).
 CAMERA_VIEWS: dict[str, CameraView] = {
     "corner4_zoom": CameraView(base="corner4", pos=(0.75, 0.075, 0.7), lookat=(0.0, 0.72, 0.1), fovy=38.0),
+    "corner4_close": CameraView(base="corner4", pos=(0.5, 0.35, 0.6), lookat=(0.0, 0.75, 0.08), fovy=38.0),
 }
 
 
@@ -87,10 +93,28 @@ def check_camera(camera: str) -> str:
         raise MetaWorldError(f"unknown camera {camera!r}; MetaWorld's: {list(METAWORLD_CAMERAS)}, "
                              f"ours: {sorted(CAMERA_VIEWS)}")
     return camera
-NUM_LAYOUTS = 50
-TRAIN_LAYOUTS: tuple[int, ...] = tuple(range(40))
-EVAL_LAYOUTS: tuple[int, ...] = tuple(range(40, 50))
-LAYOUT_SEED = 0  # seed of MT1(task, seed=...): fixes the 50 layouts of every task
+LAYOUTS_PER_SEED = 50  # MT1(task, seed=...) draws this many layouts
+TRAIN_PER_SEED = 40  # the first 40 of each block of 50 are training layouts, the last 10 held out
+LAYOUT_SEED = 0  # MT1 seed of layouts 0..49; layout L comes from seed LAYOUT_SEED + L // 50
+
+
+def train_layout(i: int) -> int:
+    """The ``i``-th training layout: 0..39, then 50..89, 100..139, ..."""
+    return (i // TRAIN_PER_SEED) * LAYOUTS_PER_SEED + i % TRAIN_PER_SEED
+
+
+def eval_layout(i: int) -> int:
+    """The ``i``-th held-out layout: 40..49, then 90..99, 140..149, ..."""
+    held_out = LAYOUTS_PER_SEED - TRAIN_PER_SEED
+    return (i // held_out) * LAYOUTS_PER_SEED + TRAIN_PER_SEED + i % held_out
+
+
+def is_train_layout(layout: int) -> bool:
+    return int(layout) % LAYOUTS_PER_SEED < TRAIN_PER_SEED
+
+
+TRAIN_LAYOUTS: tuple[int, ...] = tuple(train_layout(i) for i in range(TRAIN_PER_SEED))  # 0..39
+EVAL_LAYOUTS: tuple[int, ...] = tuple(eval_layout(i) for i in range(LAYOUTS_PER_SEED - TRAIN_PER_SEED))  # 40..49
 MAX_PATH_LENGTH = 500  # MetaWorld raises past this many steps without a reset
 CONTROL_FPS = 80  # 1 / (frame_skip 5 x timestep 2.5 ms)
 STATE_NAMES = ("hand_x", "hand_y", "hand_z", "gripper_open")
@@ -274,14 +298,22 @@ def _benchmark(task: str, layout_seed: int = LAYOUT_SEED):
     return metaworld.MT1(task, seed=layout_seed)
 
 
-def layout_vectors(task: str, layout_seed: int = LAYOUT_SEED) -> np.ndarray:
-    """(50, k) object/goal positions that define the task's layouts (MetaWorld's ``rand_vec``)."""
-    bench = _benchmark(task_name(task), layout_seed)
-    env = bench.train_classes[task_name(task)]()
+def layout_task(task: str, layout: int):
+    """MetaWorld's `Task` (what `set_task` takes) for layout number `layout` (module docstring)."""
+    if int(layout) < 0:
+        raise MetaWorldError(f"layout {layout} must be >= 0")
+    block, index = divmod(int(layout), LAYOUTS_PER_SEED)
+    return _benchmark(task_name(task), LAYOUT_SEED + block).train_tasks[index]
+
+
+def layout_vectors(task: str, layouts: Sequence[int] = range(LAYOUTS_PER_SEED)) -> np.ndarray:
+    """(len(layouts), k) object/goal positions that define the layouts (MetaWorld's ``rand_vec``)."""
+    name = task_name(task)
+    env = _benchmark(name, LAYOUT_SEED).train_classes[name]()
     try:
         vecs = []
-        for t in bench.train_tasks:
-            env.set_task(t)
+        for layout in layouts:
+            env.set_task(layout_task(name, layout))
             vecs.append(np.array(env._last_rand_vec, dtype=np.float64))
         return np.stack(vecs)
     finally:
@@ -313,7 +345,7 @@ def _size(image_size: int | Sequence[int]) -> tuple[int, int]:
 class MetaWorldEnv:
     """One MetaWorld task, rendered from one camera, with the learner's observation dict.
 
-    ``reset(layout)`` selects one of the task's 50 layouts (see the module docstring) and returns
+    ``reset(layout)`` selects a layout number (see the module docstring) and returns
     ``{"observation.images.image": uint8 (H, W, 3), "observation.state": float32 (4,),
     "prompt": str}``; ``step(action)`` returns ``(obs, success, done)`` with ``done`` once
     ``max_steps`` steps have run. ``last_info`` keeps MetaWorld's info dict, ``raw_obs`` the full
@@ -323,7 +355,7 @@ class MetaWorldEnv:
 
     def __init__(self, task: str, layout: int = 0, *, camera: str = DEFAULT_CAMERA,
                  image_size: int | Sequence[int] = 64, max_steps: int = MAX_PATH_LENGTH,
-                 instruction: str | None = None, layout_seed: int = LAYOUT_SEED, fast_render: bool = True):
+                 instruction: str | None = None, fast_render: bool = True):
         self.task = task_name(task)
         if not 1 <= int(max_steps) <= MAX_PATH_LENGTH:
             raise MetaWorldError(f"max_steps={max_steps} must be in [1, {MAX_PATH_LENGTH}] (MetaWorld's limit)")
@@ -332,9 +364,7 @@ class MetaWorldEnv:
         view = CAMERA_VIEWS.get(camera)
         self.height, self.width = _size(image_size)
         self.instruction = instruction or INSTRUCTIONS[self.task]
-        self.layout_seed = int(layout_seed)
-        self._bench = _benchmark(self.task, self.layout_seed)
-        self._env = self._bench.train_classes[self.task](render_mode="rgb_array",
+        self._env = _benchmark(self.task, LAYOUT_SEED).train_classes[self.task](render_mode="rgb_array",
                                                          camera_name=view.base if view else camera,
                                                          width=self.width, height=self.height)
         if view is not None:
@@ -362,9 +392,7 @@ class MetaWorldEnv:
     # ---- episode -------------------------------------------------------------------------
     def reset(self, layout: int | None = None) -> dict[str, Any]:
         if layout is not None and layout != self.layout:
-            if not 0 <= int(layout) < NUM_LAYOUTS:
-                raise MetaWorldError(f"layout {layout} must be in [0, {NUM_LAYOUTS})")
-            self._env.set_task(self._bench.train_tasks[int(layout)])
+            self._env.set_task(layout_task(self.task, layout))
             self.layout = int(layout)
         raw, _ = self._env.reset()
         self.raw_obs = np.asarray(raw, dtype=np.float64)
@@ -593,9 +621,9 @@ class JobRunner:
         self.close()
 
 
-def layout_for_attempt(attempt: int, seed: int = 0, layouts: Sequence[int] = TRAIN_LAYOUTS) -> tuple[int, int]:
-    """(layout, pass index) of the `attempt`-th collection attempt of a task."""
-    return layouts[(seed + attempt) % len(layouts)], attempt // len(layouts)
+def layout_for_attempt(attempt: int, seed: int = 0) -> int:
+    """The training layout of the `attempt`-th collection attempt of a task: a new one every time."""
+    return train_layout(seed + attempt)
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -606,17 +634,16 @@ def _write_json(path: Path, obj: Any) -> None:
 
 def collect(tasks: str | Sequence[str], episodes_per_task: int, out: str | Path, *, image_size: int = 64,
             camera: str = DEFAULT_CAMERA, seed: int = 0, workers: int = 1, max_steps: int = MAX_PATH_LENGTH,
-            action_noise: float = 0.0, repeat_noise: float = 0.1, max_attempts: int | None = None,
+            action_noise: float = 0.0, max_attempts: int | None = None,
             gripper: str = "binary", fps: int = CONTROL_FPS, overwrite: bool = False,
             progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Collect `episodes_per_task` successful expert episodes per task into a LeRobot v3.0
     dataset at `out` (features = the `metaworld_sawyer` schema's keys; one instruction per task).
 
-    Attempt ``a`` of a task runs on training layout ``TRAIN_LAYOUTS[(seed + a) % 40]``; failed
-    episodes are dropped and retried on the next layouts (at most ``max_attempts`` attempts per
-    task, default ``2 * episodes_per_task + 10``). The first pass over the 40 layouts executes the
-    expert's actions (plus ``action_noise``); later passes revisit layouts with ``repeat_noise``
-    on the executed actions so that no two episodes are identical (see :func:`rollout_expert`).
+    Attempt ``a`` of a task runs on training layout ``train_layout(seed + a)`` (0..39, 50..89, ...:
+    every episode has a layout of its own); failed episodes are dropped and the next layouts tried
+    (at most ``max_attempts`` attempts per task, default ``2 * episodes_per_task + 10``).
+    ``action_noise`` adds Gaussian noise to the executed actions (see :func:`rollout_expert`).
     ``gripper="binary"`` (default) snaps the experts' grip effort to -1 / +1 both in the executed
     and the recorded action, as the `metaworld_sawyer` schema (binary gripper) will at inference;
     ``"continuous"`` keeps the experts' values (clipped to [-1, 1]) for a schema whose gripper is
@@ -652,9 +679,8 @@ def collect(tasks: str | Sequence[str], episodes_per_task: int, out: str | Path,
                 n = min(episodes_per_task - st["kept"], limit - st["attempts"])
                 for _ in range(max(0, n)):
                     a = st["attempts"]
-                    layout, pass_idx = layout_for_attempt(a, seed)
-                    noise = action_noise if pass_idx == 0 else max(action_noise, repeat_noise)
-                    specs.append({"task": t, "attempt": a, "layout": layout, "noise": float(noise),
+                    specs.append({"task": t, "attempt": a, "layout": layout_for_attempt(a, seed),
+                                  "noise": float(action_noise),
                                   "rng_seed": [int(seed), list(INSTRUCTIONS).index(t), a],
                                   "camera": camera, "image_size": size, "max_steps": int(max_steps),
                                   "gripper": gripper})
@@ -693,8 +719,8 @@ def collect(tasks: str | Sequence[str], episodes_per_task: int, out: str | Path,
     frames = sum(st["frames"] for st in per_task.values())
     settings = {"tasks": task_list, "episodes_per_task": episodes_per_task, "image_size": list(size),
                 "camera": camera, "seed": seed, "fps": fps, "max_steps": max_steps, "action_noise": action_noise,
-                "repeat_noise": repeat_noise, "layout_seed": LAYOUT_SEED, "train_layouts": list(TRAIN_LAYOUTS),
-                "eval_layouts": list(EVAL_LAYOUTS),
+                "layout_seed": LAYOUT_SEED, "layouts_per_seed": LAYOUTS_PER_SEED,
+                "train_per_seed": TRAIN_PER_SEED,
                 "gripper": "binary (-1 open, +1 close)" if gripper == "binary" else "continuous (expert effort)"}
     meta = Path(out).expanduser() / "meta"
     _write_json(meta / "metaworld.json", {"settings": settings, "episodes": episodes_meta})

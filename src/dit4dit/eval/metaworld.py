@@ -1,14 +1,15 @@
-"""Closed-loop evaluation on MetaWorld, on the held-out layouts 40..49 of each task.
+"""Closed-loop evaluation on MetaWorld, on held-out layouts of each task.
 
-Protocol. Episode ``e`` of a task runs on layout ``EVAL_LAYOUTS[(seed + e) % 10]`` (never a
-demonstration layout, see :mod:`dit4dit.envs.metaworld`). The policy gets the observation dict
+Protocol. Episode ``e`` of a task runs on held-out layout ``eval_layout(seed + e)`` (40..49, then
+90..99, ...: never a demonstration layout, see :mod:`dit4dit.envs.metaworld`), or on
+``layouts[(seed + e) % len(layouts)]`` when a list of layouts is given. The policy gets the observation dict
 (camera image at the checkpoint's camera size and from the camera view its training data was
 captured with, hand state, instruction) and returns an action
 chunk (H, 4); the first ``replan_every`` actions are executed (default: the checkpoint's
 ``replan_every`` when its protocol states one, else the whole chunk), then the policy is asked
 again. An episode ends at the first ``info["success"]`` (success) or after ``max_steps`` steps
-(failure). Episodes beyond 10 per task revisit the held-out layouts; the policy's sampler is
-reseeded per episode (``Policy.seed``), so a revisit is a fresh draw of the stochastic policy.
+(failure). The policy's sampler is reseeded per episode (``Policy.seed``), so an episode that
+revisits a layout of a given list is a fresh draw of the stochastic policy.
 
 Parallelism. With a checkpoint path, episodes run in ``workers`` spawned processes; each loads
 the policy itself (``dit4dit.train.checkpoint.load_policy``). An in-memory policy object runs in
@@ -34,12 +35,12 @@ import numpy as np
 
 from ..envs.metaworld import (
     DEFAULT_CAMERA,
-    EVAL_LAYOUTS,
     IMAGE_KEY,
     INSTRUCTIONS,
     MAX_PATH_LENGTH,
     MetaWorldError,
     cached_env,
+    eval_layout,
     check_camera,
     parse_tasks,
     JobRunner,
@@ -195,18 +196,33 @@ def load_checkpoint_policy(checkpoint: str | os.PathLike, device: str = "cpu", b
     return Policy(model, processor)
 
 
+def load_checkpoint_scene(checkpoint: str | os.PathLike, device: str = "cpu"):
+    """``(policy, camera, image_size)``: the checkpoint's policy with the camera view and image size
+    its training frames had, i.e. what a `MetaWorldEnv` must render for it (used by the probes)."""
+    camera = _camera(_checkpoint_protocol(str(checkpoint)), None)
+    policy = load_checkpoint_policy(checkpoint, device)
+    return policy, camera, policy.metadata()["camera_sizes"][IMAGE_KEY]
+
+
 # --------------------------------------------------------------------------------------------
 # evaluate
 # --------------------------------------------------------------------------------------------
 
 
-def _specs(tasks: list[str], episodes: int, *, seed: int, layouts: Sequence[int], camera: str,
+def episode_layouts(episodes: int, seed: int = 0, layouts: Sequence[int] | None = None) -> list[int]:
+    """The layout of each evaluation episode (module docstring)."""
+    if layouts is None:
+        return [eval_layout(seed + e) for e in range(episodes)]
+    return [int(layouts[(seed + e) % len(layouts)]) for e in range(episodes)]
+
+
+def _specs(tasks: list[str], *, seed: int, layouts: Sequence[int], camera: str,
            image_size: tuple[int, int], max_steps: int, replan_every: int | None, num_cond_frames: int,
            frame_stride: int, record_videos: int) -> list[dict[str, Any]]:
     specs = []
     for ti, t in enumerate(tasks):
-        for e in range(episodes):
-            specs.append({"task": t, "episode": e, "layout": int(layouts[(seed + e) % len(layouts)]),
+        for e, layout in enumerate(layouts):
+            specs.append({"task": t, "episode": e, "layout": int(layout),
                           "policy_seed": int(seed) * 1_000_003 + ti * 10_007 + e, "camera": camera,
                           "image_size": image_size, "max_steps": int(max_steps), "replan_every": replan_every,
                           "num_cond_frames": int(num_cond_frames), "frame_stride": int(frame_stride),
@@ -218,12 +234,13 @@ def evaluate(policy_or_checkpoint: Any, tasks: str | Sequence[str], episodes: in
              replan_every: int | None = None, max_steps: int = MAX_PATH_LENGTH, seed: int = 0, workers: int = 1,
              record_videos: int = 0, out: str | Path | None = None, camera: str | None = None,
              image_size: int | Sequence[int] | None = None, device: str = "cpu", backbone: str | None = None,
-             layouts: Sequence[int] = EVAL_LAYOUTS, video_format: str = "gif", threads: int | None = None,
+             layouts: Sequence[int] | None = None, video_format: str = "gif", threads: int | None = None,
              progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Success rate per task (Wilson 95% CI) of a policy on held-out MetaWorld layouts.
 
     ``policy_or_checkpoint``: an object with ``infer(obs) -> {"actions": (H, 4)}`` (run in this
     process) or a run / checkpoint folder (loaded in each of ``workers`` processes).
+    ``layouts``: the layouts to cycle through (default: a held-out layout of its own per episode).
     ``record_videos``: the first N episodes of each task are saved as videos under ``out``.
     ``threads``: torch threads per worker process (default: cores / workers); with one process
     it is applied only when given.
@@ -235,9 +252,9 @@ def evaluate(policy_or_checkpoint: Any, tasks: str | Sequence[str], episodes: in
         raise MetaWorldError(f"max_steps={max_steps} must be in [1, {MAX_PATH_LENGTH}]")
     if video_format not in ("gif", "mp4"):
         raise MetaWorldError(f"video_format={video_format!r} must be gif | mp4")
-    bad = [lay for lay in layouts if not 0 <= int(lay) < 50]
-    if bad:
-        raise MetaWorldError(f"layouts {bad} outside 0..49")
+    if layouts is not None and (not len(layouts) or min(int(v) for v in layouts) < 0):
+        raise MetaWorldError(f"layouts {list(layouts)} must be a non-empty list of layout numbers >= 0")
+    layouts = episode_layouts(episodes, seed, layouts)
     from_path = isinstance(policy_or_checkpoint, (str, os.PathLike))
     if from_path:
         checkpoint = str(policy_or_checkpoint)
@@ -259,7 +276,7 @@ def evaluate(policy_or_checkpoint: Any, tasks: str | Sequence[str], episodes: in
     replan = _replan(meta, replan_every)
     nc = int(meta.get("num_cond_frames") or 1)
     stride = int(meta.get("frame_stride") or 1)
-    specs = _specs(task_list, episodes, seed=seed, layouts=list(layouts), camera=camera, image_size=size,
+    specs = _specs(task_list, seed=seed, layouts=layouts, camera=camera, image_size=size,
                    max_steps=max_steps, replan_every=replan, num_cond_frames=nc, frame_stride=stride,
                    record_videos=record_videos if out is not None else 0)
 
@@ -337,12 +354,24 @@ def _checkpoint_protocol(checkpoint: str) -> dict[str, Any]:
         return {}
 
 
+def _ranges(values: Sequence[int]) -> str:
+    """[40, 41, 42, 90, 91] -> "40..42, 90..91"."""
+    vs = sorted(set(int(v) for v in values))
+    runs: list[list[int]] = []
+    for v in vs:
+        if runs and v == runs[-1][1] + 1:
+            runs[-1][1] = v
+        else:
+            runs.append([v, v])
+    return ", ".join(str(a) if a == b else f"{a}..{b}" for a, b in runs)
+
+
 def markdown_table(result: dict[str, Any]) -> str:
     p = result["protocol"]
     lines = [
         f"# MetaWorld evaluation{' of ' + result['checkpoint'] if result.get('checkpoint') else ''}",
         "",
-        f"Held-out layouts {p['layouts'][0]}..{p['layouts'][-1]}, {result['episodes_per_task']} episodes per task, "
+        f"Layouts {_ranges(p['layouts'])}, {result['episodes_per_task']} episodes per task, "
         f"max {p['max_steps']} steps, replan every {p['replan_every'] or 'chunk'} "
         f"(horizon {p['action_horizon']}), camera {p['camera']} {p['image_size'][0]}x{p['image_size'][1]}.",
         "",
