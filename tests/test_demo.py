@@ -25,8 +25,13 @@ def test_demo_metaworld_end_to_end(tmp_path):
     pytest.importorskip("metaworld")
     from dit4dit.demo import METAWORLD_TASKS, SUITES, run_demo
 
-    out, report, md = _run(tmp_path, "metaworld", "--episodes", "1", "--eval-max-steps", "40")
+    out, report, md = _run(tmp_path, "metaworld", "--episodes", "1", "--eval-max-steps", "40", "--minutes", "7.5")
     assert report["task_suite"] == "metaworld" and report["train"]["step"] == 2
+    # training gets the budget that collection left, less the suite's evaluation reserve
+    reserve = SUITES["metaworld"].eval_minutes
+    assert report["minutes"] == 7.5 and 0 < reserve < 7.5
+    assert report["train_minutes"] == pytest.approx(7.5 - reserve - report["timings"]["collect_s"] / 60, abs=1e-6)
+    assert report["train"]["time_budget"]["seconds"] == pytest.approx(0.95 * 60 * report["train_minutes"], rel=1e-3)
     assert set(report["eval"]["per_task"]) == set(METAWORLD_TASKS)
     assert all(t["episodes"] == 1 for t in report["eval"]["per_task"].values())
     assert report["collect"]["episodes"] == len(METAWORLD_TASKS)
@@ -34,6 +39,11 @@ def test_demo_metaworld_end_to_end(tmp_path):
         assert (out / "media" / name).is_file()
     assert "| push-v3 |" in md and "Expert demonstrations" in md and "![rollout](media/eval/videos/" in md
     assert report["overrides"][: len(SUITES["metaworld"].overrides)] == list(SUITES["metaworld"].overrides)
+    # the trained checkpoint tells the probes which view and size to render for it
+    from dit4dit.eval.metaworld import load_checkpoint_scene
+
+    _, camera, size = load_checkpoint_scene(out / "run")
+    assert camera == SUITES["metaworld"].camera == report["camera"] and tuple(size) == (64, 64)
     # a second run reuses the dataset and the finished run (no new training step)
     again = run_demo(out, env="metaworld", steps=2, eval_episodes=1, workers=1, eval_max_steps=5,
                      overrides=["train.batch_size=4", "train.warmup_steps=1"])
