@@ -364,9 +364,9 @@ class MetaWorldEnv:
         view = CAMERA_VIEWS.get(camera)
         self.height, self.width = _size(image_size)
         self.instruction = instruction or INSTRUCTIONS[self.task]
-        self._env = _benchmark(self.task, LAYOUT_SEED).train_classes[self.task](render_mode="rgb_array",
-                                                         camera_name=view.base if view else camera,
-                                                         width=self.width, height=self.height)
+        env_class = _benchmark(self.task, LAYOUT_SEED).train_classes[self.task]
+        self._env = env_class(render_mode="rgb_array", camera_name=view.base if view else camera,
+                              width=self.width, height=self.height)
         if view is not None:
             import mujoco
 

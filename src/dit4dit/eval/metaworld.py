@@ -199,9 +199,9 @@ def load_checkpoint_policy(checkpoint: str | os.PathLike, device: str = "cpu", b
 def load_checkpoint_scene(checkpoint: str | os.PathLike, device: str = "cpu"):
     """``(policy, camera, image_size)``: the checkpoint's policy with the camera view and image size
     its training frames had, i.e. what a `MetaWorldEnv` must render for it (used by the probes)."""
-    camera = _camera(_checkpoint_protocol(str(checkpoint)), None)
     policy = load_checkpoint_policy(checkpoint, device)
-    return policy, camera, policy.metadata()["camera_sizes"][IMAGE_KEY]
+    meta = policy_protocol(policy)  # the processor's: capture (the camera view) and camera sizes
+    return policy, _camera(meta, None), meta["camera_sizes"][IMAGE_KEY]
 
 
 # --------------------------------------------------------------------------------------------
