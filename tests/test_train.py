@@ -121,6 +121,28 @@ def test_param_groups_contents_and_frozen_parts_absent():
     assert not any(id(p) in in_opt for p in model.text_encoder.parameters())
 
 
+def test_fused_adamw_on_cpu_takes_the_per_tensor_step():
+    """train.fused_adam selects the fused AdamW on CPU too; its update matches the per-tensor one."""
+    steps = {}
+    for fused in (True, False):
+        torch.manual_seed(0)
+        cfg = tiny_cfg(f"train.fused_adam={str(fused).lower()}", "train.weight_decay=0.1")
+        model = build_model(cfg)
+        opt = build_optimizer(model, cfg.train, "cpu")
+        assert all(bool(g.get("fused")) is fused for g in opt.param_groups)
+        for k in range(3):
+            for i, p in enumerate(model.parameters()):
+                if p.requires_grad:
+                    p.grad = torch.full_like(p, 0.01 * (i % 7 - 3) + 0.001 * k)
+            opt.step()
+        steps[fused] = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+    moved = max((a - b).abs().max().item() for a, b in zip(steps[True], steps[False]))
+    assert moved < 1e-6, moved
+    torch.manual_seed(0)
+    start = [p for p in build_model(tiny_cfg()).parameters() if p.requires_grad]
+    assert max((a - b).abs().max().item() for a, b in zip(steps[True], start)) > 1e-4  # it did step
+
+
 def test_trainable_text_encoder_is_in_the_other_group():
     cfg = tiny_cfg("train.lr_other=3e-4")
     groups = {g.name: g for g in param_groups(build_model(cfg), cfg.train)}

@@ -181,7 +181,7 @@ class TrainConfig:
     keep_last: int = 3
     image_every: int = 0  # every N steps log predicted vs real future frames (0 = off)
     eval_every: int = 0  # every N steps a closed-loop evaluation (0 = off)
-    fused_adam: bool = True  # fused AdamW on CUDA
+    fused_adam: bool = True  # fused AdamW (CUDA and CPU)
     distributed: Literal["auto", "ddp", "fsdp"] = "auto"  # auto: FSDP2 for the 2B model, DDP otherwise
     tensorboard: bool = True
     wandb: bool = False

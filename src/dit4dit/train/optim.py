@@ -119,13 +119,14 @@ def param_groups(model: nn.Module, tcfg: TrainConfig) -> list[ParamGroupSpec]:
 
 def build_optimizer(model: nn.Module, tcfg: TrainConfig, device: torch.device | str = "cpu"
                     ) -> torch.optim.AdamW:
-    """AdamW over :func:`param_groups` (fused on CUDA when ``train.fused_adam``).
+    """AdamW over :func:`param_groups`, fused (one pass over all weights instead of one per weight
+    tensor) on CUDA and CPU when ``train.fused_adam``.
 
     Group dicts carry ``name``, ``family``, ``peak_lr`` and ``param_names`` besides AdamW's own keys.
     """
     groups = [g.as_torch() for g in param_groups(model, tcfg)]
     kwargs: dict[str, Any] = {"betas": tuple(tcfg.betas), "eps": 1e-8}
-    if torch.device(device).type == "cuda" and tcfg.fused_adam:
+    if torch.device(device).type in ("cuda", "cpu") and tcfg.fused_adam:
         kwargs["fused"] = True
     try:
         return torch.optim.AdamW(groups, **kwargs)
