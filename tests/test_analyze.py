@@ -262,6 +262,34 @@ def test_episodes_per_task_selects_the_first_episodes_of_each_task(toy_data):
         get_preset("tiny", TOY + ["train.episodes_per_task=0"])
 
 
+def test_task_episodes_limit_the_demonstrations_of_one_task(toy_data):
+    from dit4dit.data.lerobot import LeRobotDataset
+    from dit4dit.data.samples import ProcessorError, episodes_per_task
+    from dit4dit.train.trainer import build_training_data
+
+    ds = LeRobotDataset(toy_data)
+    by_task: dict[str, list[int]] = {}
+    for e in sorted(ds.episodes, key=lambda e: e.index):
+        by_task.setdefault(e.tasks[0], []).append(e.index)
+    first, second = sorted(by_task, key=lambda t: -len(by_task[t]))  # the task with more episodes first
+    assert len(by_task[first]) > 2 and len(by_task[second]) > 1
+    word = next(w for w in first.split() if w not in second.split()).upper()  # any case
+    # the matched task gets 2 episodes, the other every one of its episodes (n None) or n of them
+    assert episodes_per_task(ds, None, [f"{word}=2"]) == sorted(by_task[first][:2] + by_task[second])
+    assert episodes_per_task(ds, 1, [f"{word}=2"]) == sorted(by_task[first][:2] + by_task[second][:1])
+    assert episodes_per_task(ds, 1, [f"{word}=1000"]) == sorted(by_task[first] + by_task[second][:1])
+    lengths = {e.index: e.length for e in ds.episodes}
+    cfg = get_preset("tiny", TOY + [f'train.task_episodes=["{word}=2"]', f'train.task_repeats=["{word}=3"]'])
+    samples, proc = build_training_data(cfg, toy_data, progress=False)
+    assert len(samples) == 3 * sum(lengths[i] for i in by_task[first][:2]) + sum(lengths[i] for i in by_task[second])
+    _, proc_all = build_training_data(get_preset("tiny", TOY), toy_data, progress=False)
+    assert proc.normalizer.to_dict() != proc_all.normalizer.to_dict()  # statistics of the subset
+    with pytest.raises(ProcessorError, match="train.task_episodes: 'fly' matches none of the tasks"):
+        episodes_per_task(ds, None, ["fly=2"])
+    with pytest.raises(ConfigError, match="train.task_episodes entry 'push=0'"):
+        get_preset("tiny", TOY + ['train.task_episodes=["push=0"]'])
+
+
 def test_task_repeats_oversample_a_task(toy_data):
     from dit4dit.data.lerobot import LeRobotDataset
     from dit4dit.data.samples import ProcessorError, repeat_tasks

@@ -25,7 +25,8 @@ def test_demo_metaworld_end_to_end(tmp_path):
     pytest.importorskip("metaworld")
     from dit4dit.demo import METAWORLD_TASKS, SUITES, run_demo
 
-    out, report, md = _run(tmp_path, "metaworld", "--episodes", "1", "--eval-max-steps", "40", "--minutes", "7.5")
+    out, report, md = _run(tmp_path, "metaworld", "--episodes", "1,push=2", "--eval-max-steps", "40",
+                           "--minutes", "7.5")
     assert report["task_suite"] == "metaworld" and report["train"]["step"] == 2
     # training gets the budget that collection left, less the suite's evaluation reserve
     reserve = SUITES["metaworld"].eval_minutes
@@ -34,7 +35,9 @@ def test_demo_metaworld_end_to_end(tmp_path):
     assert report["train"]["time_budget"]["seconds"] == pytest.approx(0.95 * 60 * report["train_minutes"], rel=1e-3)
     assert set(report["eval"]["per_task"]) == set(METAWORLD_TASKS)
     assert all(t["episodes"] == 1 for t in report["eval"]["per_task"].values())
-    assert report["collect"]["episodes"] == len(METAWORLD_TASKS)
+    assert report["collect"]["episodes"] == len(METAWORLD_TASKS) + 1  # push's own count
+    assert {t: c["kept"] for t, c in report["collect"]["tasks"].items()} == \
+        {"button-press-topdown-v3": 1, "drawer-open-v3": 1, "push-v3": 2}
     for name in ("training_curves.png", "predicted_vs_real.png"):
         assert (out / "media" / name).is_file()
     assert "| push-v3 |" in md and "Expert demonstrations" in md and "![rollout](media/eval/videos/" in md
@@ -48,6 +51,18 @@ def test_demo_metaworld_end_to_end(tmp_path):
     again = run_demo(out, env="metaworld", steps=2, eval_episodes=1, workers=1, eval_max_steps=5,
                      overrides=["train.batch_size=4", "train.warmup_steps=1"])
     assert again["train"]["steps_run"] == 0 and again["eval"]["protocol"]["max_steps"] == 5
+
+
+def test_demo_episode_counts_are_checked_before_any_work(tmp_path):
+    from dit4dit.demo import SUITES, run_demo
+    from dit4dit.envs.metaworld import MetaWorldError
+
+    assert SUITES["metaworld"].count(SUITES["metaworld"].episodes) == 360  # the default: 120 of each task
+    with pytest.raises(ValueError, match="the toy suite takes one number"):
+        run_demo(tmp_path / "toy", env="toy", episodes="80,push=200")
+    with pytest.raises(MetaWorldError, match="names reach-v3"):
+        run_demo(tmp_path / "mw", env="metaworld", episodes="80,reach=3")
+    assert not (tmp_path / "toy").exists() and not (tmp_path / "mw").exists()
 
 
 def test_demo_toy_time_limit_stops_training_with_a_checkpoint(tmp_path):

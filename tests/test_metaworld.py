@@ -190,6 +190,30 @@ def test_evaluate_renders_the_checkpoints_camera():
                     max_steps=3)["protocol"]["camera"] == mw.DEFAULT_CAMERA
 
 
+def test_episode_counts_per_task(tmp_path):
+    tasks = ["button-press-topdown-v3", "drawer-open-v3", "push-v3"]
+    assert mw.episode_counts(tasks, 5) == dict.fromkeys(tasks, 5)
+    assert mw.episode_counts(tasks, "5") == dict.fromkeys(tasks, 5)
+    assert mw.episode_counts(tasks, "80,push=200") == {tasks[0]: 80, tasks[1]: 80, tasks[2]: 200}
+    assert mw.episode_counts(tasks, "push=200,button-press-topdown=80,drawer_open=90") == \
+        {tasks[0]: 80, tasks[1]: 90, tasks[2]: 200}
+    assert mw.episode_counts(tasks, {"push": 2, "button-press-topdown": 1, "drawer-open": 1})[tasks[2]] == 2
+    with pytest.raises(mw.MetaWorldError, match="every task needs a count >= 1.*drawer-open-v3: None"):
+        mw.episode_counts(tasks, "push=200,button-press-topdown=80")
+    with pytest.raises(mw.MetaWorldError, match="names reach-v3, which is not among the tasks"):
+        mw.episode_counts(tasks, "10,reach=3")
+    with pytest.raises(mw.MetaWorldError, match="'push=lots' must read N or TASK=N"):
+        mw.episode_counts(tasks, "push=lots")
+    with pytest.raises(mw.MetaWorldError, match="push-v3: 0"):
+        mw.episode_counts(tasks, "3,push=0")
+    # collect keeps each task's own count and records them
+    r = mw.collect(["button-press-topdown", "reach"], "1,reach=2", tmp_path / "ds", image_size=32, seed=5)
+    assert {t: s["kept"] for t, s in r["tasks"].items()} == {"button-press-topdown-v3": 1, "reach-v3": 2}
+    assert r["episodes"] == 3 and not r["incomplete_tasks"]
+    meta = json.loads((tmp_path / "ds" / "meta" / "metaworld.json").read_text())
+    assert meta["settings"]["episodes_per_task"] == {"button-press-topdown-v3": 1, "reach-v3": 2}
+
+
 def test_cli_parsers():
     from dit4dit.cli import build_parser
 
@@ -197,6 +221,7 @@ def test_cli_parsers():
     a = p.parse_args(["collect", "metaworld", "--tasks", "push,reach", "--episodes", "3", "--out", "x",
                       "--workers", "2", "--json"])
     assert a.tasks == "push,reach" and a.workers == 2 and a.image_size == 64 and a.camera == "corner4"
+    assert a.episodes == "3"  # a count for every task, or per task (mw.episode_counts)
     a = p.parse_args(["eval", "metaworld", "--checkpoint", "run", "--tasks", "push", "--episodes", "4",
                       "--replan-every", "4"])
     assert a.replan_every == 4 and a.episodes == 4 and a.workers == 1

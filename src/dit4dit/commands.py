@@ -257,8 +257,9 @@ def register_demo(sub: argparse._SubParsersAction) -> None:
                    help="task suite: MetaWorld button-press-topdown / drawer-open / push (needs the metaworld "
                         "extra), or the built-in toy_reach task")
     p.add_argument("--out", default="demo_out")
-    p.add_argument("--episodes", type=int, default=None,
-                   help="expert episodes to collect (per task for metaworld; default: the suite's)")
+    p.add_argument("--episodes", type=_count_or_spec, default=None,
+                   help="expert episodes to collect (default: the suite's): for metaworld per task, N or "
+                        "per task, e.g. 80,push=200 (see `collect metaworld --episodes`); for toy in all")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the suite's)")
     p.add_argument("--minutes", type=float, default=None,
                    help="time budget of the whole demo: training gets what collection leaves, less a "
@@ -280,6 +281,11 @@ def register_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_demo)
+
+
+def _count_or_spec(text: str) -> int | str:
+    """``--episodes`` of `demo`: a number, or a per-task spec such as ``80,push=200``."""
+    return int(text) if text.strip().isdigit() else text
 
 
 def _demo(args):
@@ -529,7 +535,9 @@ def register_metaworld(sub: argparse._SubParsersAction) -> None:
     q = csub.add_parser("metaworld", help="MetaWorld scripted experts, one training layout an episode "
                                           "(needs `pip install -e '.[metaworld]'`)")
     q.add_argument("--tasks", required=True, help="comma-separated tasks, e.g. button-press-topdown,drawer-open,push")
-    q.add_argument("--episodes", type=int, required=True, help="successful episodes per task")
+    q.add_argument("--episodes", required=True,
+                   help="successful episodes per task: N, or per task, e.g. push=200,button=80,drawer=80 "
+                        "(a bare N counts for the tasks not named: 80,push=200)")
     q.add_argument("--out", required=True, help="dataset folder (LeRobot v3.0)")
     q.add_argument("--image-size", type=int, default=64)
     q.add_argument("--camera", default="corner4",
@@ -572,10 +580,10 @@ def register_metaworld(sub: argparse._SubParsersAction) -> None:
 
 def _collect_metaworld(args):
     from .config import ConfigError
-    from .envs.metaworld import MetaWorldError, collect, parse_tasks
+    from .envs.metaworld import MetaWorldError, collect, episode_counts, parse_tasks
 
     try:
-        n = len(parse_tasks(args.tasks)) * args.episodes
+        n = sum(episode_counts(parse_tasks(args.tasks), args.episodes).values())
         r = collect(args.tasks, args.episodes, args.out, image_size=args.image_size, camera=args.camera,
                     seed=args.seed, workers=args.workers, max_steps=args.max_steps, action_noise=args.action_noise,
                     gripper=args.gripper, overwrite=args.overwrite,

@@ -200,17 +200,21 @@ class TrainConfig:
     # Oversample tasks: entries "TEXT=K" repeat the episodes of every task whose instruction
     # contains TEXT (case-insensitive) K times per epoch, e.g. ("push=2",). Statistics ignore it.
     task_repeats: tuple[str, ...] = ()
+    # Per-task demonstrations: entries "TEXT=N" train on the first N episodes of every task whose
+    # instruction contains TEXT (case-insensitive; the first matching entry counts), e.g.
+    # ("push=200", "button=80"); tasks no entry matches follow `episodes_per_task`. Statistics too.
+    task_episodes: tuple[str, ...] = ()
     # Wall-time budget (minutes) of one `train` invocation: once the step time is known, the run
     # plans as many steps as fit (at most `steps`); the cosine schedule ends, and the run stops with
     # a checkpoint, at the planned step. None = run `steps` steps whatever they take.
     time_budget_minutes: float | None = None
 
 
-def parse_task_repeat(entry: str) -> tuple[str, int]:
-    """``"TEXT=K"`` (an entry of ``train.task_repeats``) -> (text, K)."""
+def parse_task_repeat(entry: str, field: str = "train.task_repeats") -> tuple[str, int]:
+    """``"TEXT=K"`` (an entry of ``train.task_repeats`` or ``train.task_episodes``) -> (text, K)."""
     text, sep, k = str(entry).rpartition("=")
     if not sep or not text.strip() or not k.strip().isdigit() or int(k) < 1:
-        raise ValueError(f"train.task_repeats entry {entry!r} must read TEXT=K with K a positive integer, "
+        raise ValueError(f"{field} entry {entry!r} must read TEXT=K with K a positive integer, "
                          f"e.g. push=2")
     return text.strip(), int(k)
 
@@ -342,11 +346,12 @@ class DiT4DiTConfig:
                         f"feature_grad={self.feature_grad})")
         if self.train.time_budget_minutes is not None and not self.train.time_budget_minutes > 0:
             errs.append(f"train.time_budget_minutes={self.train.time_budget_minutes} must be > 0 (or null)")
-        for entry in self.train.task_repeats:
-            try:
-                parse_task_repeat(entry)
-            except ValueError as e:
-                errs.append(str(e))
+        for field in ("task_repeats", "task_episodes"):
+            for entry in getattr(self.train, field):
+                try:
+                    parse_task_repeat(entry, f"train.{field}")
+                except ValueError as e:
+                    errs.append(str(e))
         if self.train.episodes_per_task is not None and self.train.episodes_per_task < 1:
             errs.append(f"train.episodes_per_task={self.train.episodes_per_task} must be >= 1 (or null for all)")
         t = self.train

@@ -54,7 +54,7 @@ class Suite:
     title: str
     tasks: int  # tasks evaluated
     episodes_per_task: bool  # whether `episodes` counts per task (else in total)
-    episodes: int  # default demonstrations
+    episodes: int | str  # default demonstrations (MetaWorld: per task, e.g. "80,push=200")
     steps: int  # default training steps
     eval_episodes: int  # default evaluation episodes per task
     minutes: float  # default time budget of the whole demo
@@ -63,9 +63,16 @@ class Suite:
     collect: Callable[..., dict[str, Any]]
     evaluate: Callable[..., dict[str, Any]]
     camera: str | None = None  # default camera (simulated suites with a choice of cameras)
+    count: Callable[[int | str], int] = int  # total episodes that `episodes` asks for
 
 
-def _collect_metaworld(data_dir: Path, episodes: int, seed: int, workers: int, progress,
+def _count_metaworld(episodes: int | str) -> int:
+    from .envs.metaworld import episode_counts
+
+    return sum(episode_counts(METAWORLD_TASKS, episodes).values())
+
+
+def _collect_metaworld(data_dir: Path, episodes: int | str, seed: int, workers: int, progress,
                        camera: str | None = None) -> dict[str, Any]:
     from .envs.metaworld import DEFAULT_CAMERA, collect
 
@@ -109,7 +116,9 @@ def _evaluate_toy(run_dir: Path, episodes: int, replan_every: int, seed: int, me
 
 # The MetaWorld recipe (docs/demo.md has the measurements behind it). One future frame and the
 # video loss on a quarter of the batch make a step 26% cheaper (0.148 s -> 0.109 s on 2 CPU
-# threads), so more steps fit in the budget.
+# threads), so more steps fit in the budget. `--episodes` can give each task its own count
+# (e.g. "80,push=200"); the default is 120 of each.
+METAWORLD_EPISODES: int | str = 120
 METAWORLD_OVERRIDES = (
     "schema=metaworld_sawyer", "inputs.image_size=[64,64]", "inputs.fps=80.0", "inputs.num_future_frames=1",
     "train.batch_size=16", "repeated_diffusion_steps=2", "video_loss_fraction=0.25",
@@ -118,9 +127,10 @@ METAWORLD_OVERRIDES = (
 
 SUITES: dict[str, Suite] = {
     "metaworld": Suite("metaworld", "MetaWorld " + ", ".join(METAWORLD_TASKS), tasks=len(METAWORLD_TASKS),
-                       episodes_per_task=True, episodes=120, steps=12000,
+                       episodes_per_task=True, episodes=METAWORLD_EPISODES, steps=12000,
                        eval_episodes=20, minutes=30.0, eval_minutes=3.0, overrides=METAWORLD_OVERRIDES,
-                       collect=_collect_metaworld, evaluate=_evaluate_metaworld, camera="corner4_close"),
+                       collect=_collect_metaworld, evaluate=_evaluate_metaworld, camera="corner4_close",
+                       count=_count_metaworld),
     "toy": Suite("toy", "built-in toy_reach (pixels + instruction)", tasks=len(TOY_TASKS), episodes_per_task=False,
                  episodes=120, steps=400, eval_episodes=10,
                  minutes=25.0, eval_minutes=3.0,
@@ -145,7 +155,7 @@ def toy_config(steps: int, overrides: list[str] | tuple[str, ...] = ()):
 # --------------------------------------------------------------------------------------------
 
 
-def run_demo(out: str | Path, *, env: str = "metaworld", episodes: int | None = None, steps: int | None = None,
+def run_demo(out: str | Path, *, env: str = "metaworld", episodes: int | str | None = None, steps: int | None = None,
              eval_episodes: int | None = None, replan_every: int = 4, seed: int = 0,
              overrides: list[str] | tuple[str, ...] = (), threads: int | None = None,
              minutes: float | None = None, train_minutes: float | None = None, workers: int | None = None,
@@ -165,6 +175,11 @@ def run_demo(out: str | Path, *, env: str = "metaworld", episodes: int | None = 
         raise ValueError(f"unknown demo suite {env!r}; available: {sorted(SUITES)}")
     suite = SUITES[env]
     episodes = suite.episodes if episodes is None else episodes
+    if not suite.episodes_per_task and not str(episodes).strip().isdigit():
+        raise ValueError(f"--episodes {episodes!r}: the {env} suite takes one number of episodes in all")
+    if not suite.episodes_per_task:
+        episodes = int(episodes)
+    suite.count(episodes)  # a per-task spec that names no suite task, or a count < 1, fails before any work
     steps = suite.steps if steps is None else steps
     eval_episodes = suite.eval_episodes if eval_episodes is None else eval_episodes
     minutes = suite.minutes if minutes is None else minutes
@@ -190,9 +205,11 @@ def run_demo(out: str | Path, *, env: str = "metaworld", episodes: int | None = 
         _log(f"reusing the dataset at {data_dir}")
         collected = json.loads((out / "collect.json").read_text()) if (out / "collect.json").is_file() else {}
     else:
-        _log(f"collecting {episodes} expert episodes{' per task' if suite.episodes_per_task else ''} of "
+        total = suite.count(episodes)
+        per_task = suite.episodes_per_task and not isinstance(episodes, int) and not str(episodes).isdigit()
+        _log(f"collecting {total} expert episodes (per task: {episodes}) of {suite.title} ..." if per_task else
+             f"collecting {episodes} expert episodes{' per task' if suite.episodes_per_task else ''} of "
              f"{suite.title} ...")
-        total = episodes * (suite.tasks if suite.episodes_per_task else 1)
         collected = suite.collect(data_dir, episodes, seed, workers, progress_bar(total, "collect"), camera=camera)
         (out / "collect.json").write_text(json.dumps(collected, indent=2, default=str))
     timings["collect_s"] = time.perf_counter() - t_start

@@ -103,17 +103,33 @@ class SampleIndex:
         return FramePlan(tuple(cond + fut), mask, min(self.action_horizon, length - t))
 
 
-def episodes_per_task(dataset: Any, n: int) -> list[int]:
+def episodes_per_task(dataset: Any, n: int | None, per_task: Sequence[str] = ()) -> list[int]:
     """Indices of the first ``n`` episodes (in episode-index order) of each task of ``dataset``
     (an episode counts for the first task it lists): the demonstrations ablation's training subsets.
-    A task with fewer than ``n`` episodes keeps all of them. Sorted by episode index."""
-    if n < 1:
+    ``per_task`` entries ``"TEXT=N"`` (``train.task_episodes``) give the tasks whose instruction
+    contains TEXT (case-insensitive, the first matching entry counts) N episodes instead; ``n``
+    None keeps every episode of the other tasks. A task with fewer episodes keeps all of them; a
+    TEXT that matches no task is an error. Sorted by episode index."""
+    from ..config import parse_task_repeat
+
+    if n is not None and n < 1:
         raise ProcessorError(f"episodes per task must be >= 1, got {n}")
+    rules = [parse_task_repeat(r, "train.task_episodes") for r in per_task]
+    ordered = sorted(dataset.episodes, key=lambda e: e.index)
+    tasks = sorted({(ep.tasks or ("",))[0] for ep in ordered})
+    for text, _ in rules:
+        if not any(text.lower() in t.lower() for t in tasks):
+            raise ProcessorError(f"train.task_episodes: {text!r} matches none of the tasks {tasks}")
+
+    def limit(task: str) -> int | None:
+        return next((k for text, k in rules if text.lower() in task.lower()), n)
+
     kept: dict[str, list[int]] = {}
-    for ep in sorted(dataset.episodes, key=lambda e: e.index):
-        task = ep.tasks[0] if ep.tasks else ""
+    for ep in ordered:
+        task = (ep.tasks or ("",))[0]
         chosen = kept.setdefault(task, [])
-        if len(chosen) < n:
+        cap = limit(task)
+        if cap is None or len(chosen) < cap:
             chosen.append(ep.index)
     return sorted(i for chosen in kept.values() for i in chosen)
 

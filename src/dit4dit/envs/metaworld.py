@@ -37,7 +37,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -632,17 +632,52 @@ def _write_json(path: Path, obj: Any) -> None:
     tmp.replace(path)
 
 
-def collect(tasks: str | Sequence[str], episodes_per_task: int, out: str | Path, *, image_size: int = 64,
+def episode_counts(tasks: Sequence[str], episodes: int | str | Mapping[str, int]) -> dict[str, int]:
+    """Successful episodes wanted per task: ``episodes`` is one count for every task, a mapping
+    task -> count, or a string ``"N"`` / ``"80,push=200"`` / ``"push=200,button=80,drawer=80"``
+    (short task names allowed; a bare number counts for the tasks not named). Every task of
+    ``tasks`` needs a count >= 1; a named task must be one of ``tasks``."""
+    default: int | None = None
+    named: dict[str, int] = {}
+    if isinstance(episodes, Mapping):
+        named = {task_name(k): v for k, v in episodes.items()}
+    elif isinstance(episodes, str):
+        for item in (x.strip() for x in episodes.split(",")):
+            if not item:
+                continue
+            name, sep, n = item.rpartition("=")
+            if not n.strip().lstrip("-").isdigit() or (sep and not name.strip()):
+                raise MetaWorldError(f"episodes {episodes!r}: {item!r} must read N or TASK=N with N an integer")
+            if sep:
+                named[task_name(name)] = int(n)
+            else:
+                default = int(n)
+    else:
+        default = int(episodes)
+    for t in named:
+        if t not in tasks:
+            raise MetaWorldError(f"episodes {episodes!r} names {t}, which is not among the tasks {list(tasks)}")
+    counts = {t: named.get(t, default) for t in tasks}
+    bad = {t: n for t, n in counts.items() if n is None or n < 1}
+    if bad:
+        raise MetaWorldError(f"episodes {episodes!r}: every task needs a count >= 1 "
+                             f"({', '.join(f'{t}: {n}' for t, n in bad.items())})")
+    return counts  # type: ignore[return-value]
+
+
+def collect(tasks: str | Sequence[str], episodes_per_task: int | str | Mapping[str, int], out: str | Path, *,
+            image_size: int = 64,
             camera: str = DEFAULT_CAMERA, seed: int = 0, workers: int = 1, max_steps: int = MAX_PATH_LENGTH,
             action_noise: float = 0.0, max_attempts: int | None = None,
             gripper: str = "binary", fps: int = CONTROL_FPS, overwrite: bool = False,
             progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Collect `episodes_per_task` successful expert episodes per task into a LeRobot v3.0
     dataset at `out` (features = the `metaworld_sawyer` schema's keys; one instruction per task).
+    `episodes_per_task` may also give each task its own count (:func:`episode_counts`).
 
     Attempt ``a`` of a task runs on training layout ``train_layout(seed + a)`` (0..39, 50..89, ...:
     every episode has a layout of its own); failed episodes are dropped and the next layouts tried
-    (at most ``max_attempts`` attempts per task, default ``2 * episodes_per_task + 10``).
+    (at most ``max_attempts`` attempts per task, default twice the task's count + 10).
     ``action_noise`` adds Gaussian noise to the executed actions (see :func:`rollout_expert`).
     ``gripper="binary"`` (default) snaps the experts' grip effort to -1 / +1 both in the executed
     and the recorded action, as the `metaworld_sawyer` schema (binary gripper) will at inference;
@@ -656,18 +691,17 @@ def collect(tasks: str | Sequence[str], episodes_per_task: int, out: str | Path,
 
     task_list = parse_tasks(tasks)
     check_camera(camera)
-    if episodes_per_task < 1:
-        raise MetaWorldError("episodes_per_task must be >= 1")
+    wanted = episode_counts(task_list, episodes_per_task)
     if gripper not in ("binary", "continuous"):
         raise MetaWorldError(f"gripper={gripper!r} must be binary | continuous")
-    limit = max_attempts if max_attempts is not None else 2 * episodes_per_task + 10
+    limits = {t: max_attempts if max_attempts is not None else 2 * n + 10 for t, n in wanted.items()}
     size = _size(image_size)
     require_metaworld()
     stats = {t: {"instruction": INSTRUCTIONS[t], "attempts": 0, "successes": 0, "kept": 0, "frames": 0,
                  "episode_lengths": [], "failed_layouts": [], "layouts": []} for t in task_list}
     timing = {"step_s": 0.0, "render_s": 0.0, "steps": 0, "renders": 0}
     episodes_meta: list[dict[str, Any]] = []
-    total = episodes_per_task * len(task_list)
+    total = sum(wanted.values())
     done = 0
     start = time.perf_counter()
     with JobRunner(workers) as runner, \
@@ -676,7 +710,7 @@ def collect(tasks: str | Sequence[str], episodes_per_task: int, out: str | Path,
             specs = []
             for ti, t in enumerate(task_list):
                 st = stats[t]
-                n = min(episodes_per_task - st["kept"], limit - st["attempts"])
+                n = min(wanted[t] - st["kept"], limits[t] - st["attempts"])
                 for _ in range(max(0, n)):
                     a = st["attempts"]
                     specs.append({"task": t, "attempt": a, "layout": layout_for_attempt(a, seed),
@@ -695,7 +729,7 @@ def collect(tasks: str | Sequence[str], episodes_per_task: int, out: str | Path,
                     st["failed_layouts"].append(r.layout)
                     continue
                 st["successes"] += 1
-                if st["kept"] >= episodes_per_task:
+                if st["kept"] >= wanted[r.task]:
                     continue
                 ep = w.add_episode(r.data, INSTRUCTIONS[r.task])
                 st["kept"] += 1
@@ -717,7 +751,9 @@ def collect(tasks: str | Sequence[str], episodes_per_task: int, out: str | Path,
         per_task[t] = {**st, "expert_success_rate": st["successes"] / max(1, st["attempts"]),
                        "mean_length": float(np.mean(lens)) if lens else None}
     frames = sum(st["frames"] for st in per_task.values())
-    settings = {"tasks": task_list, "episodes_per_task": episodes_per_task, "image_size": list(size),
+    counts = set(wanted.values())
+    settings = {"tasks": task_list, "episodes_per_task": counts.pop() if len(counts) == 1 else wanted,
+                "image_size": list(size),
                 "camera": camera, "seed": seed, "fps": fps, "max_steps": max_steps, "action_noise": action_noise,
                 "layout_seed": LAYOUT_SEED, "layouts_per_seed": LAYOUTS_PER_SEED,
                 "train_per_seed": TRAIN_PER_SEED,
@@ -725,7 +761,7 @@ def collect(tasks: str | Sequence[str], episodes_per_task: int, out: str | Path,
     meta = Path(out).expanduser() / "meta"
     _write_json(meta / "metaworld.json", {"settings": settings, "episodes": episodes_meta})
     _write_json(meta / CAPTURE_FILE, {"env": "metaworld", "cameras": {IMAGE_KEY: camera}})
-    incomplete = [t for t, s in per_task.items() if s["kept"] < episodes_per_task]
+    incomplete = [t for t, s in per_task.items() if s["kept"] < wanted[t]]
     return {
         "dataset": str(Path(out).expanduser()),
         "episodes": done,

@@ -331,7 +331,8 @@ def build_training_data(cfg: DiT4DiTConfig, dataset_path: str | os.PathLike, pro
     processor is given, e.g. the one saved in the checkpoint being resumed). ``frame_cache``: see
     ``TrainingSamples`` (None = decode the videos, True = build or reuse the default cache, a
     path = that cache). ``train.episodes_per_task``: the samples (and the statistics) come from
-    the first N episodes of each task only (:func:`~dit4dit.data.samples.episodes_per_task`);
+    the first N episodes of each task only, ``train.task_episodes`` per task
+    (:func:`~dit4dit.data.samples.episodes_per_task`);
     ``train.task_repeats`` then repeats some tasks' episodes (:func:`~dit4dit.data.samples.repeat_tasks`)."""
     from ..data.lerobot import LeRobotDataset
     from ..data.normalize import compute_dataset_stats
@@ -343,8 +344,8 @@ def build_training_data(cfg: DiT4DiTConfig, dataset_path: str | os.PathLike, pro
     ds = LeRobotDataset(path)
     try:
         episodes = None
-        if cfg.train.episodes_per_task is not None:
-            episodes = episodes_per_task(ds, cfg.train.episodes_per_task)
+        if cfg.train.episodes_per_task is not None or cfg.train.task_episodes:
+            episodes = episodes_per_task(ds, cfg.train.episodes_per_task, cfg.train.task_episodes)
         if processor is None:
             stats = None if episodes is None else compute_dataset_stats(ds, cfg.schema, keys=(), episodes=episodes,
                                                                        progress=progress)
