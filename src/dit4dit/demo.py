@@ -179,7 +179,7 @@ def run_demo(out: str | Path, *, env: str = "metaworld", episodes: int | str | N
         raise ValueError(f"--episodes {episodes!r}: the {env} suite takes one number of episodes in all")
     if not suite.episodes_per_task:
         episodes = int(episodes)
-    suite.count(episodes)  # a per-task spec that names no suite task, or a count < 1, fails before any work
+    total = suite.count(episodes)  # a spec that names no suite task, or a count < 1, fails before any work
     steps = suite.steps if steps is None else steps
     eval_episodes = suite.eval_episodes if eval_episodes is None else eval_episodes
     minutes = suite.minutes if minutes is None else minutes
@@ -205,11 +205,8 @@ def run_demo(out: str | Path, *, env: str = "metaworld", episodes: int | str | N
         _log(f"reusing the dataset at {data_dir}")
         collected = json.loads((out / "collect.json").read_text()) if (out / "collect.json").is_file() else {}
     else:
-        total = suite.count(episodes)
-        per_task = suite.episodes_per_task and not isinstance(episodes, int) and not str(episodes).isdigit()
-        _log(f"collecting {total} expert episodes (per task: {episodes}) of {suite.title} ..." if per_task else
-             f"collecting {episodes} expert episodes{' per task' if suite.episodes_per_task else ''} of "
-             f"{suite.title} ...")
+        each = " per task" if suite.episodes_per_task else ""
+        _log(f"collecting {total} expert episodes ({episodes}{each}) of {suite.title} ...")
         collected = suite.collect(data_dir, episodes, seed, workers, progress_bar(total, "collect"), camera=camera)
         (out / "collect.json").write_text(json.dumps(collected, indent=2, default=str))
     timings["collect_s"] = time.perf_counter() - t_start

@@ -103,6 +103,24 @@ class SampleIndex:
         return FramePlan(tuple(cond + fut), mask, min(self.action_horizon, length - t))
 
 
+def _task_rules(entries: Sequence[str], field: str, tasks: Iterable[str]) -> list[tuple[str, int]]:
+    """Parse ``"TEXT=K"`` entries of ``field``; each TEXT must match (case-insensitively, as a
+    substring) one of ``tasks``."""
+    from ..config import parse_task_repeat
+
+    rules = [parse_task_repeat(r, field) for r in entries]
+    names = sorted(set(tasks))
+    for text, _ in rules:
+        if not any(text.lower() in t.lower() for t in names):
+            raise ProcessorError(f"{field}: {text!r} matches none of the tasks {names}")
+    return rules
+
+
+def _rule_value(task: str, rules: Sequence[tuple[str, int]], default: int | None) -> int | None:
+    """K of the first rule whose TEXT the task contains (case-insensitive), else ``default``."""
+    return next((k for text, k in rules if text.lower() in task.lower()), default)
+
+
 def episodes_per_task(dataset: Any, n: int | None, per_task: Sequence[str] = ()) -> list[int]:
     """Indices of the first ``n`` episodes (in episode-index order) of each task of ``dataset``
     (an episode counts for the first task it lists): the demonstrations ablation's training subsets.
@@ -110,25 +128,16 @@ def episodes_per_task(dataset: Any, n: int | None, per_task: Sequence[str] = ())
     contains TEXT (case-insensitive, the first matching entry counts) N episodes instead; ``n``
     None keeps every episode of the other tasks. A task with fewer episodes keeps all of them; a
     TEXT that matches no task is an error. Sorted by episode index."""
-    from ..config import parse_task_repeat
-
     if n is not None and n < 1:
         raise ProcessorError(f"episodes per task must be >= 1, got {n}")
-    rules = [parse_task_repeat(r, "train.task_episodes") for r in per_task]
     ordered = sorted(dataset.episodes, key=lambda e: e.index)
-    tasks = sorted({(ep.tasks or ("",))[0] for ep in ordered})
-    for text, _ in rules:
-        if not any(text.lower() in t.lower() for t in tasks):
-            raise ProcessorError(f"train.task_episodes: {text!r} matches none of the tasks {tasks}")
-
-    def limit(task: str) -> int | None:
-        return next((k for text, k in rules if text.lower() in task.lower()), n)
+    rules = _task_rules(per_task, "train.task_episodes", [(ep.tasks or ("",))[0] for ep in ordered])
 
     kept: dict[str, list[int]] = {}
     for ep in ordered:
         task = (ep.tasks or ("",))[0]
         chosen = kept.setdefault(task, [])
-        cap = limit(task)
+        cap = _rule_value(task, rules, n)
         if cap is None or len(chosen) < cap:
             chosen.append(ep.index)
     return sorted(i for chosen in kept.values() for i in chosen)
@@ -139,21 +148,14 @@ def repeat_tasks(dataset: Any, episodes: Sequence[int] | None, repeats: Sequence
     ``"TEXT=K"``; an episode's first task is matched, case-insensitively, against each TEXT in
     turn and the first match repeats it K times). ``episodes`` None means every episode; returns
     it unchanged when there is nothing to repeat. A TEXT that matches no task is an error."""
-    from ..config import parse_task_repeat
-
     if not repeats:
         return None if episodes is None else list(episodes)
-    rules = [parse_task_repeat(r) for r in repeats]
     by_index = {e.index: e for e in dataset.episodes}
     wanted = list(episodes) if episodes is not None else sorted(by_index)
-    tasks = sorted({(by_index[i].tasks or ("",))[0] for i in wanted})
-    for text, _ in rules:
-        if not any(text.lower() in t.lower() for t in tasks):
-            raise ProcessorError(f"train.task_repeats: {text!r} matches none of the tasks {tasks}")
+    rules = _task_rules(repeats, "train.task_repeats", [(by_index[i].tasks or ("",))[0] for i in wanted])
     out: list[int] = []
     for i in wanted:
-        task = (by_index[i].tasks or ("",))[0].lower()
-        k = next((k for text, k in rules if text.lower() in task), 1)
+        k = _rule_value((by_index[i].tasks or ("",))[0], rules, 1)
         out += [i] * k
     return out
 
