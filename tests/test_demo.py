@@ -57,7 +57,7 @@ def test_demo_episode_counts_are_checked_before_any_work(tmp_path):
     from dit4dit.demo import SUITES, run_demo
     from dit4dit.envs.metaworld import MetaWorldError
 
-    assert SUITES["metaworld"].count(SUITES["metaworld"].episodes) == 360  # the default: 120 of each task
+    assert SUITES["metaworld"].count(SUITES["metaworld"].episodes) == 360  # the default: 200 of push, 80 of each other task
     with pytest.raises(ValueError, match="the toy suite takes one number"):
         run_demo(tmp_path / "toy", env="toy", episodes="80,push=200")
     with pytest.raises(MetaWorldError, match="names reach-v3"):
