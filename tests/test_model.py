@@ -242,3 +242,153 @@ def test_generated_channels_future_frames_carry_the_leading_channels_only():
     (z,) = decoded
     assert z[:, g:, n_cond:].abs().max() == 0 and z[:, :g, n_cond:].abs().min() > 0
     assert torch.equal(z[:, :, :n_cond], c)
+
+
+def _captured_features(m, batch, seed):
+    """(feature-pass input x, features) of one training loss call (Algorithm 1, line 14)."""
+    seen = {}
+    feature_inputs, action_loss = m._feature_inputs, m._action_loss
+
+    def spy_inputs(*args, **kw):
+        out = feature_inputs(*args, **kw)
+        seen["x"] = out[0].detach().clone()
+        return out
+
+    def spy_loss(features, labelled, generator):
+        seen["features"] = features.detach().clone()
+        return action_loss(features, labelled, generator)
+
+    m._feature_inputs, m._action_loss = spy_inputs, spy_loss
+    try:
+        m.loss(batch, torch.Generator().manual_seed(seed))
+    finally:
+        del m._feature_inputs, m._action_loss
+    return seen["x"], seen["features"]
+
+
+@pytest.mark.parametrize("extra", [["tau_f=0.25"], ["tau_f_buckets=10"], ["feature_denoise_steps=3"],
+                                   ["share_video_passes=false"]])
+def test_training_features_never_read_the_true_future(extra):
+    """The feature pass takes pure noise for the future latents at tau_f, exactly as at inference:
+    changing the future frames of a batch changes neither its input nor the features."""
+    cfg = small_cfg(*extra)
+    m = build(cfg).eval()  # no dropout: the two calls must differ only by their future frames
+    batch = make_batch(cfg)
+    other = dict(batch, video=batch["video"].clone())
+    other["video"][:, :, cfg.inputs.num_cond_frames:] = torch.rand_like(other["video"][:, :, 1:]) * 2 - 1
+    x1, f1 = _captured_features(m, batch, seed=5)
+    x2, f2 = _captured_features(m, other, seed=5)
+    assert torch.equal(x1, x2) and torch.equal(f1, f2)
+    # ... and the future part of that input is the noise inference draws, not a noised true future:
+    nc = m.num_cond_latents
+    fut = m.encode_video(batch["video"])[:, :, nc:]
+    corr = torch.corrcoef(torch.stack([x1[:, :fut.shape[1], nc:].flatten(), fut.flatten()]))[0, 1]
+    assert abs(float(corr)) < 0.1
+
+
+def test_training_feature_pass_equals_inference_feature_pass():
+    """Same conditioning, same generator state: the training feature input is what
+    extract_features builds at inference (Algorithm 1 line 14 = Algorithm 2)."""
+    cfg = small_cfg("feature_denoise_steps=2")
+    m = build(cfg).eval()
+    batch = make_batch(cfg, b=2)
+    nc = cfg.inputs.num_cond_frames
+    cond = m.encode_video(batch["video"][:, :, :nc])
+    text = m.encode_text(batch["instruction"])
+    tau = torch.full((2,), cfg.tau_f)
+    x_train, ts_train, _ = m._feature_inputs(cond, text, tau, torch.Generator().manual_seed(1))
+    seen = {}
+    features = m.video_dit.features
+
+    def spy(x, ts, *args, **kw):
+        seen["x"], seen["ts"] = x.clone(), ts.clone()
+        return features(x, ts, *args, **kw)
+
+    m.video_dit.features = spy
+    try:
+        m.extract_features(batch["video"][:, :, :nc], text, torch.Generator().manual_seed(1))
+    finally:
+        del m.video_dit.features
+    assert torch.equal(seen["x"], x_train) and torch.equal(seen["ts"], ts_train)
+
+
+def test_feature_denoise_schedule_points():
+    """k denoising steps: k - 1 Euler steps on tau_f * (1 - i / k), features at tau_f / k."""
+    cfg = small_cfg("feature_denoise_steps=3", "tau_f=0.9")
+    m = build(cfg).eval()
+    batch = make_batch(cfg, b=2)
+    cond = m.encode_video(batch["video"][:, :, :1])
+    text = m.encode_text(batch["instruction"])
+    calls = []
+    forward = m.video_dit.forward
+
+    def spy(x, ts, *args, **kw):
+        calls.append(float(ts[0, 0, -1, 0, 0]))
+        return forward(x, ts, *args, **kw)
+
+    m.video_dit.forward = spy
+    try:
+        _, ts, _ = m._feature_inputs(cond, text, torch.full((2,), 0.9), None)
+    finally:
+        del m.video_dit.forward
+    assert calls == pytest.approx([0.9, 0.6])
+    assert float(ts[0, 0, -1, 0, 0]) == pytest.approx(0.3)
+
+
+def test_action_free_rows_feed_the_video_loss_only():
+    """Rows with has_actions False never reach the feature pass, the action loss or its mask:
+    the action loss equals that of the labelled rows alone, whatever the free rows' actions hold."""
+    cfg = small_cfg("video_loss_fraction=0.5")
+    m = build(cfg).eval()
+    lab = make_batch(cfg, b=4, seed=1)
+    free = make_batch(cfg, b=2, seed=2)
+    free["actions"] = torch.full_like(free["actions"], 1e6)  # poison: would dominate any loss it entered
+    free["action_mask"] = torch.ones_like(free["action_mask"])
+    mixed = {k: (torch.cat([free[k], lab[k]]) if torch.is_tensor(lab[k]) else free[k] + lab[k]) for k in lab}
+    mixed["has_actions"] = torch.tensor([False, False, True, True, True, True])
+    seen = {}
+    action_loss = m._action_loss
+
+    def spy(features, labelled, generator):
+        seen["rows"] = features.shape[0]
+        seen["actions"] = labelled["actions"].clone()
+        return action_loss(features, labelled, generator)
+
+    m._action_loss = spy
+    try:
+        _, logs = m.loss(mixed, torch.Generator().manual_seed(0))
+    finally:
+        del m._action_loss
+    assert seen["rows"] == 4 and torch.equal(seen["actions"], lab["actions"])
+    assert logs["loss_action"] < 10 and torch.isfinite(torch.tensor(logs["loss"]))
+    # the video loss covers the two free rows and ceil(0.5 * 4) = 2 labelled rows
+    nv = {}
+    video_forward = m.video_dit.features_and_velocity
+
+    def spy_v(*args, num_velocity, **kw):
+        nv["n"] = num_velocity
+        return video_forward(*args, num_velocity=num_velocity, **kw)
+
+    m.video_dit.features_and_velocity = spy_v
+    try:
+        m.loss(mixed, torch.Generator().manual_seed(0))
+    finally:
+        del m.video_dit.features_and_velocity
+    assert nv["n"] == 4
+    # all rows free: a video-only model trains on them; a joint model refuses the batch
+    only_free = dict(free, has_actions=torch.zeros(2, dtype=torch.bool))
+    _, logs = build(small_cfg("mode=video_only")).loss(only_free)
+    assert set(logs) == {"loss", "loss_video"}
+    with pytest.raises(ValueError, match="action-free"):
+        m.loss(only_free)
+    with pytest.raises(ValueError, match="action-free"):
+        build(small_cfg("mode=action_only")).loss(mixed)
+
+
+def test_all_labelled_has_actions_changes_nothing():
+    cfg = small_cfg()
+    m = build(cfg).eval()
+    batch = make_batch(cfg)
+    _, a = m.loss(batch, torch.Generator().manual_seed(4))
+    _, b = m.loss(dict(batch, has_actions=torch.ones(4, dtype=torch.bool)), torch.Generator().manual_seed(4))
+    assert a == b

@@ -3,16 +3,22 @@
 Training step (`loss`):
   1. encode the clip (conditioning + future frames) with the frozen codec;
   2. video loss: future latents at `tau_v ~ U[0, 1]`, predict the velocity, MSE on future frames;
-  3. features: future latents at `tau_f`, run the video DiT up to `feature_blocks` and take the
-     hidden states `h` (B, tokens, width) — in one batched forward with step 2 when possible;
+  3. features (Algorithm 1, line 14): the clean conditioning latents and a pure-noise future
+     latent `z_hat ~ N(0, I)` presented at flow time `tau_f`; run the video DiT up to
+     `feature_blocks` and take the hidden states `h` (B, tokens, width) — in one batched forward
+     with step 2 when possible. The ground-truth future never enters this pass, so training
+     features are exactly what inference computes;
   4. action loss: `repeated_diffusion_steps` draws of `tau_a = Beta(1.5, 1) / 0.999` and noise per
      sample, the action DiT predicts the velocity from `h` and the state; masked MSE;
   5. total = L_action + lambda * L_video.
 
-Inference (`predict_action`): encode the conditioning frame(s) alone, draw one future noise
-latent, one truncated feature pass at `tau_f`, then `num_action_steps` Euler steps of the action
-DiT from noise (tau = 1) to the action chunk (tau = 0). `predict_video` integrates the video DiT
-instead and decodes the predicted future frames.
+Rows without actions (action-free video, `has_actions` False) feed the video loss only: they are
+never part of the feature pass, the action loss or its mask.
+
+Inference (`predict_action`): encode the conditioning frame(s) alone, the same feature pass as
+step 3, then `num_action_steps` Euler steps of the action DiT from noise (tau = 1) to the action
+chunk (tau = 0). `predict_video` integrates the video DiT instead and decodes the predicted
+future frames.
 
 Static-image baseline (`encoder="static_image"`, the paper's Qwen3DiT at our scale): the video DiT
 is replaced by `ImageEncoder`, a transformer of the same width and depth that reads the
@@ -25,6 +31,8 @@ Batch contract (what the data pipeline produces):
   state (B, state_dim), state_mask (B, state_dim) bool
   actions (B, H, action_dim), action_mask (B, H, action_dim) bool
   instruction list[str]; optional future_mask (B, num_future_frames) bool
+  optional has_actions (B,) bool: False for rows of action-free video (their state, actions and
+    masks are ignored); absent = every row is labelled
   optional latents (B, C, T', h, w): the clip's normalised latents precomputed by
     `dit4dit cache-latents` (`dit4dit.data.latent_cache`); then `video` is not encoded
 """
@@ -248,44 +256,61 @@ class DiT4DiT(nn.Module):
         n_cond = self.num_cond_latents
         text = self.encode_text(list(batch["instruction"]))
         dev = latents.device
+        rows = _Rows.of(batch, b, dev)
 
-        need_video = cfg.mode == "video_only" or (cfg.mode == "joint" and cfg.lambda_video > 0)
         need_action = cfg.mode != "video_only"
+        need_video = cfg.mode == "video_only" or (cfg.mode == "joint" and cfg.lambda_video > 0)
+        if need_action and rows.num_labelled == 0:
+            raise ValueError(f"mode={cfg.mode} needs labelled rows, but every row of this batch is action-free "
+                             f"video (has_actions all False)")
+        if rows.num_free and not need_video:
+            raise ValueError(f"this batch holds {rows.num_free} rows of action-free video, which only the video "
+                             f"loss uses, but mode={cfg.mode} with lambda_video={cfg.lambda_video} has none")
         parts: dict[str, torch.Tensor] = {}
 
-        # Video-loss rows (tau_v) and feature rows (tau_f).
+        # Video-loss rows (tau_v): every action-free row, then the first share of the labelled rows.
         if need_video:
-            nv = max(1, math.ceil(cfg.video_loss_fraction * b)) if need_action else b
+            n_lab = max(1, math.ceil(cfg.video_loss_fraction * rows.num_labelled)) if need_action else rows.num_labelled
+            vrows = rows.video_rows(n_lab)
+            latents_v, text_v = rows.take(latents, vrows), rows.take(text, vrows)
+            nv = latents_v.shape[0]
             tau_v = flow.sample_tau_v(nv, generator=generator, device=dev)
-            noise_v = torch.randn(latents[:nv].shape, generator=generator, device=dev, dtype=latents.dtype)
-            xv, tsv, cmv = self.video_dit.video2world_inputs(latents[:nv], noise_v, tau_v, n_cond)
+            noise_v = torch.randn(latents_v.shape, generator=generator, device=dev, dtype=latents.dtype)
+            xv, tsv, cmv = self.video_dit.video2world_inputs(latents_v, noise_v, tau_v, n_cond)
+        # Feature rows (tau_f): the labelled rows; the future frames are never read (Algorithm 1, line 14).
         if need_action:
-            tau_f = flow.sample_tau_f(b, cfg.tau_f, cfg.tau_f_buckets, generator=generator, device=dev)
-            xf, tsf, cmf = self._feature_inputs(latents, tau_f, text, generator)
+            arows = rows.labelled
+            text_a = rows.take(text, arows)
+            na = text_a.shape[0]
+            tau_f = flow.sample_tau_f(na, cfg.tau_f, cfg.tau_f_buckets, generator=generator, device=dev)
+            xf, tsf, cmf = self._feature_inputs(rows.take(latents, arows)[:, :, :n_cond], text_a, tau_f, generator)
 
         features = velocity = None
         shared = need_video and need_action and cfg.share_video_passes and cfg.feature_grad == "end_to_end"
         if shared:
             features, velocity = self.video_dit.features_and_velocity(
-                torch.cat([xv, xf]), torch.cat([tsv, tsf]), torch.cat([cmv, cmf]), torch.cat([text[:nv], text]),
+                torch.cat([xv, xf]), torch.cat([tsv, tsf]), torch.cat([cmv, cmf]), torch.cat([text_v, text_a]),
                 num_blocks=cfg.feature_blocks, num_velocity=nv, pool=cfg.feature_pool)
         else:
             if need_video:
-                velocity = self.video_dit(xv, tsv, cmv, text[:nv])
+                velocity = self.video_dit(xv, tsv, cmv, text_v)
             if need_action:
                 grad = contextlib.nullcontext() if cfg.feature_grad == "end_to_end" else torch.no_grad()
                 with grad:
-                    features = self.video_dit.features(xf, tsf, cmf, text, cfg.feature_blocks, cfg.feature_pool)
+                    features = self.video_dit.features(xf, tsf, cmf, text_a, cfg.feature_blocks, cfg.feature_pool)
         if features is not None and cfg.feature_grad == "detached":
             features = features.detach()
 
         if need_video:
             g = self.video_dit.generated_channels or latents.shape[1]  # channels the future frames carry
             velocity = velocity[:, :g, n_cond:]
-            target = flow.target_velocity(latents[:nv, :g, n_cond:], noise_v[:, :g, n_cond:])
-            parts["loss_video"] = flow.masked_mse(velocity, target, self._future_latent_mask(batch, nv, velocity))
+            target = flow.target_velocity(latents_v[:, :g, n_cond:], noise_v[:, :g, n_cond:])
+            fm = batch.get("future_mask")
+            fm = None if fm is None else rows.take(fm.to(dev), vrows)
+            parts["loss_video"] = flow.masked_mse(velocity, target, self._future_latent_mask(fm, velocity))
         if need_action:
-            parts["loss_action"] = self._action_loss(features.float(), batch, generator)
+            labelled = {k: rows.take(batch[k].to(dev), arows) for k in ("actions", "action_mask", "state")}
+            parts["loss_action"] = self._action_loss(features.float(), labelled, generator)
 
         if cfg.mode == "video_only":
             total = parts["loss_video"]
@@ -302,6 +327,8 @@ class DiT4DiT(nn.Module):
         """The static-image baseline: features of the conditioning frame(s) and the instruction only,
         action loss only."""
         n_cond = self.num_cond_latents
+        if _Rows.of(batch, len(batch["instruction"]), self.device).num_free:
+            raise ValueError("encoder=static_image trains on labelled rows only; this batch holds action-free video")
         if "latents" in batch:
             cond = self._cached_latents(batch["latents"])[:, :, :n_cond]
         else:
@@ -324,44 +351,51 @@ class DiT4DiT(nn.Module):
                              f"latent cache for this config")
         return latents.to(device=self.device, dtype=self.video_dtype)
 
-    def _feature_inputs(self, latents: torch.Tensor, tau_f: torch.Tensor, text: torch.Tensor,
+    def _feature_inputs(self, cond: torch.Tensor, text: torch.Tensor, tau_f: torch.Tensor,
                         generator: torch.Generator | None):
-        """Video DiT input for the feature pass at `tau_f`.
+        """Video DiT input of the feature pass, the same in training and at inference.
 
-        One step (default): the ground-truth future latents noised to `tau_f` (the paper's
-        z_{t+1}^{tau_f}). Several steps (ablation): future latents Euler-integrated from pure noise
-        (tau = 1) down to `tau_f` by the video DiT, exactly as at inference.
+        The conditioning latents `cond` (B, C, Tc, h, w) stay clean; the future latents are pure
+        noise `z_hat ~ N(0, I)` presented at flow time `tau_f` (B,) (the paper's Algorithm 1, line
+        14, and Algorithm 2). Nothing of the true future is read.
+
+        `feature_denoise_steps = k > 1` (the denoising-steps ablation, the paper's Fig. 8b): a
+        k-step Euler schedule runs from `tau_f` towards 0, `tau_i = tau_f * (1 - i / k)`; the video
+        DiT integrates the first k - 1 steps (no gradient) and the features are taken at the k-th
+        point, `tau_f / k`. With `tau_f` = 0.995 and k = 3 the points are 0.995, 0.663 and 0.332.
         """
-        n_cond = self.num_cond_latents
-        noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
-        if self.cfg.feature_denoise_steps == 1:
-            return self.video_dit.video2world_inputs(latents, noise, tau_f, n_cond)
-        future = self._denoise_future(latents[:, :, :n_cond], noise[:, :, n_cond:], text, tau_f)
-        return self.video_dit.assemble(latents[:, :, :n_cond], future, tau_f)
+        b, c, _, h, w = cond.shape
+        future = torch.randn((b, c, self.num_future_latents, h, w), generator=generator, device=cond.device,
+                             dtype=cond.dtype)
+        tau = tau_f.to(device=cond.device, dtype=torch.float32)
+        k = self.cfg.feature_denoise_steps
+        if k > 1:
+            future = self._denoise_future(cond, future, text, tau, k)
+            tau = tau * (1.0 / k)
+        return self.video_dit.assemble(cond, future, tau)
 
     @torch.no_grad()
     def _denoise_future(self, cond: torch.Tensor, future: torch.Tensor, text: torch.Tensor,
-                        tau_end: torch.Tensor) -> torch.Tensor:
-        """`feature_denoise_steps - 1` Euler steps of the full video DiT from tau = 1 to `tau_end`."""
-        steps = self.cfg.feature_denoise_steps - 1
+                        tau_start: torch.Tensor, k: int) -> torch.Tensor:
+        """The first `k - 1` Euler steps of the video DiT on the schedule `tau_start * (1 - i / k)`,
+        i = 0..k (from `tau_start` to 0); returns the future latents at point k - 1."""
         n_cond = cond.shape[2]
-        one = torch.ones_like(tau_end)
-        for i in range(steps):
-            t = one + (tau_end - one) * (i / steps)
-            t_next = one + (tau_end - one) * ((i + 1) / steps)
+        for i in range(k - 1):
+            t = tau_start * (1.0 - i / k)
+            t_next = tau_start * (1.0 - (i + 1) / k)
             x, ts, cm = self.video_dit.assemble(cond, future, t)
             v = self.video_dit(x, ts, cm, text)[:, :, n_cond:]
             future = future - (t - t_next).view(-1, 1, 1, 1, 1).to(future.dtype) * v
         return future
 
-    def _future_latent_mask(self, batch: dict[str, Any], nv: int, velocity: torch.Tensor) -> torch.Tensor | None:
-        """Per-latent-frame mask of real (not end-of-episode padding) future frames, where the codec
-        maps frames to latent frames one to one; None otherwise (padding repeats the last frame)."""
-        fm = batch.get("future_mask")
+    def _future_latent_mask(self, fm: torch.Tensor | None, velocity: torch.Tensor) -> torch.Tensor | None:
+        """Per-latent-frame mask of real (not end-of-episode padding) future frames (`fm`: the video
+        rows' future_mask), where the codec maps frames to latent frames one to one; None otherwise
+        (padding repeats the last frame)."""
         if fm is None or self.codec.temporal_factor != 1:
             return None
-        c, h, w = velocity.shape[1], velocity.shape[3], velocity.shape[4]
-        m = fm[:nv].to(velocity.device).bool().view(nv, 1, -1, 1, 1)
+        nv, c, h, w = velocity.shape[0], velocity.shape[1], velocity.shape[3], velocity.shape[4]
+        m = fm.to(velocity.device).bool().view(nv, 1, -1, 1, 1)
         return m.expand(nv, c, m.shape[2], h, w)
 
     def _action_loss(self, features: torch.Tensor, batch: dict[str, Any], generator) -> torch.Tensor:
@@ -385,19 +419,14 @@ class DiT4DiT(nn.Module):
     def extract_features(self, cond_video: torch.Tensor, text: torch.Tensor,
                          generator: torch.Generator | None = None) -> torch.Tensor:
         """Features (B, tokens, width) for conditioning frames (B, 3, Tc, H, W): one future noise
-        latent, optional denoising steps, one truncated pass at `tau_f`."""
+        latent, optional denoising steps, one truncated pass at `tau_f` (`_feature_inputs`)."""
         cfg = self.cfg
         cond = self.encode_video(cond_video)
         if self.image_encoder is not None:  # static-image baseline: no future, no flow time
             encoder = self.image_encoder if self._compiled_features is None else self._compiled_features
             return encoder(cond, text)
-        b, c, _, h, w = cond.shape
-        future = torch.randn((b, c, self.num_future_latents, h, w), generator=generator, device=cond.device,
-                             dtype=cond.dtype)
-        tau_f = torch.full((b,), cfg.tau_f, device=cond.device)
-        if cfg.feature_denoise_steps > 1:
-            future = self._denoise_future(cond, future, text, tau_f)
-        x, ts, cm = self.video_dit.assemble(cond, future, tau_f)
+        tau_f = torch.full((cond.shape[0],), cfg.tau_f, device=cond.device)
+        x, ts, cm = self._feature_inputs(cond, text, tau_f, generator)
         if self._compiled_features is not None:
             return self._compiled_features(x, ts, cm, text)
         return self.video_dit.features(x, ts, cm, text, cfg.feature_blocks, cfg.feature_pool)
@@ -525,3 +554,38 @@ def _frozen_codec_params(cfg: DiT4DiTConfig) -> int:
 
     with torch.device("meta"):
         return sum(p.numel() for p in AutoencoderKLWan().parameters())
+
+
+class _Rows:
+    """Which rows of a batch are labelled (state and actions) and which are action-free video
+    (`batch["has_actions"]` False). Without that key, or when every row is labelled, the row sets
+    are plain slices, so the loss computes exactly what it did before action-free rows existed."""
+
+    def __init__(self, labelled: torch.Tensor | slice, free: torch.Tensor | None, num_labelled: int):
+        self.labelled = labelled
+        self.free = free
+        self.num_labelled = num_labelled
+        self.num_free = 0 if free is None else int(free.numel())
+
+    @classmethod
+    def of(cls, batch: dict[str, Any], b: int, device: torch.device) -> "_Rows":
+        has = batch.get("has_actions")
+        if has is None:
+            return cls(slice(0, b), None, b)
+        has = torch.as_tensor(has).to(device=device, dtype=torch.bool).reshape(-1)
+        if has.numel() != b:
+            raise ValueError(f"batch['has_actions'] has {has.numel()} entries for a batch of {b} rows")
+        if bool(has.all()):
+            return cls(slice(0, b), None, b)
+        lab = torch.nonzero(has).flatten()
+        return cls(lab, torch.nonzero(~has).flatten(), int(lab.numel()))
+
+    def video_rows(self, num_labelled: int) -> torch.Tensor | slice:
+        """Every action-free row, then the first `num_labelled` labelled rows."""
+        if self.free is None:
+            return slice(0, num_labelled)
+        return torch.cat([self.free, self.labelled[:num_labelled]])
+
+    @staticmethod
+    def take(x: torch.Tensor, rows: torch.Tensor | slice) -> torch.Tensor:
+        return x[rows] if isinstance(rows, slice) else x.index_select(0, rows)
