@@ -218,12 +218,19 @@ def test_freeze_video_and_init_from_errors(tmp_path):
     cfg = tiny_cfg("train.steps=1", f"train.init_from={tmp_path / 'nope'}")
     with pytest.raises(ckpt.CheckpointError):
         train(cfg, SyntheticSamples(cfg, num_samples=4), tmp_path / "run", progress=False)
-    # a checkpoint of another architecture is named, not half loaded
+    # a checkpoint of another architecture loads where names and shapes match, and names the rest
     small = tiny_cfg("train.steps=1")
     train(small, SyntheticSamples(small, num_samples=4), tmp_path / "small", progress=False)
     other = tiny_cfg("action.num_layers=3")
-    with pytest.raises(ckpt.CheckpointError, match="action_dit"):
-        ckpt.init_weights_from(DiT4DiT.from_config(other, random_weights=True), tmp_path / "small")
+    report = ckpt.init_weights_from(DiT4DiT.from_config(other, random_weights=True), tmp_path / "small")
+    assert report["missing"] and all(n.startswith("action_dit.blocks.2.") or n.startswith("action_dit.")
+                                     for n in report["missing"])
+    assert report["loaded"]["video_dit"] > 0 and not report["mismatched"]
+    # ... but a frozen video DiT (the decoupled baseline's second stage) must load whole
+    frozen = tiny_cfg("train.steps=1", "video.num_layers=3", "mode=action_only", "feature_grad=detached",
+                      "train.freeze_video=true", f"train.init_from={tmp_path / 'small'}")
+    with pytest.raises(ckpt.CheckpointError, match="freeze_video.*video_dit"):
+        train(frozen, SyntheticSamples(frozen, num_samples=4), tmp_path / "frozen", progress=False)
     # resuming a checkpoint whose config predates the new fields: they count at their defaults
     cfg_file = tmp_path / "small" / "checkpoints" / "step_000001" / "config.json"
     d = json.loads(cfg_file.read_text())

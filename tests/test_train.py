@@ -450,6 +450,14 @@ def test_bench_train_static_image_baseline():
     assert r["samples_per_s"] > 0 and r["model_flops_per_step"] > 0
 
 
+def test_bench_train_video_only_reports_the_video_part_of_a_joint_step():
+    r = bench_train(tiny_cfg("mode=video_only"), "cpu", steps=1, batch=2, warmup=0, peak=1.0)
+    v = r["video_only_vs_joint"]
+    assert "plain" not in r and v["timing"] == "interleaved"
+    assert v["video_only_step_s"] > 0 and v["joint_step_s"] > 0 and v["action_only_step_s"] > 0
+    assert v["video_part_of_joint_s"] == pytest.approx(v["joint_step_s"] - v["action_only_step_s"])
+
+
 def test_step_flops_scale_with_the_batch_and_plain_loss_equals_ours():
     """Doubling the batch doubles the counted FLOPs; the plain loss (per-draw K/V) equals ours."""
     from dit4dit.bench.train import count_step_flops, plain_loss

@@ -165,9 +165,22 @@ def _bench_data(args):
 def register_train(sub: argparse._SubParsersAction) -> None:
     from .config import preset_names
 
-    p = sub.add_parser("train", help="train (or resume) a model on a local LeRobot dataset")
+    p = sub.add_parser("train", help="train (or resume) a model on a local LeRobot dataset, optionally with "
+                                     "action-free video")
     p.add_argument("--preset", default="tiny", help=f"named config: {', '.join(preset_names())}")
-    p.add_argument("--dataset", required=True, help="local LeRobot dataset folder (v2.1 or v3.0)")
+    p.add_argument("--dataset", required=True,
+                   help="local LeRobot dataset folder (v2.1 or v3.0); with --set mode=video_only also a LeRobot "
+                        "dataset without actions or a folder of video files (docs/training.md)")
+    p.add_argument("--video-dataset", dest="video_datasets", action="append", default=[], metavar="PATH",
+                   help="action-free video for the video loss (repeatable): a LeRobot dataset or a folder of "
+                        ".mp4/.webm/.mkv/.avi files; train.video_data_fraction of each batch comes from it")
+    p.add_argument("--init", default=None, metavar="RUN",
+                   help="initialise the weights from another run or checkpoint folder (e.g. a video-only run): "
+                        "tensors whose name and shape match load; optimiser, schedule and step start fresh")
+    p.add_argument("--default-instruction", default=None,
+                   help="instruction of the video files that instructions.json does not name")
+    p.add_argument("--skip-bad-videos", action="store_true",
+                   help="log and skip unreadable, truncated or too-short action-free videos instead of stopping")
     p.add_argument("--out", required=True, help="run folder (checkpoints, metrics, resolved config)")
     p.add_argument("--backbone", default=None, help="local Cosmos-Predict2.5-2B diffusers folder")
     p.add_argument("--resume", nargs="?", const=True, default=False,
@@ -214,13 +227,29 @@ def _threads(n: int | None) -> None:
         torch.set_num_threads(n)
 
 
+def train_data_overrides(args) -> list[str]:
+    """The config overrides `train` flags stand for: --video-dataset, --init, --default-instruction,
+    --skip-bad-videos (absolute paths, so the run's config.json names them wherever it is read)."""
+    out = []
+    if args.video_datasets:
+        paths = [str(Path(p).expanduser().resolve()) for p in args.video_datasets]
+        out.append(f"train.video_datasets={json.dumps(paths)}")
+    if args.init:
+        out.append(f"train.init_from={json.dumps(str(Path(args.init).expanduser().resolve()))}")
+    if args.default_instruction is not None:
+        out.append(f"train.default_instruction={json.dumps(args.default_instruction)}")
+    if args.skip_bad_videos:
+        out.append("train.skip_bad_videos=true")
+    return out
+
+
 def _train(args):
     from .config import get_preset
     from .train.trainer import Trainer
 
     _import_envs()
     _threads(args.threads)
-    cfg = get_preset(args.preset, args.overrides)
+    cfg = get_preset(args.preset, list(args.overrides) + train_data_overrides(args))
     trainer = Trainer(cfg, args.dataset, args.out, backbone=args.backbone, resume=args.resume, progress=True,
                       device=args.device, text_cache_dir=args.text_cache, frame_cache=args.frame_cache,
                       latent_cache=args.latent_cache)

@@ -187,9 +187,18 @@ class TrainConfig:
     wandb: bool = False
     wandb_project: str = "dit4dit"
     # --- staged training (the `decoupled` baseline) and data subsets ---
-    # A run / checkpoint folder whose trainable weights (EMA when saved) initialise the model
-    # before step 1; its optimiser state is not loaded. Ignored when resuming.
+    # A run / checkpoint folder (`--init`) that initialises the model before step 1, tensor by
+    # tensor (EMA weights when saved): names and shapes that match load, the rest stay fresh; a
+    # data-fitted codec comes with it. Optimiser, schedule and step start fresh. Ignored when resuming.
     init_from: str | None = None
+    # --- action-free video (`--video-dataset`): LeRobot datasets or folders of video files ---
+    # Co-training: each batch holds round(video_data_fraction * batch_size) rows of this video,
+    # which feed the video loss only (never the action loss); in mode=video_only every source,
+    # `--dataset` included, is read as action-free video.
+    video_datasets: tuple[str, ...] = ()
+    video_data_fraction: float = 0.5
+    default_instruction: str | None = None  # for video files that instructions.json does not name
+    skip_bad_videos: bool = False  # log and skip unreadable, truncated or too-short videos instead of stopping
     # Freeze the video DiT (and a trainable text encoder, which only conditions it): no gradient,
     # no optimiser state, its weights still saved with the checkpoint. Needs mode=action_only and
     # feature_grad=detached (stage 2 of the decoupled baseline).
@@ -352,6 +361,19 @@ class DiT4DiTConfig:
                     parse_task_repeat(entry, f"train.{field}")
                 except ValueError as e:
                     errs.append(str(e))
+        if not 0.0 < self.train.video_data_fraction < 1.0:
+            errs.append(f"train.video_data_fraction={self.train.video_data_fraction} must be in (0, 1): the share "
+                        f"of each batch drawn from the action-free video")
+        if self.train.video_datasets and self.mode != "video_only":
+            n_free = round(self.train.video_data_fraction * self.train.batch_size)
+            if not 1 <= n_free <= self.train.batch_size - 1:
+                errs.append(f"train.video_data_fraction={self.train.video_data_fraction} of train.batch_size="
+                            f"{self.train.batch_size} gives {n_free} action-free rows; each batch needs at least "
+                            f"one action-free and one labelled row")
+            if self.mode != "joint" or self.lambda_video <= 0 or self.encoder != "video_dit":
+                errs.append(f"action-free video (train.video_datasets) trains the video loss only: it needs "
+                            f"mode=joint with lambda_video > 0 and encoder=video_dit (or mode=video_only), got "
+                            f"mode={self.mode}, lambda_video={self.lambda_video}, encoder={self.encoder}")
         if self.train.episodes_per_task is not None and self.train.episodes_per_task < 1:
             errs.append(f"train.episodes_per_task={self.train.episodes_per_task} must be >= 1 (or null for all)")
         t = self.train
@@ -518,7 +540,8 @@ def _cosmos_2b() -> DiT4DiTConfig:
 
 @register_preset("libero")
 def _libero() -> DiT4DiTConfig:
-    """LIBERO input shape: primary + wrist views side by side (224 x 448), 1 + 4 frames, horizon 8."""
+    """LIBERO input shape: primary + wrist views side by side (224 x 448), 1 + 4 frames every second
+    dataset frame (frames 0, 2, 4, 6, 8: the reference's action_video_freq_ratio 2), horizon 8."""
     base = _cosmos_2b()
     return replace(
         base,
@@ -526,20 +549,22 @@ def _libero() -> DiT4DiTConfig:
         schema="libero_franka",
         action=replace(base.action, action_horizon=8),
         inputs=InputConfig(cameras=("image", "wrist_image"), camera_layout="side_by_side",
-                           image_size=(224, 448), num_cond_frames=1, num_future_frames=4, fps=20.0),
+                           image_size=(224, 448), num_cond_frames=1, num_future_frames=4, frame_stride=2,
+                           fps=20.0),
     )
 
 
 @register_preset("robocasa-gr1")
 def _robocasa_gr1() -> DiT4DiTConfig:
-    """RoboCasa-GR1 input shape: one ego view 224 x 224, 1 + 8 frames, horizon 16."""
+    """RoboCasa-GR1 input shape: one ego view 224 x 224, 1 + 8 frames every second dataset frame
+    (frames 0, 2, ..., 16: the reference's action_video_freq_ratio 2), horizon 16."""
     base = _cosmos_2b()
     return replace(
         base,
         name="robocasa-gr1",
         schema="robocasa_gr1",
         inputs=InputConfig(cameras=("ego_view",), camera_layout="single", image_size=(224, 224),
-                           num_cond_frames=1, num_future_frames=8, fps=20.0),
+                           num_cond_frames=1, num_future_frames=8, frame_stride=2, fps=20.0),
     )
 
 

@@ -196,6 +196,8 @@ def bench_train(cfg: DiT4DiTConfig, device: str | torch.device | None = None, st
         flops_batch = 1 if cfg.video_loss_fraction >= 1.0 else tc.batch_size
 
     label = device_name(dev)
+    if cfg.mode == "video_only":  # compared with the video part of a joint step instead of a plain step
+        plain = False
     plain_cfg = override(cfg, ["share_video_passes=false", "train.fused_adam=false"])
     # Side by side: on CPU both steps are built and timed alternately, so load drift hits both
     # alike; on a GPU one 2B model with its optimizer state fills most of the memory, so they run
@@ -250,12 +252,54 @@ def bench_train(cfg: DiT4DiTConfig, device: str | torch.device | None = None, st
     if plain_result is not None:
         out["plain"] = plain_result
         out["speedup_vs_plain"] = plain_result["step_time_s"] / ours["step_time_s"]
+    if cfg.mode == "video_only":
+        out["video_only_vs_joint"] = video_part_of_joint(cfg, dev, precision, backbone, steps, warmup)
     out.update({"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
                 "host": platform.node()})
     if dev.type == "cuda":
         out["cuda"] = torch.version.cuda
         out["driver"] = _driver_version()
     return out
+
+
+def video_part_of_joint(cfg: DiT4DiTConfig, dev: torch.device, precision: str, backbone: str | None, steps: int,
+                        warmup: int) -> dict[str, Any]:
+    """A video-only step against the video part of a joint step, side by side (interleaved on CPU).
+
+    The joint step runs the video loss on every row (``video_loss_fraction=1``, the rows a
+    video-only step trains on) plus the feature pass and the action loss; the action-only step runs
+    the feature pass and the action loss alone. The video part of the joint step is their
+    difference: what adding the video loss costs a policy step. A video-only step (action-free
+    training) should cost no more than that."""
+    variants = {
+        "video_only": cfg,
+        "joint": override(cfg, ["mode=joint", "video_loss_fraction=1.0"]),
+        "action_only": override(cfg, ["mode=action_only"]),
+    }
+    built = {k: _Step(c, dev, precision, backbone, plain=False, flops_batch=None) for k, c in variants.items()}
+    interleaved = dev.type == "cpu"
+    if interleaved:
+        for _ in range(max(0, warmup)):
+            for st in built.values():
+                st.step(record=False)
+        for _ in range(steps):
+            for st in built.values():
+                st.step(record=True)
+        times = {k: st.result()["step_time_s"] for k, st in built.items()}
+    else:
+        times = {k: _run_alone(st, steps, warmup)["step_time_s"] for k, st in built.items()}
+    for st in built.values():
+        st.close()
+    part = times["joint"] - times["action_only"]
+    return {
+        "timing": "interleaved" if interleaved else "sequential",
+        "video_only_step_s": times["video_only"],
+        "joint_step_s": times["joint"],
+        "action_only_step_s": times["action_only"],
+        "video_part_of_joint_s": part,
+        "video_only_over_video_part": times["video_only"] / part if part > 0 else None,
+        "batch_size": cfg.train.batch_size,
+    }
 
 
 def _driver_version() -> str | None:

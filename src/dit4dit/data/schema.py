@@ -441,11 +441,32 @@ def register_schema(schema: EmbodimentSchema, overwrite: bool = False) -> Embodi
     return schema
 
 
+AUTO = "auto"  # `--set schema=auto`: the schema inferred from the dataset's meta/info.json
+
+
+def resolve_schema(name: str | EmbodimentSchema, dataset: Any) -> EmbodimentSchema:
+    """The schema ``name`` stands for with ``dataset``: :func:`infer_schema` for ``auto``, else
+    :func:`get_schema` (a registered name or a ``.json`` schema file)."""
+    if isinstance(name, str) and name == AUTO:
+        return infer_schema(dataset, name=AUTO)
+    return get_schema(name)
+
+
+def schema_name(name: str) -> str:
+    """The name a processor built with config ``schema = name`` records (a ``.json`` file's own name)."""
+    if str(name).endswith(".json"):
+        return get_schema(name).name
+    return name
+
+
 def get_schema(name: str | EmbodimentSchema) -> EmbodimentSchema:
     """A registered schema by name (dashes or underscores), or one saved as JSON
     (``EmbodimentSchema.save``) when ``name`` is the path of a ``.json`` file."""
     if isinstance(name, EmbodimentSchema):
         return name
+    if name == AUTO:
+        raise SchemaError("schema=auto is inferred from a dataset's meta/info.json: `dit4dit train` does it; "
+                          "elsewhere use the schema recorded in the checkpoint's processor.json")
     if str(name).endswith(".json"):
         path = Path(name).expanduser()
         if not path.is_file():

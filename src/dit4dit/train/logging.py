@@ -144,6 +144,10 @@ class RunLogger:
         if self.enabled:
             logger.info(msg, *args)
 
+    def warning(self, msg: str, *args: Any) -> None:
+        if self.enabled:
+            logger.warning(msg, *args)
+
     def close(self) -> None:
         if self._jsonl is not None:
             self._jsonl.close()

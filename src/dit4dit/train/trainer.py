@@ -242,6 +242,54 @@ class BatchStream:
         self._it = None
 
 
+def concat_batches(labelled: dict[str, Any], free: dict[str, Any]) -> dict[str, Any]:
+    """One batch of ``labelled`` rows followed by ``free`` (action-free video) rows, with
+    ``has_actions`` telling them apart."""
+    out: dict[str, Any] = {}
+    for k, v in labelled.items():
+        w = free[k]
+        out[k] = torch.cat([v, w]) if isinstance(v, torch.Tensor) else list(v) + list(w)
+    n, m = len(labelled["instruction"]), len(free["instruction"])
+    out["has_actions"] = torch.cat([torch.ones(n, dtype=torch.bool), torch.zeros(m, dtype=torch.bool)])
+    return out
+
+
+class MixedBatchStream:
+    """Co-training batches: a labelled stream's micro-batch followed by an action-free one's
+    (``train.video_data_fraction`` of the rows). Epochs, the saved position and the resume check
+    follow the labelled stream; the action-free stream's position is saved beside it."""
+
+    def __init__(self, labelled: BatchStream, free: BatchStream):
+        self.labelled = labelled
+        self.free = free
+
+    @property
+    def loader(self) -> DataLoader:
+        return self.labelled.loader
+
+    @property
+    def epoch(self) -> int:
+        return self.labelled.epoch
+
+    @property
+    def batch(self) -> int:
+        return self.labelled.batch
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.labelled.batches_per_epoch
+
+    def set_position(self, epoch: int, batch: int) -> None:
+        self.labelled.set_position(epoch, batch)
+
+    def next(self) -> dict[str, Any]:
+        return concat_batches(self.labelled.next(), self.free.next())
+
+    def close(self) -> None:
+        self.labelled.close()
+        self.free.close()
+
+
 # --------------------------------------------------------------------------------------------
 # Checks before training
 # --------------------------------------------------------------------------------------------
@@ -318,7 +366,9 @@ def check_processor(processor: Any, cfg: DiT4DiTConfig) -> None:
         if have is not None and have != want:
             errs.append(f"processor {attr}={have}, config expects {want}")
     schema = getattr(getattr(processor, "schema", None), "name", None)
-    if schema is not None and schema != cfg.schema:
+    from ..data.schema import schema_name
+
+    if schema is not None and schema != schema_name(cfg.schema):
         errs.append(f"processor schema {schema!r}, config schema {cfg.schema!r}")
     if errs:
         raise ValueError("the processor does not fit the config:\n  - " + "\n  - ".join(errs))
@@ -338,7 +388,7 @@ def build_training_data(cfg: DiT4DiTConfig, dataset_path: str | os.PathLike, pro
     from ..data.normalize import compute_dataset_stats
     from ..data.processor import Processor
     from ..data.samples import TrainingSamples, episodes_per_task, repeat_tasks
-    from ..data.schema import SchemaError
+    from ..data.schema import SchemaError, resolve_schema
 
     path = Path(dataset_path).expanduser()
     ds = LeRobotDataset(path)
@@ -347,16 +397,19 @@ def build_training_data(cfg: DiT4DiTConfig, dataset_path: str | os.PathLike, pro
         if cfg.train.episodes_per_task is not None or cfg.train.task_episodes:
             episodes = episodes_per_task(ds, cfg.train.episodes_per_task, cfg.train.task_episodes)
         if processor is None:
-            stats = None if episodes is None else compute_dataset_stats(ds, cfg.schema, keys=(), episodes=episodes,
+            schema = resolve_schema(cfg.schema, ds)
+            stats = None if episodes is None else compute_dataset_stats(ds, schema, keys=(), episodes=episodes,
                                                                        progress=progress)
-            processor = Processor.for_dataset(ds, cfg.schema, cfg.inputs, stats=stats, mode=cfg.normalization,
+            processor = Processor.for_dataset(ds, schema, cfg.inputs, stats=stats, mode=cfg.normalization,
                                               action_dim=cfg.action.action_dim, state_dim=cfg.action.state_dim,
                                               action_horizon=cfg.action.action_horizon, progress=progress)
         kwargs = {"frame_cache": frame_cache} if frame_cache not in (None, False) else {}
         samples = TrainingSamples(ds, processor=processor, episodes=repeat_tasks(ds, episodes, cfg.train.task_repeats),
                                   **kwargs)
     except SchemaError as e:
-        raise SchemaError(f"dataset {path} does not fit schema {cfg.schema!r} of config {cfg.name!r}: {e}") from e
+        raise SchemaError(f"dataset {path} does not fit schema {cfg.schema!r} of config {cfg.name!r}: {e}\n"
+                          f"To train on it anyway: --set schema=auto (state, action and cameras read from its "
+                          f"meta/info.json) or --set schema=PATH.json (a schema file; docs/adding-a-robot.md)") from e
     return samples, processor
 
 
@@ -481,6 +534,19 @@ def fit_codec(model, samples: Dataset, seed: int, max_samples: int = CODEC_FIT_S
     return model.fit_codec(frames)
 
 
+@torch.no_grad()
+def codec_latent_rms(model, samples: Dataset, seed: int, max_samples: int = 32) -> float | None:
+    """RMS of the normalised latents of up to ``max_samples`` training clips (about 1 on the data a
+    codec was fitted on); None for a codec that learns nothing from the data."""
+    codec = getattr(model, "codec", None)
+    if codec is None or not codec.learns_from_data or not codec.fitted:
+        return None
+    g = torch.Generator().manual_seed(seed_for(seed, 6, 1))
+    idx = torch.randperm(len(samples), generator=g)[:max_samples].tolist()  # type: ignore[arg-type]
+    frames = torch.stack([samples[i]["video"] for i in idx]).float()
+    return float(codec.encode(frames.to(codec.mean.device)).float().pow(2).mean().sqrt())
+
+
 class TimeBudget:
     """``train.time_budget_minutes``: how many steps fit in the time left.
 
@@ -522,6 +588,74 @@ class TimeBudget:
             return None
         return {"seconds": self.seconds, "configured_steps": self.target, "planned_steps": self.planned,
                 "elapsed_s": time.perf_counter() - self.t0}
+
+
+def resolve_auto_cameras(cfg: DiT4DiTConfig, data: Any) -> DiT4DiTConfig:
+    """With ``schema=auto``: when none of ``inputs.cameras`` is a camera of the dataset, the
+    dataset's camera (one with ``camera_layout=single``, all of them side by side otherwise)."""
+    from dataclasses import replace
+
+    from ..data.schema import AUTO, SchemaError, infer_schema
+
+    if cfg.schema != AUTO or not isinstance(data, (str, os.PathLike)):
+        return cfg
+    if not (Path(data).expanduser() / "meta" / "info.json").is_file():
+        raise SchemaError(f"schema=auto reads the state, action and cameras from a LeRobot dataset's "
+                          f"meta/info.json; {data} has none (name a schema: --set schema=NAME or PATH.json)")
+    from ..data.lerobot import LeRobotDataset
+
+    schema = infer_schema(LeRobotDataset(data, check_videos=False), name=AUTO)
+    cams = schema.cameras
+    if any(c.matches(n) for n in cfg.inputs.cameras for c in cams):
+        return cfg
+    if cfg.inputs.camera_layout == "single" and len(cams) != 1:
+        raise SchemaError(f"schema=auto: {data} has cameras {[c.key for c in cams]}, none of inputs.cameras "
+                          f"{list(cfg.inputs.cameras)}; choose one with --set inputs.cameras=KEY")
+    _log.info("schema=auto: the dataset's camera(s) %s replace inputs.cameras %s", [c.key for c in cams],
+              list(cfg.inputs.cameras))
+    return replace(cfg, inputs=replace(cfg.inputs, cameras=tuple(c.key for c in cams)))
+
+
+def _is_labelled_dataset(cfg: DiT4DiTConfig, path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a LeRobot dataset with the state, action and cameras of ``cfg.schema``."""
+    from ..data.lerobot import DatasetError, LeRobotDataset
+    from ..data.schema import SchemaError, resolve_schema
+
+    if not (Path(path).expanduser() / "meta" / "info.json").is_file():
+        return False
+    try:
+        ds = LeRobotDataset(path, check_videos=False)
+        resolve_schema(cfg.schema, ds).check(ds, cfg.action.state_dim, cfg.action.action_dim)
+    except (SchemaError, DatasetError):
+        return False
+    return True
+
+
+def _training_rate(cfg: DiT4DiTConfig, path: str | os.PathLike) -> float:
+    """Frame rate action-free video is presented at in a video-only run: the fps of a LeRobot
+    ``--dataset``, else ``inputs.fps``."""
+    info = Path(path).expanduser() / "meta" / "info.json"
+    if info.is_file():
+        try:
+            return float(json.loads(info.read_text())["fps"])
+        except (KeyError, TypeError, ValueError, json.JSONDecodeError):
+            pass
+    return float(cfg.inputs.fps)
+
+
+def _video_only_processor(cfg: DiT4DiTConfig, path: str | os.PathLike) -> Any:
+    from ..data.action_free import placeholder_processor
+    from ..data.lerobot import LeRobotDataset
+    from ..data.schema import AUTO, resolve_schema
+
+    if cfg.schema == AUTO and (Path(path).expanduser() / "meta" / "info.json").is_file():
+        schema = resolve_schema(AUTO, LeRobotDataset(path, check_videos=False))
+    else:
+        schema = resolve_schema(cfg.schema, None)
+    _log.info("video-only run on action-free video (%s): no state or action statistics; the processor's "
+              "normaliser is the identity", path)
+    return placeholder_processor(schema, cfg.inputs, action_dim=cfg.action.action_dim,
+                                 state_dim=cfg.action.state_dim, action_horizon=cfg.action.action_horizon)
 
 
 class Trainer:
@@ -572,11 +706,47 @@ class Trainer:
             ckpt.check_backbone(found, self.backbone)  # the same backbone (content hash) as the checkpoint
         return found
 
-    def _build_data(self, resume_from: ckpt.Checkpoint | None, info: DistInfo) -> tuple[Dataset, Any, Callable]:
+    def _build_data(self, resume_from: ckpt.Checkpoint | None, info: DistInfo
+                    ) -> tuple[Dataset, Any, Callable, Dataset | None]:
+        """(samples, processor, collate, action-free samples or None). In mode=video_only a
+        ``data`` folder that is not a labelled dataset of the schema is read as action-free video."""
         processor = self.processor
+        tc = self.cfg.train
+        if tc.video_datasets and self.latent_cache is not None:
+            raise ConfigError("a latent cache holds the labelled clips only: train with action-free video "
+                              "(train.video_datasets) without --latent-cache")
+        if processor is None and resume_from is not None and resume_from.has_processor:
+            processor = resume_from.processor()
+        if (self.cfg.mode == "video_only" and isinstance(self.data, (str, os.PathLike))
+                and not _is_labelled_dataset(self.cfg, self.data)):
+            from ..data.action_free import action_free_samples
+
+            processor = processor or _video_only_processor(self.cfg, self.data)
+            samples = action_free_samples([self.data, *tc.video_datasets], processor, self.cfg.action.action_horizon,
+                                          _training_rate(self.cfg, self.data), default_instruction=tc.default_instruction,
+                                          skip_bad=tc.skip_bad_videos)
+            check_processor(processor, self.cfg)
+            check_samples(samples, self.cfg)
+            return samples, processor, self.collate_fn or default_collate, None
+        samples, processor, collate = self._build_labelled_data(processor, info)
+        if not tc.video_datasets:
+            return samples, processor, collate, None
+        from ..data.action_free import action_free_samples
+
+        # Normalisation statistics come from the labelled data alone; the action-free video is
+        # presented at the labelled dataset's frame rate.
+        rate = getattr(getattr(samples, "dataset", None), "fps", None) or self.cfg.inputs.fps
+        free = action_free_samples(tc.video_datasets, processor, self.cfg.action.action_horizon, float(rate),
+                                   default_instruction=tc.default_instruction, skip_bad=tc.skip_bad_videos)
+        check_samples(free, self.cfg)
+        if self.cfg.mode == "video_only":  # every row feeds the video loss: one stream
+            from torch.utils.data import ConcatDataset
+
+            return ConcatDataset([samples, free]), processor, collate, None
+        return samples, processor, collate, free
+
+    def _build_labelled_data(self, processor: Any, info: DistInfo) -> tuple[Dataset, Any, Callable]:
         if isinstance(self.data, (str, os.PathLike)):
-            if processor is None and resume_from is not None and resume_from.has_processor:
-                processor = resume_from.processor()
             if not info.distributed:
                 samples, processor = build_training_data(self.cfg, self.data, processor, self.progress,
                                                          self.frame_cache)
@@ -611,14 +781,17 @@ class Trainer:
         check_samples(samples, self.cfg)
         return samples, processor, self.collate_fn or default_collate
 
-    def _text_encoder_needed(self, cfg: DiT4DiTConfig, samples: Dataset) -> bool:
-        """A frozen text encoder stays out of memory when every instruction of the dataset is in
-        the text cache (``dit4dit embed-text``); otherwise it is loaded and fills the cache."""
+    def _text_encoder_needed(self, cfg: DiT4DiTConfig, samples: Dataset, free: Dataset | None = None) -> bool:
+        """A frozen text encoder stays out of memory when every instruction of the data (labelled
+        and action-free) is in the text cache (``dit4dit embed-text``); otherwise it is loaded and
+        fills the cache."""
         if cfg.text.kind == "tiny" or not self.text_cache_dir:
             return True
-        tasks = getattr(getattr(samples, "dataset", None), "tasks", None)
+        tasks = getattr(getattr(samples, "dataset", None), "tasks", None) or getattr(samples, "tasks", None)
         if not tasks:
             return True
+        if free is not None:
+            tasks = [*tasks, *getattr(free, "tasks", [])]
         from ..models.backbone import uncached_prompts
 
         missing = uncached_prompts(cfg, self.backbone, self.text_cache_dir, tasks)
@@ -637,6 +810,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ main entry
     def run(self) -> dict[str, Any]:
+        self.cfg = resolve_auto_cameras(self.cfg, self.data)
         cfg = check_train_config(self.cfg)
         tc = cfg.train
         info = init_distributed(self.device_request)
@@ -664,13 +838,16 @@ class Trainer:
 
             self._backbone_record = Backbone.open(self.backbone).record()
         resume_from = self._resume_checkpoint()
-        samples, processor, collate = self._build_data(resume_from, info)
+        samples, processor, collate, free = self._build_data(resume_from, info)
         self.processor = processor  # hooks (e.g. closed-loop evaluation) read it from here
-        if len(samples) < tc.batch_size * info.world_size:  # type: ignore[arg-type]
-            raise ValueError(f"the dataset has {len(samples)} samples, fewer than one global batch of "  # type: ignore[arg-type]
-                             f"{tc.batch_size} x {info.world_size} rank(s)")
+        # Co-training: a fixed share of every batch comes from the action-free video.
+        n_free = round(tc.video_data_fraction * tc.batch_size) if free is not None else 0
+        for what, data, rows in (("dataset", samples, tc.batch_size - n_free), ("action-free video", free, n_free)):
+            if data is not None and len(data) < rows * info.world_size:  # type: ignore[arg-type]
+                raise ValueError(f"the {what} has {len(data)} samples, fewer than one global batch of "  # type: ignore[arg-type]
+                                 f"{rows} x {info.world_size} rank(s)")
 
-        load_text = self._text_encoder_needed(cfg, samples)
+        load_text = self._text_encoder_needed(cfg, samples, free)
         from .memory import check_training_memory
 
         # On a GPU: refuse before loading anything when the estimated memory does not fit.
@@ -685,13 +862,26 @@ class Trainer:
                                     load_text_encoder=load_text, video_dtype=torch.float32,
                                     load_video_weights=resume_from is None)
         counts = freeze_frozen_parts(model, tc.freeze_video)
-        if tc.init_from and resume_from is None:  # staged training: start from another run's weights
-            init = ckpt.init_weights_from(model, tc.init_from)
+        self.init_report = None
+        if tc.init_from and resume_from is None:  # start from another run's weights (--init)
+            self.init_report = ckpt.init_weights_from(model, tc.init_from, config=cfg)
+            fresh = [n for n in self.init_report["missing"] + [m["name"] for m in self.init_report["mismatched"]]
+                     if n.split(".", 1)[0] in VIDEO_PARTS]
+            if tc.freeze_video and fresh:
+                raise ckpt.CheckpointError(f"train.freeze_video trains on the video DiT of --init "
+                                           f"{self.init_report['checkpoint']} as it is, but {len(fresh)} of its "
+                                           f"tensors do not match this model (e.g. {fresh[0]})")
             if info.is_main:
-                _log.info("initialised %s from %s (%s weights, step %d)", ", ".join(init["loaded"]),
-                          init["checkpoint"], init["weights"], init["step"])
-        if resume_from is None:  # a codec fitted on the data (pca); resuming loads the saved one
-            self.codec_fit = fit_codec(model, samples, tc.seed)
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                with open(self.run_dir / "init.json", "w", encoding="utf-8") as f:
+                    json.dump(self.init_report, f, indent=2)
+        if resume_from is None:  # a codec fitted on the data (pca); resuming (or --init) loads the saved one
+            from torch.utils.data import ConcatDataset
+
+            every = samples if free is None else ConcatDataset([samples, free])
+            self.codec_fit = fit_codec(model, every, tc.seed)
+            if self.init_report is not None and self.init_report.get("codec"):
+                self.init_report["codec_latent_rms"] = codec_latent_rms(model, every, tc.seed)
         model.to(device)
         model.train()
         n_trainable = sum(v for k, v in counts.items() if k != "frozen")
@@ -713,8 +903,11 @@ class Trainer:
         np.random.seed(seed_for(tc.seed, 4, info.rank) % (2**32))
         random.seed(seed_for(tc.seed, 5, info.rank))
 
-        stream = BatchStream(samples, collate, tc.batch_size, info, tc.seed, tc.num_workers,
+        stream = BatchStream(samples, collate, tc.batch_size - n_free, info, tc.seed, tc.num_workers,
                              pin_memory=device.type == "cuda")
+        if free is not None:
+            stream = MixedBatchStream(stream, BatchStream(free, collate, n_free, info, seed_for(tc.seed, 7),
+                                                          tc.num_workers, pin_memory=device.type == "cuda"))
         step = 0
         if resume_from is not None:
             step = self._restore(resume_from, model, optimizer, scheduler, ema, stream, generator, info)
@@ -734,6 +927,16 @@ class Trainer:
         logger.info("%s run %s: %s, strategy %s, world %d, device %s, precision %s, trainable params %s, steps %d..%d",
                     "resuming" if resume_from is not None else "starting", self.run_dir, cfg.name, strategy,
                     info.world_size, device, precision, counts, step, target)
+        for data in (samples, free):
+            for line in getattr(data, "describe", lambda: [])():
+                logger.info("%s", line)
+        if self.init_report is not None:
+            for line in ckpt.describe_init(self.init_report):
+                logger.info("%s", line)
+            rms = self.init_report.get("codec_latent_rms")
+            if rms is not None and not 1 / 3 <= rms <= 3:
+                logger.warning("the codec taken from --init gives latents of RMS %.3g on this run's frames (about 1 "
+                               "on the frames it was fitted on): they look unlike its training video", rms)
         if self.codec_fit is not None:
             logger.info("fitted the %s codec on %d frames: %d channels keep %.1f%% of the patch variance",
                         self.codec_fit["kind"], self.codec_fit["frames"], self.codec_fit["channels"],
@@ -830,6 +1033,7 @@ class Trainer:
             "precision": precision,
             "params": counts,
             "codec_fit": self.codec_fit,
+            "init": self.init_report,
             "interrupted": interrupted,
             "time_budget": budget.summary(),
             "logging": logger.backends,
@@ -936,6 +1140,10 @@ class Trainer:
                 "rng_ranks": info.world_size,
                 "elapsed_s": round(time.time() - t_start, 3),
             }
+            if isinstance(stream, MixedBatchStream):
+                trainer_state["video_stream"] = {"epoch": stream.free.epoch, "batch_in_epoch": stream.free.batch,
+                                                 "batches_per_epoch": stream.free.batches_per_epoch,
+                                                 "num_samples": len(stream.free.loader.dataset)}
             path = ckpt.save_checkpoint(self.run_dir, step, config=cfg, model_state=model_state,
                                         trainer_state=trainer_state, ema_state=ema_state, optimizer_state=opt_state,
                                         rng_state=rng, processor=processor, keep_last=cfg.train.keep_last,
@@ -977,6 +1185,16 @@ class Trainer:
             raise ValueError(f"cannot resume: the checkpoint was trained on {st.get('num_samples')} samples, the "
                              f"dataset now has {len(stream.loader.dataset)}")  # type: ignore[arg-type]
         stream.set_position(epoch, min(batch, stream.batches_per_epoch))
+        video = st.get("video_stream")
+        if isinstance(stream, MixedBatchStream) != (video is not None):
+            raise ValueError("cannot resume: the checkpoint was trained " + ("with" if video else "without")
+                             + " action-free video (train.video_datasets), this run " + ("is not" if video else "is"))
+        if video is not None:
+            if int(video.get("num_samples", -1)) != len(stream.free.loader.dataset):
+                raise ValueError(f"cannot resume: the checkpoint was trained on {video.get('num_samples')} action-free "
+                                 f"samples, the action-free video now has {len(stream.free.loader.dataset)}")
+            stream.free.set_position(int(video["epoch"]), min(int(video["batch_in_epoch"]),
+                                                              stream.free.batches_per_epoch))
         # RNG last, right before the loop.
         rng = found.rng_state()
         mine = ckpt.rank_rng(rng, info.rank) if rng is not None else None
