@@ -97,3 +97,34 @@ def test_progress_bars_start_no_monitor_thread():
     update(1, 3)  # an open bar: tqdm would have started its monitor thread by now
     assert "TMonitor" not in {type(t).__name__ for t in threading.enumerate()}
     update(3, 3)
+
+
+def test_train_with_action_free_video_and_init_from_the_command_line(tmp_path, capsys):
+    """`train --set mode=video_only` on a folder of video files, then `train --video-dataset ...
+    --init RUN`: the flags become train.video_datasets / train.init_from in the run's config."""
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from test_action_free import write_video
+
+    videos = tmp_path / "videos"
+    write_video(videos / "a.mp4", 16)
+    write_video(videos / "b.webm", 16, shade=90)
+    data = tmp_path / "data"
+    run_json(capsys, ["collect", "toy", "--episodes", "3", "--out", str(data), "--json"])
+    small = [*SMALL, "--set", "inputs.image_size=[32,32]", "--set", "train.steps=2"]
+    prior = tmp_path / "prior"
+    r = run_json(capsys, ["train", "--preset", "tiny", "--dataset", str(videos), "--out", str(prior),
+                          "--set", "mode=video_only", "--default-instruction", "reach the target", *small, "--json"])
+    assert r["step"] == 2
+    ft = tmp_path / "ft"
+    r = run_json(capsys, ["train", "--preset", "tiny", "--dataset", str(data), "--out", str(ft),
+                          "--set", "schema=toy_reach", "--video-dataset", str(videos), "--init", str(prior),
+                          "--default-instruction", "reach the target", *small, "--json"])
+    assert r["step"] == 2 and r["init"]["loaded"]["video_dit"] > 0
+    cfg = json.loads((ft / "config.json").read_text())
+    assert cfg["train"]["video_datasets"] == [str(videos.resolve())]
+    assert cfg["train"]["init_from"] == str(prior.resolve())
+    # a folder without videos is an error that names it
+    (tmp_path / "empty").mkdir()
+    assert main(["train", "--preset", "tiny", "--dataset", str(tmp_path / "empty"), "--out", str(tmp_path / "x"),
+                 "--set", "mode=video_only", *small]) == 2
+    assert "no video files" in capsys.readouterr().err
