@@ -317,12 +317,34 @@ def _serve_token(args: argparse.Namespace) -> str | None:
 
     from .serve.server import TOKEN_ENV
 
+    from .config import ConfigError
+
+    # an empty token is an error, never "no authentication": leave the option out to serve without one
     if getattr(args, "token_file", None):
-        return Path(args.token_file).read_text().strip() or None
-    return getattr(args, "token", None) or os.environ.get(TOKEN_ENV) or None
+        try:
+            token = Path(args.token_file).read_text().strip()
+        except OSError as e:
+            raise ConfigError(f"--token-file {args.token_file}: cannot read it ({e})") from e
+        if not token:
+            raise ConfigError(f"--token-file {args.token_file}: the file is empty; write the token into it, or "
+                              "leave --token-file out to serve without authentication")
+        return token
+    if getattr(args, "token", None) is not None:
+        if not args.token.strip():
+            raise ConfigError("--token is empty; give a non-empty token, or leave --token out to serve without "
+                              "authentication")
+        return args.token.strip()
+    if TOKEN_ENV in os.environ:
+        if not os.environ[TOKEN_ENV].strip():
+            raise ConfigError(f"${TOKEN_ENV} is set but empty; set it to a non-empty token, or unset it to serve "
+                              "without authentication")
+        return os.environ[TOKEN_ENV].strip()
+    return None
 
 
 def register_serve(sub: argparse._SubParsersAction) -> None:
+    from .serve.server import DEFAULT_EVICT_IDLE_AFTER, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CLIENTS_PER_HOST
+
     p = sub.add_parser("serve", help="websocket policy server (msgpack + numpy, openpi-client compatible)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="run folder, its checkpoints/ folder or one checkpoint folder")
@@ -338,6 +360,17 @@ def register_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--token-file", default=None, help="read the token from this file")
     p.add_argument("--max-message-mb", type=float, default=16.0, help="largest accepted observation message")
     p.add_argument("--max-clients", type=int, default=64)
+    p.add_argument("--max-clients-per-host", type=int, default=DEFAULT_MAX_CLIENTS_PER_HOST,
+                   help="connections one client address may hold (default %(default)s)")
+    p.add_argument("--idle-timeout", type=float, default=DEFAULT_IDLE_TIMEOUT,
+                   help="close a connection that sends no complete message (or reads no reply) for this many "
+                        "seconds (default %(default)s; 0 = never)")
+    p.add_argument("--evict-idle-after", type=float, default=DEFAULT_EVICT_IDLE_AFTER,
+                   help="when all --max-clients slots are taken, a new client takes the slot of a connection "
+                        "idle at least this many seconds (default %(default)s; 0 = never evict)")
+    p.add_argument("--skip-weight-hash", action="store_true",
+                   help="do not verify the checkpoint's weight files against their recorded content hashes "
+                        "(faster start for very large checkpoints; size and header checks remain)")
     p.add_argument("--seed", type=int, default=0, help="noise seed of every policy call (deterministic replies)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--port-file", default=None, help="write the bound port here once listening")
@@ -370,7 +403,8 @@ def _serve(args):
             dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, None: None}[args.dtype]
             _log(f"loading {args.checkpoint} on {args.device} ...")
             policy, extra = load_served_policy(args.checkpoint, backbone=args.backbone, device=args.device,
-                                               video_dtype=dtype, seed=args.seed)
+                                               video_dtype=dtype, seed=args.seed,
+                                               verify_hashes=not args.skip_weight_hash)
         else:
             overrides = args.overrides or list(TINY_SERVE_OVERRIDES)
             _log(f"building a random-weight {args.preset} model for {args.random_weights} ...")
@@ -378,7 +412,9 @@ def _serve(args):
                                    device=args.device)
             extra = {"model_version": f"random-weights/{args.preset}/{args.random_weights}", "device": args.device}
         server = PolicyServer(policy, args.host, args.port, token=token, max_size=int(args.max_message_mb * 2**20),
-                              max_clients=args.max_clients, metadata=extra)
+                              max_clients=args.max_clients, metadata=extra,
+                              max_clients_per_host=args.max_clients_per_host or None,
+                              idle_timeout=args.idle_timeout or None, evict_idle_after=args.evict_idle_after or None)
     except (CheckpointError, ProcessorError, FileNotFoundError) as e:
         raise ConfigError(str(e)) from e
     server.serve_forever(port_file=args.port_file)
@@ -700,7 +736,7 @@ def _eval_toy(args):
     from .policy import Policy
     from .train.checkpoint import load_policy
 
-    model, processor, _ = load_policy(args.checkpoint, args.device)
+    model, processor, _ = load_policy(args.checkpoint, args.device, require_processor=True)
     r = evaluate(Policy(model, processor), args.episodes, replan_every=args.replan_every, seed=args.seed,
                  record=4 if args.out else 0, progress=progress_bar(args.episodes * 2, "eval toy"))
     videos = r.pop("videos")
