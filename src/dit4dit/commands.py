@@ -62,6 +62,13 @@ def register_dataset(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=_dataset_info)
 
+    q = dsub.add_parser("check", help="validate a dataset as training does (column widths against info.json, "
+                                      "total_frames, episode lengths, frame indices, video time ranges); exit 2 "
+                                      "with the first problem named")
+    q.add_argument("path")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=_dataset_check)
+
     q = dsub.add_parser("show", help="write the decoded frame(s) of every camera to a PNG; print state and action")
     q.add_argument("path")
     q.add_argument("--episode", type=int, default=0)
@@ -83,6 +90,17 @@ def _dataset_info(args):
 
     r = dataset_info(args.path)
     _emit(args, r, lambda r: json.dumps(r, indent=2, default=str))
+    return r
+
+
+def _dataset_check(args):
+    from .data.lerobot import LeRobotDataset
+
+    ds = LeRobotDataset(args.path, check_videos=True)  # every check runs on open; a problem raises DatasetError
+    r = {"path": str(ds.root), "ok": True, "version": ds.version, "episodes": ds.num_episodes, "frames": ds.num_frames,
+         "video_files_checked": len({v[0] for rec in ds._records.values() for v in rec.videos.values()})}
+    _emit(args, r, lambda r: f"{r['path']}: OK ({r['version']}, {r['episodes']} episodes, {r['frames']} frames, "
+                             f"{r['video_files_checked']} video files)")
     return r
 
 
