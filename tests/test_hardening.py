@@ -215,7 +215,7 @@ def test_wrong_observations_are_bad_observation_naming_key_expected_received(ser
             for w in words:
                 assert w in ei.value.message, (name, w, ei.value.message)
         for prompt, words in ((b"\xff\xfe\x80", ["prompt", "UTF-8"]), (["a", ["b"]], ["prompt", "string"]),
-                              (42, ["prompt", "string"])):
+                              (42, ["prompt", "string"]), ("p" * 5000, ["prompt", "5000 characters"])):
             with pytest.raises(PolicyServerError) as ei:
                 c.infer({**good, "prompt": prompt})
             assert ei.value.type == "bad_observation" and all(w in ei.value.message for w in words), ei.value

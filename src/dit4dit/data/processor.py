@@ -39,6 +39,7 @@ from .validation import describe_keys, describe_value
 
 PROCESSOR_FILE = "processor.json"
 PROMPT_KEYS = ("prompt", "instruction", "task", "language_instruction")
+MAX_PROMPT_CHARS = 4096  # longer instructions are refused (the text encoder's cost grows with the length)
 
 
 class ProcessorError(ValueError):
@@ -397,6 +398,9 @@ class Processor:
                                      f"are not valid UTF-8 (at byte {e.start})") from None
         if not isinstance(instruction, str):
             raise ProcessorError(f"instruction {k!r}: expected a string, got {describe_value(instruction)}")
+        if len(instruction) > MAX_PROMPT_CHARS:
+            raise ProcessorError(f"instruction {k!r}: {len(instruction)} characters, at most {MAX_PROMPT_CHARS} are "
+                                 "accepted")
         return {"video": video, "state": state[None], "state_mask": mask[None], "instruction": [instruction]}
 
     # ------------------------------------------------------------------------------------------
