@@ -555,6 +555,10 @@ def register_bench_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--threads", type=int, default=None, help="server torch threads")
     p.add_argument("--in-process", action="store_true", help="server on a thread of this process")
+    p.add_argument("--fuzz", type=int, default=0, metavar="N",
+                   help="attack the server with N seeded hostile messages instead of the latency runs; report "
+                        "crashes, hangs, server memory growth, ping latency and valid replies during the attack")
+    p.add_argument("--fuzz-seed", type=int, default=0)
     p.add_argument("--out", default=None, help="also write the JSON result here")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_bench_serve)
@@ -566,10 +570,13 @@ def _bench_serve(args):
     _import_envs()
     r = bench_serve(checkpoint=args.checkpoint, backbone=args.backbone, device=args.device, clients=args.clients,
                     requests=args.requests, warmup=args.warmup, in_process=args.in_process, schema=args.schema,
-                    preset=args.preset, overrides=args.overrides, threads=args.threads, progress=_log)
+                    preset=args.preset, overrides=args.overrides, threads=args.threads, fuzz=args.fuzz,
+                    fuzz_seed=args.fuzz_seed, progress=_log)
     write_result(args.out, r)
 
     def human(r):
+        if "fuzz" in r:
+            return "\n".join(f"{k}: {v}" for k, v in r["summary"].items())
         return "\n".join(f"{x['clients']} client(s): p50 {x['latency_ms']['p50']:.1f} ms, p99 {x['latency_ms']['p99']:.1f} ms,"
                          f" {x['throughput_rps']:.1f} replies/s, server inference p50 {x['server_infer_ms_p50']:.1f} ms,"
                          f" errors {x['errors']}" for x in r["runs"])

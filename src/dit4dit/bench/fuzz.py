@@ -24,7 +24,7 @@ validation did not catch) are counted as ``internal_errors``.
 from __future__ import annotations
 
 import json
-import threading
+import multiprocessing
 import time
 import urllib.request
 from typing import Any, Callable
@@ -161,6 +161,52 @@ class _Cases:
         return "not_a_map", packb([obs.get("prompt"), 1, 2])
 
 
+def _ping_process(uri: str, headers: dict | None, every: float, timeout: float, conn: Any) -> None:
+    """Child process: ping ``uri`` every ``every`` s; "start" begins the recorded phase, "stop"
+    ends it and sends back (round-trip times in ms, errors). Before "start", one second of pings is
+    answered on request (the baseline)."""
+    from websockets.sync.client import connect
+
+    ws = connect(uri, additional_headers=headers, compression=None, max_size=None, proxy=None,
+                 open_timeout=30).__enter__()
+    ws.recv(timeout=30)
+    conn.send("ready")
+    rtts: list[float] = []
+    errors: list[str] = []
+    while True:
+        if conn.poll(0):
+            cmd = conn.recv()
+            if cmd == "baseline":
+                conn.send((rtts, errors))
+                rtts, errors = [], []
+            elif cmd == "start":
+                rtts, errors = [], []
+            elif cmd == "stop":
+                conn.send((rtts, errors))
+                break
+        t = time.perf_counter()
+        try:
+            if ws.ping().wait(timeout):
+                rtts.append((time.perf_counter() - t) * 1e3)
+            else:
+                errors.append(f"no pong within {timeout} s")
+        except Exception as e:  # noqa: BLE001
+            errors.append(f"{type(e).__name__}: {e}")
+            break
+        time.sleep(every)
+    try:
+        ws.close()
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def _collect_pings(conn: Any, seconds: float, timeout: float) -> list[float]:
+    time.sleep(seconds)
+    conn.send("baseline")
+    rtts, _ = conn.recv() if conn.poll(timeout + 10) else ([], [])
+    return rtts
+
+
 def _percentiles(xs: list[float]) -> dict[str, float]:
     if not xs:
         return {"p50": float("nan"), "p99": float("nan"), "max": float("nan"), "n": 0}
@@ -198,29 +244,25 @@ def run_fuzz(host: str, port: int, cases: int = 1000, *, seed: int = 0, token: s
     ref_obs = dummy_observation(meta, seed=seed + 1)
     ref = valid.infer(ref_obs)["actions"]
     valid_ms: list[float] = []
+    base_valid: list[float] = []
+    for _ in range(5):  # before the attack: the valid client's latency and the ping round trip
+        t0 = time.perf_counter()
+        valid.infer(ref_obs)
+        base_valid.append((time.perf_counter() - t0) * 1e3)
 
-    pings: list[float] = []
-    stop = threading.Event()
-    watcher = open_ws()
-    ping_errors: list[str] = []
-
-    def ping_loop() -> None:
-        while not stop.is_set():
-            t = time.perf_counter()
-            try:
-                if not watcher.ping().wait(hang_timeout):
-                    ping_errors.append("no pong")
-                    return
-            except Exception as e:  # noqa: BLE001
-                ping_errors.append(f"{type(e).__name__}: {e}")
-                return
-            pings.append((time.perf_counter() - t) * 1e3)
-            stop.wait(ping_every)
-
+    # the watcher runs in its own process: building big hostile messages here holds this
+    # interpreter's lock, which would otherwise delay the pongs' processing and inflate the times
+    ctx = multiprocessing.get_context("spawn")
+    parent_end, child_end = ctx.Pipe()
+    watcher = ctx.Process(target=_ping_process, args=(uri, headers, ping_every, hang_timeout, child_end),
+                          daemon=True, name="fuzz-ping")
+    watcher.start()
+    if not parent_end.poll(60) or parent_end.recv() != "ready":
+        raise RuntimeError("the ping watcher did not connect")
+    base_pings = _collect_pings(parent_end, 1.0, hang_timeout)
     rss0 = rss() if rss else None
     peak = rss0 or 0
-    th = threading.Thread(target=ping_loop, daemon=True, name="fuzz-ping")
-    th.start()
+    parent_end.send("start")
     attacker = open_ws()
     replies: dict[str, int] = {}
     by_name: dict[str, int] = {}
@@ -284,19 +326,19 @@ def run_fuzz(host: str, port: int, cases: int = 1000, *, seed: int = 0, token: s
             except Exception as e:  # noqa: BLE001
                 crashes.append(f"health check after case {i}: {type(e).__name__}: {e}")
                 break
-            log(f"{i + 1}/{cases} cases: hangs {len(hangs)}, crashes {len(crashes)}, ping p99 "
-                f"{_percentiles(pings)['p99']:.1f} ms")
+            log(f"{i + 1}/{cases} cases: hangs {len(hangs)}, crashes {len(crashes)}, internal errors "
+                f"{replies.get('inference_failed', 0)}")
     wall = time.perf_counter() - t_start
-    stop.set()
-    th.join(hang_timeout)
+    parent_end.send("stop")
+    pings, ping_errors = parent_end.recv() if parent_end.poll(hang_timeout + 10) else ([], ["watcher gave no result"])
+    watcher.join(10)
     rss1 = rss() if rss else None
     if rss1:
         peak = max(peak, rss1)
-    for c in (attacker, watcher):
-        try:
-            c.close()
-        except Exception:  # noqa: BLE001
-            pass
+    try:
+        attacker.close()
+    except Exception:  # noqa: BLE001
+        pass
     valid.close()
     return {
         "cases": done,
@@ -311,10 +353,12 @@ def run_fuzz(host: str, port: int, cases: int = 1000, *, seed: int = 0, token: s
         "internal_errors": replies.get("inference_failed", 0),
         "replies": dict(sorted(replies.items())),
         "cases_by_kind": dict(sorted(by_name.items())),
+        "ping_ms_before": _percentiles(base_pings),
         "ping_ms": _percentiles(pings),
         "ping_errors": ping_errors[:3],
         "valid_checks": checks,
         "valid_replies_unchanged": checks > 0 and mismatched == 0,
+        "valid_latency_ms_before": _percentiles(base_valid),
         "valid_latency_ms": _percentiles(valid_ms),
         "server_rss_mb": None if rss0 is None else {"start": rss0 / 2**20, "peak": peak / 2**20,
                                                     "end": (rss1 or 0) / 2**20,
