@@ -494,3 +494,14 @@ def test_fuzz_server(server):
     assert r["crashes"] == 0 and r["hangs"] == 0, r
     assert r["valid_replies_unchanged"], r
     assert r["cases"] == 300 and r["ping_ms"]["max"] < 2000.0, r
+
+
+def test_bench_serve_fuzz_report(tiny_policy):
+    from dit4dit.bench.serve import bench_serve
+
+    r = bench_serve(policy=tiny_policy, fuzz=40, fuzz_seed=3)
+    assert r["benchmark"] == "serve-fuzz" and r["runs"] == []
+    s = r["summary"]
+    assert s["cases"] == 40 and s["crashes"] == 0 and s["hangs"] == 0 and s["internal_errors"] == 0
+    assert s["valid_replies_unchanged"] and s["server_alive"]
+    assert r["fuzz"]["server_rss_mb"]["start"] > 0 and r["fuzz"]["ping_ms"]["n"] > 0
