@@ -144,6 +144,7 @@ def bench_serve(*, checkpoint: str | None = None, backbone: str | None = None, d
     from ..serve.server import TINY_SERVE_OVERRIDES, PolicyServer, random_policy
 
     log = progress or (lambda _m: None)
+    load_start = _loadavg()
     overrides = list(overrides) if overrides else list(TINY_SERVE_OVERRIDES)
     proc = None
     st = None
@@ -221,7 +222,7 @@ def bench_serve(*, checkpoint: str | None = None, backbone: str | None = None, d
         "observation": {k: (list(np.shape(v)) if not isinstance(v, str) else "str")
                         for k, v in dummy_observation(meta).items()},
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0],
-                    "server_threads": threads},
+                    "server_threads": threads, "load_average_1m": {"start": load_start, "end": _loadavg()}},
         "runs": runs,
         "summary": {f"{r['clients']}_clients": {"p50_ms": r["latency_ms"]["p50"], "p99_ms": r["latency_ms"]["p99"],
                                                 "throughput_rps": r["throughput_rps"], "errors": r["errors"]}
@@ -240,6 +241,14 @@ def bench_serve(*, checkpoint: str | None = None, backbone: str | None = None, d
                              "valid_replies_unchanged": fuzz_result["valid_replies_unchanged"],
                              "server_alive": fuzz_result["server_alive"]}
     return result
+
+
+def _loadavg() -> float | None:
+    """The 1-minute load average (other jobs sharing the machine inflate latencies), None if unknown."""
+    try:
+        return float(os.getloadavg()[0])
+    except (OSError, AttributeError):
+        return None
 
 
 def _rss_bytes(pid: int) -> int | None:
