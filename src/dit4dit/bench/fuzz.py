@@ -218,10 +218,13 @@ def _percentiles(xs: list[float]) -> dict[str, float]:
 def run_fuzz(host: str, port: int, cases: int = 1000, *, seed: int = 0, token: str | None = None,
              hang_timeout: float = 30.0, ping_every: float = 0.02, check_every: int = 50,
              time_limit: float | None = None, rss: Callable[[], int | None] | None = None,
+             hwm: Callable[[], int | None] | None = None,
              progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Fuzz the server at ``host:port`` (see the module docstring); returns the JSON result.
-    ``rss``: a callable giving the server's resident memory in bytes (memory growth is reported
-    when given). ``time_limit``: stop drawing new cases after this many seconds."""
+    ``rss``: a callable giving the server's resident memory in bytes, sampled every 10 cases
+    (memory growth is reported when given); ``hwm``: one giving its peak resident memory since
+    it started (Linux ``VmHWM``), which catches peaks between samples. ``time_limit``: stop
+    drawing new cases after this many seconds."""
     from websockets.exceptions import ConnectionClosed
     from websockets.sync.client import connect
 
@@ -261,6 +264,7 @@ def run_fuzz(host: str, port: int, cases: int = 1000, *, seed: int = 0, token: s
         raise RuntimeError("the ping watcher did not connect")
     base_pings = _collect_pings(parent_end, 1.0, hang_timeout)
     rss0 = rss() if rss else None
+    hwm0 = hwm() if hwm else None
     peak = rss0 or 0
     parent_end.send("start")
     attacker = open_ws()
@@ -333,6 +337,7 @@ def run_fuzz(host: str, port: int, cases: int = 1000, *, seed: int = 0, token: s
     pings, ping_errors = parent_end.recv() if parent_end.poll(hang_timeout + 10) else ([], ["watcher gave no result"])
     watcher.join(10)
     rss1 = rss() if rss else None
+    hwm1 = hwm() if hwm else None
     if rss1:
         peak = max(peak, rss1)
     try:
@@ -363,5 +368,9 @@ def run_fuzz(host: str, port: int, cases: int = 1000, *, seed: int = 0, token: s
         "server_rss_mb": None if rss0 is None else {"start": rss0 / 2**20, "peak": peak / 2**20,
                                                     "end": (rss1 or 0) / 2**20,
                                                     "growth_end": ((rss1 or 0) - rss0) / 2**20,
-                                                    "growth_peak": (peak - rss0) / 2**20},
+                                                    "growth_peak": (peak - rss0) / 2**20,
+                                                    "hwm_start": None if hwm0 is None else hwm0 / 2**20,
+                                                    "hwm_end": None if hwm1 is None else hwm1 / 2**20,
+                                                    # an upper bound of the peak growth during the attack
+                                                    "growth_hwm": None if hwm1 is None else (hwm1 - rss0) / 2**20},
     }

@@ -185,9 +185,10 @@ def bench_serve(*, checkpoint: str | None = None, backbone: str | None = None, d
             from .fuzz import run_fuzz
 
             log(f"fuzzing with {fuzz} hostile messages (seed {fuzz_seed}) ...")
-            rss = (lambda: _rss_bytes(proc.pid)) if proc is not None else (lambda: _rss_bytes(os.getpid()))
+            pid = proc.pid if proc is not None else os.getpid()
             log_bytes0 = (tmp / "server.log").stat().st_size if tmp is not None else None
-            fuzz_result = run_fuzz("127.0.0.1", port, fuzz, seed=fuzz_seed, rss=rss, progress=log)
+            fuzz_result = run_fuzz("127.0.0.1", port, fuzz, seed=fuzz_seed, rss=lambda: _rss_bytes(pid),
+                                   hwm=lambda: _rss_bytes(pid, "VmHWM:"), progress=log)
             if tmp is not None:
                 fuzz_result["server_log_bytes"] = {"before": log_bytes0, "after": (tmp / "server.log").stat().st_size}
             fuzz_result["server_alive"] = proc.poll() is None if proc is not None else True
@@ -236,6 +237,7 @@ def bench_serve(*, checkpoint: str | None = None, backbone: str | None = None, d
                              "hangs": fuzz_result["hangs"], "internal_errors": fuzz_result["internal_errors"],
                              "server_rss_growth_peak_mb": rss.get("growth_peak"),
                              "server_rss_growth_end_mb": rss.get("growth_end"),
+                             "server_rss_growth_hwm_mb": rss.get("growth_hwm"),
                              "ping_p99_ms": fuzz_result["ping_ms"]["p99"],
                              "ping_p99_ms_before": fuzz_result["ping_ms_before"]["p99"],
                              "valid_replies_unchanged": fuzz_result["valid_replies_unchanged"],
@@ -251,11 +253,11 @@ def _loadavg() -> float | None:
         return None
 
 
-def _rss_bytes(pid: int) -> int | None:
-    """Resident set size of a process (Linux /proc), None elsewhere."""
+def _rss_bytes(pid: int, field: str = "VmRSS:") -> int | None:
+    """Resident set size (``VmRSS:``) or its peak (``VmHWM:``) of a process (Linux /proc), None elsewhere."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(field):
                 return int(line.split()[1]) * 1024
     except OSError:
         return None
