@@ -388,7 +388,8 @@ def register_serve(sub: argparse._SubParsersAction) -> None:
                         "idle at least this many seconds (default %(default)s; 0 = never evict)")
     p.add_argument("--skip-weight-hash", action="store_true",
                    help="do not verify the checkpoint's weight files against their recorded content hashes "
-                        "(faster start for very large checkpoints; size and header checks remain)")
+                        "(faster start for very large checkpoints; size and header checks remain, and the "
+                        "metadata's weights_fingerprint is then a cheap one: size, first and last MiB)")
     p.add_argument("--seed", type=int, default=0, help="noise seed of every policy call (deterministic replies)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--port-file", default=None, help="write the bound port here once listening")
