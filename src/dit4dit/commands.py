@@ -379,7 +379,7 @@ def register_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-message-mb", type=float, default=16.0, help="largest accepted observation message")
     p.add_argument("--max-clients", type=int, default=64)
     p.add_argument("--max-clients-per-host", type=int, default=DEFAULT_MAX_CLIENTS_PER_HOST,
-                   help="connections one client address may hold (default %(default)s)")
+                   help="connections one client address may hold (default %(default)s; 0 = no limit)")
     p.add_argument("--idle-timeout", type=float, default=DEFAULT_IDLE_TIMEOUT,
                    help="close a connection that sends no complete message (or reads no reply) for this many "
                         "seconds (default %(default)s; 0 = never)")
