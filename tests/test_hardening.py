@@ -491,7 +491,7 @@ def test_fuzz_server(server):
     from dit4dit.bench.fuzz import run_fuzz
 
     r = run_fuzz("127.0.0.1", server.port, cases=300, seed=0, time_limit=60.0)
-    assert r["crashes"] == 0 and r["hangs"] == 0, r
+    assert r["crashes"] == 0 and r["hangs"] == 0 and r["internal_errors"] == 0, r
     assert r["valid_replies_unchanged"], r
     assert r["cases"] == 300 and r["ping_ms"]["p99"] < 1000.0, r
 
