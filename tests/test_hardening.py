@@ -466,9 +466,18 @@ def test_eval_toy_without_processor_is_a_clear_error(tmp_path, capsys):
 
 
 def test_frame_cache_keyed_by_content(tmp_path):
-    from dit4dit.data.frame_cache import dataset_fingerprint
+    from dit4dit.config import InputConfig
+    from dit4dit.data.frame_cache import FrameCacheError, build_frame_cache, dataset_fingerprint, open_frame_cache
+    from dit4dit.data.lerobot import LeRobotDataset
+    from dit4dit.data.processor import Processor
+    from dit4dit.data.schema import infer_schema
 
     root = _toy_dataset(tmp_path)
+    ds = LeRobotDataset(root)
+    proc = Processor.for_dataset(ds, infer_schema(ds, name="fc_bot"), InputConfig(image_size=(16, 16),
+                                 num_cond_frames=1, num_future_frames=1), action_horizon=2, progress=False)
+    out = build_frame_cache(ds, proc, out_dir=tmp_path / "cache", progress=False)
+    open_frame_cache(out, root, proc)
     video = next((root / "videos").rglob("*.mp4"))
     fp = dataset_fingerprint(root)
     data = bytearray(video.read_bytes())
@@ -478,8 +487,10 @@ def test_frame_cache_keyed_by_content(tmp_path):
     import os
 
     os.utime(video, ns=(st.st_atime_ns, st.st_mtime_ns))
-    assert video.stat().st_size == st.st_size
+    assert video.stat().st_size == st.st_size and video.stat().st_mtime_ns == st.st_mtime_ns
     assert dataset_fingerprint(root) != fp
+    with pytest.raises(FrameCacheError, match="stale frame cache"):
+        open_frame_cache(out, root, proc)
 
 
 # ------------------------------------------------------------------------------------------------
