@@ -62,6 +62,13 @@ def register_dataset(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=_dataset_info)
 
+    q = dsub.add_parser("check", help="validate a dataset as training does (column widths against info.json, "
+                                      "total_frames, episode lengths, frame indices, video time ranges); exit 2 "
+                                      "with the first problem named")
+    q.add_argument("path")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=_dataset_check)
+
     q = dsub.add_parser("show", help="write the decoded frame(s) of every camera to a PNG; print state and action")
     q.add_argument("path")
     q.add_argument("--episode", type=int, default=0)
@@ -83,6 +90,17 @@ def _dataset_info(args):
 
     r = dataset_info(args.path)
     _emit(args, r, lambda r: json.dumps(r, indent=2, default=str))
+    return r
+
+
+def _dataset_check(args):
+    from .data.lerobot import LeRobotDataset
+
+    ds = LeRobotDataset(args.path, check_videos=True)  # every check runs on open; a problem raises DatasetError
+    r = {"path": str(ds.root), "ok": True, "version": ds.version, "episodes": ds.num_episodes, "frames": ds.num_frames,
+         "video_files_checked": len({v[0] for rec in ds._records.values() for v in rec.videos.values()})}
+    _emit(args, r, lambda r: f"{r['path']}: OK ({r['version']}, {r['episodes']} episodes, {r['frames']} frames, "
+                             f"{r['video_files_checked']} video files)")
     return r
 
 
@@ -346,12 +364,34 @@ def _serve_token(args: argparse.Namespace) -> str | None:
 
     from .serve.server import TOKEN_ENV
 
+    from .config import ConfigError
+
+    # an empty token is an error, never "no authentication": leave the option out to serve without one
     if getattr(args, "token_file", None):
-        return Path(args.token_file).read_text().strip() or None
-    return getattr(args, "token", None) or os.environ.get(TOKEN_ENV) or None
+        try:
+            token = Path(args.token_file).read_text().strip()
+        except OSError as e:
+            raise ConfigError(f"--token-file {args.token_file}: cannot read it ({e})") from e
+        if not token:
+            raise ConfigError(f"--token-file {args.token_file}: the file is empty; write the token into it, or "
+                              "leave --token-file out to serve without authentication")
+        return token
+    if getattr(args, "token", None) is not None:
+        if not args.token.strip():
+            raise ConfigError("--token is empty; give a non-empty token, or leave --token out to serve without "
+                              "authentication")
+        return args.token.strip()
+    if TOKEN_ENV in os.environ:
+        if not os.environ[TOKEN_ENV].strip():
+            raise ConfigError(f"${TOKEN_ENV} is set but empty; set it to a non-empty token, or unset it to serve "
+                              "without authentication")
+        return os.environ[TOKEN_ENV].strip()
+    return None
 
 
 def register_serve(sub: argparse._SubParsersAction) -> None:
+    from .serve.server import DEFAULT_EVICT_IDLE_AFTER, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CLIENTS_PER_HOST
+
     p = sub.add_parser("serve", help="websocket policy server (msgpack + numpy, openpi-client compatible)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="run folder, its checkpoints/ folder or one checkpoint folder")
@@ -367,6 +407,18 @@ def register_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--token-file", default=None, help="read the token from this file")
     p.add_argument("--max-message-mb", type=float, default=16.0, help="largest accepted observation message")
     p.add_argument("--max-clients", type=int, default=64)
+    p.add_argument("--max-clients-per-host", type=int, default=DEFAULT_MAX_CLIENTS_PER_HOST,
+                   help="connections one client address may hold (default %(default)s; 0 = no limit)")
+    p.add_argument("--idle-timeout", type=float, default=DEFAULT_IDLE_TIMEOUT,
+                   help="close a connection that sends no complete message (or reads no reply) for this many "
+                        "seconds (default %(default)s; 0 = never)")
+    p.add_argument("--evict-idle-after", type=float, default=DEFAULT_EVICT_IDLE_AFTER,
+                   help="when all --max-clients slots are taken, a new client takes the slot of a connection "
+                        "idle at least this many seconds (default %(default)s; 0 = never evict)")
+    p.add_argument("--skip-weight-hash", action="store_true",
+                   help="do not verify the checkpoint's weight files against their recorded content hashes "
+                        "(faster start for very large checkpoints; size and header checks remain, and the "
+                        "metadata's weights_fingerprint is then a cheap one: size, first and last MiB)")
     p.add_argument("--seed", type=int, default=0, help="noise seed of every policy call (deterministic replies)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--port-file", default=None, help="write the bound port here once listening")
@@ -399,7 +451,8 @@ def _serve(args):
             dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, None: None}[args.dtype]
             _log(f"loading {args.checkpoint} on {args.device} ...")
             policy, extra = load_served_policy(args.checkpoint, backbone=args.backbone, device=args.device,
-                                               video_dtype=dtype, seed=args.seed)
+                                               video_dtype=dtype, seed=args.seed,
+                                               verify_hashes=not args.skip_weight_hash)
         else:
             overrides = args.overrides or list(TINY_SERVE_OVERRIDES)
             _log(f"building a random-weight {args.preset} model for {args.random_weights} ...")
@@ -407,7 +460,9 @@ def _serve(args):
                                    device=args.device)
             extra = {"model_version": f"random-weights/{args.preset}/{args.random_weights}", "device": args.device}
         server = PolicyServer(policy, args.host, args.port, token=token, max_size=int(args.max_message_mb * 2**20),
-                              max_clients=args.max_clients, metadata=extra)
+                              max_clients=args.max_clients, metadata=extra,
+                              max_clients_per_host=args.max_clients_per_host or None,
+                              idle_timeout=args.idle_timeout or None, evict_idle_after=args.evict_idle_after or None)
     except (CheckpointError, ProcessorError, FileNotFoundError) as e:
         raise ConfigError(str(e)) from e
     server.serve_forever(port_file=args.port_file)
@@ -530,6 +585,10 @@ def register_bench_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--threads", type=int, default=None, help="server torch threads")
     p.add_argument("--in-process", action="store_true", help="server on a thread of this process")
+    p.add_argument("--fuzz", type=int, default=0, metavar="N",
+                   help="attack the server with N seeded hostile messages instead of the latency runs; report "
+                        "crashes, hangs, server memory growth, ping latency and valid replies during the attack")
+    p.add_argument("--fuzz-seed", type=int, default=0)
     p.add_argument("--out", default=None, help="also write the JSON result here")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_bench_serve)
@@ -541,10 +600,13 @@ def _bench_serve(args):
     _import_envs()
     r = bench_serve(checkpoint=args.checkpoint, backbone=args.backbone, device=args.device, clients=args.clients,
                     requests=args.requests, warmup=args.warmup, in_process=args.in_process, schema=args.schema,
-                    preset=args.preset, overrides=args.overrides, threads=args.threads, progress=_log)
+                    preset=args.preset, overrides=args.overrides, threads=args.threads, fuzz=args.fuzz,
+                    fuzz_seed=args.fuzz_seed, progress=_log)
     write_result(args.out, r)
 
     def human(r):
+        if "fuzz" in r:
+            return "\n".join(f"{k}: {v}" for k, v in r["summary"].items())
         return "\n".join(f"{x['clients']} client(s): p50 {x['latency_ms']['p50']:.1f} ms, p99 {x['latency_ms']['p99']:.1f} ms,"
                          f" {x['throughput_rps']:.1f} replies/s, server inference p50 {x['server_infer_ms_p50']:.1f} ms,"
                          f" errors {x['errors']}" for x in r["runs"])
@@ -729,7 +791,7 @@ def _eval_toy(args):
     from .policy import Policy
     from .train.checkpoint import load_policy
 
-    model, processor, _ = load_policy(args.checkpoint, args.device)
+    model, processor, _ = load_policy(args.checkpoint, args.device, require_processor=True)
     r = evaluate(Policy(model, processor), args.episodes, replan_every=args.replan_every, seed=args.seed,
                  record=4 if args.out else 0, progress=progress_bar(args.episodes * 2, "eval toy"))
     videos = r.pop("videos")

@@ -13,6 +13,12 @@ well-formed random one for the server's protocol (:func:`dummy_observation`).
 The server computes one request at a time (one inference worker; the model is not re-entrant),
 so with 8 clients latency grows about 8x while throughput stays at ~1 / inference time: the
 numbers show what queueing costs, and that the event loop adds little on top.
+
+With ``fuzz=N`` the same server is attacked instead (:func:`dit4dit.bench.fuzz.run_fuzz`: N seeded
+hostile messages on one connection while a watcher pings and a valid client checks its replies);
+the result reports crashes, hangs, the server's memory (resident set of the server process:
+start, peak, end), the ping round trip before and during the attack, the valid client's
+latency and whether its replies stayed identical, and how much the server's log grew.
 """
 
 from __future__ import annotations
@@ -132,11 +138,13 @@ def bench_serve(*, checkpoint: str | None = None, backbone: str | None = None, d
                 clients: Sequence[int] = (1, 8), requests: int = 50, warmup: int = 2, in_process: bool = False,
                 schema: str = "toy_reach", preset: str = "tiny", overrides: Sequence[str] = (),
                 threads: int | None = None, policy: Any = None, startup_timeout: float = 300.0,
+                fuzz: int = 0, fuzz_seed: int = 0,
                 progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Benchmark the server; returns the JSON result. ``policy``: serve this object in-process."""
     from ..serve.server import TINY_SERVE_OVERRIDES, PolicyServer, random_policy
 
     log = progress or (lambda _m: None)
+    load_start = _loadavg()
     overrides = list(overrides) if overrides else list(TINY_SERVE_OVERRIDES)
     proc = None
     st = None
@@ -172,6 +180,19 @@ def bench_serve(*, checkpoint: str | None = None, backbone: str | None = None, d
         with WebsocketClientPolicy("127.0.0.1", port, timeout=120) as c:
             meta = c.get_server_metadata()
         runs = []
+        fuzz_result = None
+        if fuzz:
+            from .fuzz import run_fuzz
+
+            log(f"fuzzing with {fuzz} hostile messages (seed {fuzz_seed}) ...")
+            pid = proc.pid if proc is not None else os.getpid()
+            log_bytes0 = (tmp / "server.log").stat().st_size if tmp is not None else None
+            fuzz_result = run_fuzz("127.0.0.1", port, fuzz, seed=fuzz_seed, rss=lambda: _rss_bytes(pid),
+                                   hwm=lambda: _rss_bytes(pid, "VmHWM:"), progress=log)
+            if tmp is not None:
+                fuzz_result["server_log_bytes"] = {"before": log_bytes0, "after": (tmp / "server.log").stat().st_size}
+            fuzz_result["server_alive"] = proc.poll() is None if proc is not None else True
+            clients = ()
         for n in clients:
             log(f"{n} client(s) x {requests} requests ...")
             r = run_load("127.0.0.1", port, n, requests, warmup=warmup)
@@ -190,7 +211,7 @@ def bench_serve(*, checkpoint: str | None = None, backbone: str | None = None, d
                 proc.wait(10)
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
-    return {
+    result = {
         "benchmark": "serve",
         "server": mode,
         "transport": "websocket over loopback (127.0.0.1), msgpack-numpy, no compression",
@@ -202,9 +223,42 @@ def bench_serve(*, checkpoint: str | None = None, backbone: str | None = None, d
         "observation": {k: (list(np.shape(v)) if not isinstance(v, str) else "str")
                         for k, v in dummy_observation(meta).items()},
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0],
-                    "server_threads": threads},
+                    "server_threads": threads, "load_average_1m": {"start": load_start, "end": _loadavg()}},
         "runs": runs,
         "summary": {f"{r['clients']}_clients": {"p50_ms": r["latency_ms"]["p50"], "p99_ms": r["latency_ms"]["p99"],
                                                 "throughput_rps": r["throughput_rps"], "errors": r["errors"]}
                     for r in runs},
     }
+    if fuzz_result is not None:
+        result["benchmark"] = "serve-fuzz"
+        result["fuzz"] = fuzz_result
+        rss = fuzz_result.get("server_rss_mb") or {}
+        result["summary"] = {"cases": fuzz_result["cases"], "crashes": fuzz_result["crashes"],
+                             "hangs": fuzz_result["hangs"], "internal_errors": fuzz_result["internal_errors"],
+                             "server_rss_growth_peak_mb": rss.get("growth_peak"),
+                             "server_rss_growth_end_mb": rss.get("growth_end"),
+                             "server_rss_growth_hwm_mb": rss.get("growth_hwm"),
+                             "ping_p99_ms": fuzz_result["ping_ms"]["p99"],
+                             "ping_p99_ms_before": fuzz_result["ping_ms_before"]["p99"],
+                             "valid_replies_unchanged": fuzz_result["valid_replies_unchanged"],
+                             "server_alive": fuzz_result["server_alive"]}
+    return result
+
+
+def _loadavg() -> float | None:
+    """The 1-minute load average (other jobs sharing the machine inflate latencies), None if unknown."""
+    try:
+        return float(os.getloadavg()[0])
+    except (OSError, AttributeError):
+        return None
+
+
+def _rss_bytes(pid: int, field: str = "VmRSS:") -> int | None:
+    """Resident set size (``VmRSS:``) or its peak (``VmHWM:``) of a process (Linux /proc), None elsewhere."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None

@@ -25,8 +25,9 @@ the builder recovers it from the processor's output and checks, frame by frame, 
 it back (:func:`to_unit_float`, the same operations as the processor) gives bit-identical floats,
 so a sample read from the cache equals the sample decoded from the videos exactly.
 
-Staleness: ``index.json`` records a fingerprint of the dataset (content of ``meta/info.json`` and
-of the episode metadata, names and sizes of the data and video files) and of the image settings
+Staleness: ``index.json`` records a fingerprint of the dataset (the content of ``meta/info.json``,
+of the episode metadata and of every data, video and image file: a file rewritten in place at the
+same size changes it; hashing reads the dataset once per open, about 1 s per GB) and of the image settings
 (cameras, flips, layout, resolution, resize method, torch version). A cache whose fingerprints
 differ from the dataset/processor in use is never used: :func:`build_frame_cache` rebuilds it,
 :func:`open_frame_cache` (what :class:`~dit4dit.data.samples.TrainingSamples` calls) raises
@@ -123,10 +124,10 @@ def _digest(obj: Any) -> str:
 
 
 def dataset_fingerprint(root: str | Path) -> str:
-    """sha256 over the content of ``meta/info.json`` and the episode metadata (v3.0
-    ``meta/episodes/**``, v2.x ``meta/episodes.jsonl``), plus the relative path and size of every
-    data and video file. Cheap (no video is read) and changes whenever episodes, their lengths,
-    their placement in files or the files themselves are rewritten."""
+    """sha256 over the content of ``meta/info.json``, the episode metadata (v3.0
+    ``meta/episodes/**``, v2.x ``meta/episodes.jsonl``) and every data, video and image file
+    (with its relative path). Changes whenever episodes, their lengths, their placement in files or
+    the bytes of any file change, even a file corrupted in place at the same size and time."""
     root = Path(root)
     h = hashlib.sha256()
     meta = root / "meta"
@@ -141,11 +142,15 @@ def dataset_fingerprint(root: str | Path) -> str:
         with open(p, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
-    for sub in ("data", "videos"):
+    for sub in ("data", "videos", "images"):
         d = root / sub
         if d.is_dir():
             for p in sorted(q for q in d.rglob("*") if q.is_file()):
-                h.update(f"size:{p.relative_to(root).as_posix()}:{p.stat().st_size}\n".encode())
+                fh = hashlib.sha256()
+                with open(p, "rb") as f:
+                    for block in iter(lambda: f.read(1 << 22), b""):
+                        fh.update(block)
+                h.update(f"content:{p.relative_to(root).as_posix()}:{p.stat().st_size}:{fh.hexdigest()}\n".encode())
     return h.hexdigest()
 
 
@@ -350,7 +355,8 @@ def _mismatch(want: Mapping[str, Any], have: Mapping[str, Any]) -> list[str]:
     return [f"{k}: cache {have.get(k)!r}, now {want.get(k)!r}" for k in keys if want.get(k) != have.get(k)]
 
 
-def open_frame_cache(path: str | Path, dataset: Any = None, processor: Any = None) -> FrameCache:
+def open_frame_cache(path: str | Path, dataset: Any = None, processor: Any = None, *,
+                     dataset_fp: str | None = None) -> FrameCache:
     """Open a complete cache directory (or its ``index.json``) and, when ``dataset`` /
     ``processor`` are given, check that it was built from this dataset with these image
     settings; anything else raises :class:`FrameCacheError`."""
@@ -372,7 +378,7 @@ def open_frame_cache(path: str | Path, dataset: Any = None, processor: Any = Non
     cache = FrameCache(directory, index)
     if dataset is not None:
         ds = _open_dataset(dataset)
-        fp = dataset_fingerprint(ds.root)
+        fp = dataset_fp or dataset_fingerprint(ds.root)
         if fp != index.get("dataset_fingerprint"):
             raise FrameCacheError(f"{directory}: stale frame cache: the dataset {ds.root} changed since the cache "
                                   f"was built (from {index.get('dataset')}); {rebuild}")
@@ -480,7 +486,7 @@ def build_frame_cache(dataset_path: Any, processor: Any, out_dir: str | Path | N
 
     if not force:
         try:
-            cache = open_frame_cache(out, ds, proc)
+            cache = open_frame_cache(out, ds, proc, dataset_fp=dataset_fp)
             if cache.fingerprint == fp:
                 return out
         except FrameCacheError:

@@ -320,6 +320,21 @@ class LeRobotDataset:
             self._validate_videos()
         self.num_episodes = len(self.episodes)
         self.num_frames = sum(e.length for e in self.episodes)
+        self._check_totals(info_path)
+
+    def _check_totals(self, info_path: Path) -> None:
+        """``info.json``'s ``total_frames`` / ``total_episodes`` against the episodes actually found."""
+        for key, have in (("total_frames", self.num_frames), ("total_episodes", self.num_episodes)):
+            want = self.info.get(key)
+            if want is None:
+                continue
+            try:
+                want_i = int(want)
+            except (TypeError, ValueError):
+                raise DatasetError(f"{info_path}: {key} must be an integer, got {str(want)[:40]!r}") from None
+            if want_i != have:
+                raise DatasetError(f"{info_path}: {key} is {want_i} but the episode metadata and data files hold "
+                                   f"{have}")
 
     # -- runtime state (not pickled) -------------------------------------------------------
     def _init_runtime(self) -> None:
@@ -575,6 +590,14 @@ class LeRobotDataset:
             else None
         )
         fin_cols = {k: arrow_to_numpy(t.column(k), f"{dfile}: key {k!r}") for k in finite}
+        for k, v in fin_cols.items():
+            self._check_width(dfile, ep_desc, k, tuple(v.shape[1:]))
+        for k in names:  # fixed-size vector columns: their width is in the parquet schema itself
+            ft = self.features.get(k)
+            typ = schema.field(k).type
+            if ft is None or k in fin_cols or ft["dtype"] in ("video", "image") or not pa.types.is_fixed_size_list(typ):
+                continue
+            self._check_width(dfile, ep_desc, k, (typ.list_size,))
 
         wanted = set(eps)
         present = np.unique(ep_col)
@@ -626,6 +649,21 @@ class LeRobotDataset:
             out[ep] = (rows, ts, ti)
         return out
 
+    def _check_width(self, dfile: Path, ep_desc: str, key: str, have: tuple[int, ...]) -> None:
+        """A column's per-row shape against the shape ``info.json`` declares for it."""
+        ft = self.features.get(key)
+        if ft is None or ft.get("shape") is None:
+            return
+        try:
+            want = tuple(int(x) for x in ft["shape"])
+        except (TypeError, ValueError):
+            raise DatasetError(f"{self.root / 'meta' / 'info.json'}: feature {key!r} has shape "
+                               f"{str(ft['shape'])[:60]}, not a list of integers") from None
+        squeeze = lambda s: tuple(x for x in s if x != 1)  # noqa: E731 - (2,) == (2, 1); () == (1,)
+        if squeeze(have) != squeeze(want):
+            raise DatasetError(f"{dfile}: {ep_desc}, key {key!r}: the column holds rows of shape {list(have)} but "
+                               f"meta/info.json declares shape {list(want)}")
+
     def _validate_videos(self) -> None:
         """Header-level check that every video file exists and covers its episodes' timestamps."""
         need: dict[tuple[str, Path], list[tuple[int, float, float | None]]] = OrderedDict()
@@ -634,6 +672,10 @@ class LeRobotDataset:
             for key, (vfile, from_ts) in rec.videos.items():
                 to_ts = self._metas[ep]["videos"][key][2]
                 need.setdefault((key, vfile), []).append((ep, from_ts + float(rec.timestamps[-1]), to_ts))
+                if to_ts is not None and to_ts + 0.5 / self.fps < from_ts + float(rec.timestamps[-1]):
+                    raise DatasetError(
+                        f"{vfile}: episode {ep}, key {key!r}: to_timestamp {to_ts:.4f}s ends before the episode's "
+                        f"last frame at {from_ts + float(rec.timestamps[-1]):.4f}s (from_timestamp {from_ts:.4f}s)")
         half = 0.5 / self.fps
 
         def probe(item):
@@ -651,6 +693,15 @@ class LeRobotDataset:
                 )
             if info.end is None:
                 continue
+            ep_to = max((x for x in items if x[2] is not None), key=lambda x: x[2], default=None)
+            if ep_to is not None and ep_to[2] > info.end + half + 1e-6:
+                # header says the range runs past the file: confirm with the exact frame times
+                frame_times = self._videos.get(vfile).frame_times
+                end = float(frame_times[-1]) + 1.0 / self.fps if frame_times.size else 0.0
+                if ep_to[2] > end + half + 1e-6:
+                    raise DatasetError(
+                        f"{vfile}: episode {ep_to[0]}, key {key!r}: to_timestamp {ep_to[2]:.4f}s is past the end of "
+                        f"the video ({frame_times.size} frames, last at t={end - 1.0 / self.fps:.4f}s)")
             ep, last, _ = max(items, key=lambda x: x[1])
             if last > info.end - half + 1e-6:
                 # header says too short: confirm with the exact frame index before failing

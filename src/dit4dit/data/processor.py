@@ -12,6 +12,13 @@ both call the same methods, and the processor travels with every checkpoint as
 - :meth:`Processor.unnormalize_actions`: model output -> robot actions (binary grippers snapped);
 - :meth:`Processor.observation`: one policy call's observation dict -> batch-1 model inputs,
   with clear errors for missing keys, wrong shapes/dtypes, NaN, wrong image size or channel order.
+
+Observations are checked exactly, never coerced: each state key must hold exactly as many real
+numbers as the training data's column (``state_widths``, recorded from the dataset; for older
+processors the widest slice the schema takes of the key), complex, string and object values are
+refused, images must be uint8 (T, H, W, 3) at the recorded camera size, and the prompt a (UTF-8)
+string. Each error names the key, what was expected and what was received, in a bounded summary
+(:mod:`dit4dit.data.validation`), never the raw value.
 """
 
 from __future__ import annotations
@@ -27,10 +34,12 @@ import torch.nn.functional as F
 
 from ..config import InputConfig, _from_dict as _config_from_dict
 from .normalize import NormalizationError, Normalizer
-from .schema import Camera, EmbodimentSchema, SchemaError
+from .schema import Camera, EmbodimentSchema, SchemaError, feature_width
+from .validation import describe_keys, describe_value
 
 PROCESSOR_FILE = "processor.json"
 PROMPT_KEYS = ("prompt", "instruction", "task", "language_instruction")
+MAX_PROMPT_CHARS = 4096  # longer instructions are refused (the text encoder's cost grows with the length)
 
 
 class ProcessorError(ValueError):
@@ -56,6 +65,7 @@ class Processor:
         camera_sizes: Mapping[str, Sequence[int]] | None = None,
         strict_image_size: bool = True,
         capture: Mapping[str, Any] | None = None,
+        state_widths: Mapping[str, int] | None = None,
     ) -> None:
         self.schema = schema.validate(state_dim, action_dim)
         # how the training data's frames were captured (the dataset's meta/capture.json, e.g. the
@@ -87,6 +97,18 @@ class Processor:
             cam = self._camera_for(k)
             self.camera_sizes[cam.key] = (int(v[0]), int(v[1]))
         self._action_grippers = schema.gripper_values("action")
+        # the exact width of each state key of an observation: the dataset column's (recorded by
+        # for_dataset), else the widest slice the schema takes of it
+        widths: dict[str, int] = {}
+        for p in schema.state:
+            widths[p.key] = max(widths.get(p.key, 0), int(p.stop))
+        for k, w in (state_widths or {}).items():
+            if k in widths:
+                if int(w) < widths[k]:
+                    raise ProcessorError(f"state_widths: key {k!r} has {w} values but the schema takes "
+                                         f"[..:{widths[k]}] of it")
+                widths[k] = int(w)
+        self.state_widths = widths
 
     # ------------------------------------------------------------------------------------------
     # construction helpers
@@ -150,9 +172,14 @@ class Processor:
             hw = _hw_from_feature(shape, dataset.features[c.key].get("names"))
             if hw is not None:
                 sizes[c.key] = hw
+        widths = {}
+        for p in schema.state:
+            w = feature_width(dataset.features.get(p.key, {})) if p.key in dataset.features else None
+            if w is not None:
+                widths[p.key] = w
         proc = cls(schema, normalizer, inputs, action_dim=action_dim, state_dim=state_dim,
                    action_horizon=action_horizon, camera_sizes=None, strict_image_size=strict_image_size,
-                   capture=getattr(dataset, "capture", None))
+                   capture=getattr(dataset, "capture", None), state_widths=widths)
         proc.camera_sizes = {k: v for k, v in sizes.items() if k in proc.camera_keys}
         return proc
 
@@ -170,7 +197,7 @@ class Processor:
         for cam in self.cameras:
             key = self._find_camera_key(cams, cam)
             if key is None:
-                raise ProcessorError(f"camera {cam.key!r} missing; got keys {sorted(cams)}")
+                raise ProcessorError(f"camera {cam.key!r} missing; got keys {describe_keys(cams)}")
             arr = self._check_image(cams[key], key, cam)
             if t_count is None:
                 t_count = arr.shape[0]
@@ -210,13 +237,13 @@ class Processor:
     def _check_image(self, value: Any, key: str, cam: Camera) -> np.ndarray:
         if isinstance(value, torch.Tensor):
             value = value.detach().cpu().numpy()
-        arr = np.asarray(value)
+        arr = _as_array(value, f"camera {key!r}", "uint8 RGB images (H, W, 3) or (T, H, W, 3)")
         if arr.dtype != np.uint8:
             hint = " (floats in [0, 1]? convert with (x * 255).round().astype(np.uint8))" \
                 if np.issubdtype(arr.dtype, np.floating) else ""
             raise ProcessorError(f"camera {key!r}: expected uint8 RGB images, got dtype {arr.dtype}{hint}")
         if arr.ndim not in (3, 4):
-            raise ProcessorError(f"camera {key!r}: expected (H, W, 3) or (T, H, W, 3), got shape {arr.shape}")
+            raise ProcessorError(f"camera {key!r}: expected (H, W, 3) or (T, H, W, 3), got shape {list(arr.shape)}")
         if arr.shape[-1] != 3:
             if arr.shape[-3] == 3:
                 raise ProcessorError(f"camera {key!r}: shape {arr.shape} looks channel-first; expected "
@@ -283,13 +310,13 @@ class Processor:
         else:
             if isinstance(raw, torch.Tensor):
                 raw = raw.detach().cpu().numpy()
-            vec = np.asarray(raw)
+            vec = _as_array(raw, which, "a vector of numbers")
             want = self.schema.state_dim if which == "state" else self.schema.action_dim
             if vec.shape != (want,):
                 raise ProcessorError(f"{which}: expected ({want},) values for schema {self.schema.name!r}, "
                                      f"got shape {vec.shape}")
-        if not (np.issubdtype(vec.dtype, np.number) or vec.dtype == bool):
-            raise ProcessorError(f"{which}: expected numbers, got dtype {vec.dtype}")
+        if vec.dtype.kind not in _REAL_KINDS:
+            raise ProcessorError(f"{which}: expected real numbers, got dtype {vec.dtype}")
         vec = vec.astype(np.float64)
         _check_finite(vec, which)
         return vec
@@ -310,12 +337,12 @@ class Processor:
             if key is None:
                 raise ProcessorError(
                     f"observation lacks camera {cam.key!r} (also accepted: "
-                    f"{sorted({*cam.candidates(), cam.short, cam.key.replace('.', '/')})}); got keys {sorted(map(str, obs))}"
+                    f"{sorted({*cam.candidates(), cam.short, cam.key.replace('.', '/')})}); got keys {describe_keys(obs)}"
                 )
             arr = self._check_image(obs[key], key, cam)
             if arr.shape[0] != nc:
                 raise ProcessorError(f"camera {key!r}: the model conditions on {nc} frame(s) "
-                                     f"(oldest first); got {arr.shape[0]} (shape {np.shape(obs[key])})")
+                                     f"(oldest first); got {arr.shape[0]} (shape {list(arr.shape)})")
             cams[cam.key] = arr
         video = self.images(cams)[None]
         state_src: dict[str, Any] = {}
@@ -331,19 +358,26 @@ class Processor:
             if found is None:
                 raise ProcessorError(f"observation lacks the state key {p.key!r} (or {p.key.replace('.', '/')!r}"
                                      f"{', ' + repr(list(p.aliases)) if p.aliases else ''}); got keys "
-                                     f"{sorted(map(str, obs))}")
+                                     f"{describe_keys(obs)}")
+            width = self.state_widths.get(p.key, int(p.stop))
             val = obs[found]
             if isinstance(val, torch.Tensor):
                 val = val.detach().cpu().numpy()
-            val = np.asarray(val)
+            val = _as_array(val, f"state key {found!r}", f"({width},) real numbers")
             if val.ndim == 2 and val.shape[0] == 1:
                 val = val[0]
-            if val.ndim > 1:
-                raise ProcessorError(f"state key {found!r}: expected a 1-D vector, got shape {val.shape}")
-            if not (np.issubdtype(val.dtype, np.number) or val.dtype == bool):
-                raise ProcessorError(f"state key {found!r}: expected numbers, got dtype {val.dtype}")
-            if not np.isfinite(val.astype(np.float64)).all():
-                raise ProcessorError(f"state key {found!r} contains NaN/inf: {val.tolist()}")
+            if val.ndim == 0 and width == 1:
+                val = val[None]
+            if val.ndim != 1 or val.shape[0] != width:
+                raise ProcessorError(f"state key {found!r}: expected a 1-D vector of {width} values (shape ({width},)), got "
+                                     f"{describe_value(val)}")
+            if val.dtype.kind not in _REAL_KINDS:
+                raise ProcessorError(f"state key {found!r}: expected real numbers (bool, int or float), got dtype "
+                                     f"{val.dtype}")
+            bad = ~np.isfinite(val.astype(np.float64))
+            if bad.any():
+                raise ProcessorError(f"state key {found!r} contains {int(bad.sum())} NaN/inf value(s) (first at index "
+                                     f"{int(np.flatnonzero(bad)[0])}) in {describe_value(val)}")
             state_src[p.key] = val
         state, mask = self.state(state_src)
         instruction = None
@@ -353,13 +387,20 @@ class Processor:
                 break
         if instruction is None:
             raise ProcessorError(f"observation lacks the instruction: give one of {list(PROMPT_KEYS)}; "
-                                 f"got keys {sorted(map(str, obs))}")
-        if isinstance(instruction, bytes):
-            instruction = instruction.decode("utf-8")
+                                 f"got keys {describe_keys(obs)}")
         if isinstance(instruction, np.ndarray) and instruction.ndim == 0:
             instruction = instruction.item()
+        if isinstance(instruction, (bytes, bytearray)):
+            try:
+                instruction = bytes(instruction).decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ProcessorError(f"instruction {k!r}: expected a UTF-8 string, got {len(instruction)} bytes that "
+                                     f"are not valid UTF-8 (at byte {e.start})") from None
         if not isinstance(instruction, str):
-            raise ProcessorError(f"instruction must be a string, got {type(instruction).__name__}")
+            raise ProcessorError(f"instruction {k!r}: expected a string, got {describe_value(instruction)}")
+        if len(instruction) > MAX_PROMPT_CHARS:
+            raise ProcessorError(f"instruction {k!r}: {len(instruction)} characters, at most {MAX_PROMPT_CHARS} are "
+                                 "accepted")
         return {"video": video, "state": state[None], "state_mask": mask[None], "instruction": [instruction]}
 
     # ------------------------------------------------------------------------------------------
@@ -379,6 +420,7 @@ class Processor:
             "frame_stride": self.inputs.frame_stride,
             "fps": self.inputs.fps,
             "state_keys": [p.slice_text for p in self.schema.state],
+            "state_widths": dict(self.state_widths),
             "state_names": self.schema.state_names,
             "action_names": self.schema.action_names,
             "action_dim": self.schema.action_dim,
@@ -400,6 +442,7 @@ class Processor:
             "camera_sizes": {k: list(v) for k, v in self.camera_sizes.items()},
             "strict_image_size": self.strict_image_size,
             "capture": self.capture,
+            "state_widths": dict(self.state_widths),
         }
 
     @classmethod
@@ -413,7 +456,8 @@ class Processor:
         inputs = _config_from_dict(InputConfig, dict(d["inputs"]), "inputs")
         return cls(schema, normalizer, inputs, action_dim=d["action_dim"], state_dim=d["state_dim"],
                    action_horizon=d.get("action_horizon"), camera_sizes=d.get("camera_sizes") or {},
-                   strict_image_size=d.get("strict_image_size", True), capture=d.get("capture") or {})
+                   strict_image_size=d.get("strict_image_size", True), capture=d.get("capture") or {},
+                   state_widths=d.get("state_widths") or {})
 
     def save(self, directory: str | Path) -> Path:
         directory = Path(directory)
@@ -437,6 +481,22 @@ class Processor:
         return (f"Processor(schema={self.schema.name!r}, cameras={self.camera_keys}, image_size={self.image_size}, "
                 f"frames={self.inputs.num_cond_frames}+{self.inputs.num_future_frames}, "
                 f"stride={self.inputs.frame_stride}, mode={self.normalizer.mode!r})")
+
+
+_REAL_KINDS = frozenset("biuf")  # bool, signed / unsigned integer, float: never complex, str or object
+
+
+def _as_array(value: Any, what: str, expected: str) -> np.ndarray:
+    """``np.asarray(value)``, turning ragged or nested-object input into a :class:`ProcessorError`."""
+    try:
+        arr = np.asarray(value)
+    except (ValueError, TypeError, OverflowError) as e:
+        raise ProcessorError(f"{what}: expected {expected}, got {describe_value(value)} that is not a regular "
+                             f"array ({type(e).__name__})") from None
+    if arr.dtype == object:
+        raise ProcessorError(f"{what}: expected {expected}, got {describe_value(value)} holding mixed or nested "
+                             "values")
+    return arr
 
 
 def _check_finite(arr: np.ndarray, what: str) -> None:

@@ -206,6 +206,9 @@ def dummy_observation(metadata: Mapping[str, Any], prompt: str = "do the task", 
         m = re.fullmatch(r"(.+)\[(\d+):(\d+)\]", str(sk))
         key, stop = (m.group(1), int(m.group(3))) if m else (str(sk), 1)
         widths[key] = max(widths.get(key, 0), stop)
+    for key, width in (metadata.get("state_widths") or {}).items():  # the exact widths, when the server says
+        if key in widths:
+            widths[key] = int(width)
     for key, width in widths.items():
         obs[key] = rng.uniform(-0.5, 0.5, size=width).astype(np.float32)
     obs["prompt"] = prompt

@@ -14,17 +14,26 @@ boolean, text and byte-string dtypes are accepted (never ``object`` or structure
 could make numpy interpret attacker bytes as pointers), the dtype must be a string, the shape a
 list of non-negative integers, and the data length must match the shape exactly. Any violation
 raises :class:`WireFormatError`. Decoded arrays are writable copies.
+
+Bounds. :func:`unpackb` also bounds the *cost* of a message (:class:`DecodeLimits`): at most
+``max_array_len`` elements in one array, ``max_map_len`` entries in one map, ``max_containers``
+arrays and maps in the whole message and ``max_items`` elements and entries in all of them
+together. The counts are checked while decoding (the per-container lengths before the container
+is allocated), so a message of millions of tiny maps fails after a few thousand instead of
+building gigabytes of Python objects: the memory of one decode is at most about twice the
+message's bytes (arrays are copied out of it) plus ``max_items`` small objects.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import msgpack
 import numpy as np
 
-__all__ = ["WireFormatError", "pack_array", "unpack_array", "packb", "unpackb", "Packer"]
+__all__ = ["WireFormatError", "DecodeLimits", "pack_array", "unpack_array", "packb", "unpackb", "Packer"]
 
 # numpy dtype kinds allowed on the wire: bool, signed/unsigned int, float, complex, bytes, unicode.
 _SAFE_KINDS = frozenset("biufcSU")
@@ -33,6 +42,21 @@ _MAX_DIMS = 32
 
 class WireFormatError(ValueError):
     """A message that is not valid msgpack-numpy (the message says what is wrong)."""
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """Bounds on one decoded message (see the module docstring). The defaults leave room for
+    any observation (a few dozen maps and arrays: cameras, state vectors, a prompt, the array
+    wrappers) by two orders of magnitude."""
+
+    max_containers: int = 4096  # arrays + maps in one message
+    max_items: int = 65536  # elements of all arrays + entries of all maps
+    max_array_len: int = 4096  # elements of one array
+    max_map_len: int = 1024  # entries of one map
+
+
+DEFAULT_LIMITS = DecodeLimits()
 
 
 def pack_array(obj: Any) -> Any:
@@ -112,12 +136,33 @@ def packb(obj: Any) -> bytes:
     return msgpack.packb(obj, default=pack_array, use_bin_type=True)
 
 
-def unpackb(data: bytes) -> Any:
-    """Deserialise one message; raises :class:`WireFormatError` on anything malformed."""
+def unpackb(data: bytes, limits: DecodeLimits | None = None) -> Any:
+    """Deserialise one message; raises :class:`WireFormatError` on anything malformed or over
+    ``limits`` (default :data:`DEFAULT_LIMITS`)."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise WireFormatError(f"expected a binary message, got {type(data).__name__}")
+    lim = limits or DEFAULT_LIMITS
+    counts = [0, 0]  # containers, items
+
+    def count(n: int) -> None:
+        counts[0] += 1
+        counts[1] += n
+        if counts[0] > lim.max_containers:
+            raise WireFormatError(f"the message holds more than {lim.max_containers} arrays and maps")
+        if counts[1] > lim.max_items:
+            raise WireFormatError(f"the message's arrays and maps hold more than {lim.max_items} elements in all")
+
+    def object_hook(obj: dict) -> Any:
+        count(len(obj))
+        return unpack_array(obj)
+
+    def list_hook(obj: list) -> list:
+        count(len(obj))
+        return obj
+
     try:
-        return msgpack.unpackb(data, object_hook=unpack_array, raw=False)
+        return msgpack.unpackb(data, object_hook=object_hook, list_hook=list_hook, raw=False,
+                               max_array_len=lim.max_array_len, max_map_len=lim.max_map_len, max_ext_len=0)
     except WireFormatError:
         raise
     except (msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, ValueError, TypeError, UnicodeDecodeError,

@@ -20,9 +20,21 @@ NaN/inf: never sent to a robot), ``inference_failed`` (anything else; the traceb
 the server log). A message over ``max_size`` bytes makes websockets close *that* connection
 with code 1009 ("message too big", the reason names the limit) before the bytes are buffered.
 
-Inference runs on one worker thread (the model is not re-entrant), so the event loop keeps
-answering pings, health checks and other clients while a request is computed; concurrent
-requests queue in arrival order. ``GET /healthz`` answers ``200 OK`` (no token needed). With a
+Inference runs on one worker thread (the model is not re-entrant), and decoding runs on a small
+pool of other threads (bounded by :class:`~dit4dit.serve.msgpack_numpy.DecodeLimits`: container
+counts and lengths, so one message costs at most about twice its bytes), so the event loop keeps
+answering pings, health checks and other clients while a request is decoded or computed, whatever
+arrives; concurrent requests queue in arrival order. Error messages and log lines are bounded
+(:data:`~dit4dit.data.validation.MAX_ERROR_CHARS`): they summarise a bad input (shape, dtype,
+size, a few entries), never echo it.
+
+Idle and slow clients. A connection that sends no complete message for ``idle_timeout`` seconds
+(a client that is idle, or one that sends its message too slowly) is closed with code 1001; a
+reply the client does not read within ``idle_timeout`` closes it too. When all ``max_clients``
+slots are taken, a new client takes the slot of the connection idle the longest, if that one has
+been idle for at least ``evict_idle_after`` seconds (it is closed with code 1013, "try again
+later"); otherwise the upgrade gets 503. One address may hold at most ``max_clients_per_host``
+connections (503 beyond). ``GET /healthz`` answers ``200 OK`` (no token needed). With a
 token, the websocket upgrade needs ``Authorization: Bearer <token>`` (``Api-Key <token>``, what
 openpi-client sends, is accepted too) or ``?token=<token>``; anything else gets HTTP 401 before
 the upgrade. Nothing here uses pickle.
@@ -41,6 +53,7 @@ import logging
 import os
 import threading
 import time
+import traceback
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -49,13 +62,19 @@ from urllib.parse import parse_qs, urlsplit
 import numpy as np
 
 from .. import __version__
-from .msgpack_numpy import WireFormatError, packb, unpackb
+from ..data.validation import MAX_ERROR_CHARS, clip_text
+from .msgpack_numpy import DecodeLimits, WireFormatError, packb, unpackb
 
 log = logging.getLogger("dit4dit.serve")
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
 DEFAULT_MAX_SIZE = 16 * 2**20  # bytes per incoming message
+DEFAULT_IDLE_TIMEOUT = 600.0  # seconds without a complete message before a connection is closed
+DEFAULT_EVICT_IDLE_AFTER = 10.0  # when full: a connection idle this long gives its slot to a new client
+DEFAULT_MAX_CLIENTS_PER_HOST = 16
+MIN_TOKEN_CHARS = 16  # shorter tokens are accepted with a warning
+DECODE_WORKERS = 2
 HEALTH_PATH = "/healthz"
 PROTOCOL_VERSION = 1
 WIRE_FORMAT = "openpi-msgpack-numpy"
@@ -77,14 +96,41 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _peer_host(connection: Any) -> str:
+    addr = getattr(connection, "remote_address", None)
+    if isinstance(addr, (tuple, list)) and addr:
+        return str(addr[0])
+    return str(addr)
+
+
 def _jsonable(obj: Any) -> Any:
     """Plain msgpack/JSON values only (tuples -> lists, numpy -> Python)."""
     return json.loads(json.dumps(obj, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
 
 
 def error_payload(kind: str, message: str, request: int | None = None) -> str:
-    """The JSON text of an error frame."""
-    return json.dumps({"error": {"type": kind, "message": message, "request": request}})
+    """The JSON text of an error frame (the message cut to :data:`MAX_ERROR_CHARS`)."""
+    return json.dumps({"error": {"type": kind, "message": clip_text(message, MAX_ERROR_CHARS), "request": request}})
+
+
+class _Conn:
+    """One open connection: its websocket, peer host and when it last completed a request."""
+
+    __slots__ = ("ws", "host", "last_active", "busy", "evicted")
+
+    def __init__(self, ws: Any, host: str) -> None:
+        self.ws = ws
+        self.host = host
+        self.last_active = time.monotonic()
+        self.busy = False
+        self.evicted = False
+
+
+class _BadRequest(Exception):
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
 
 
 # --------------------------------------------------------------------------------------------
@@ -126,9 +172,14 @@ def _observation_keys(meta: Mapping[str, Any]) -> list[str]:
     return keys
 
 
-def weights_fingerprint(path: str | os.PathLike) -> str:
-    """A cheap identity of a safetensors file: sha256 of its header, first and last MiB and size."""
+def weights_fingerprint(path: str | os.PathLike, full: bool = True) -> str:
+    """The identity of a weight file: the first 16 hex digits of the sha256 of its content
+    (``full=False``: a cheap stand-in, the sha256 of its size, first and last MiB)."""
     p = Path(path)
+    if full:
+        from ..train.checkpoint import file_sha256
+
+        return file_sha256(p)[:16]
     h = hashlib.sha256()
     size = p.stat().st_size
     h.update(str(size).encode())
@@ -149,16 +200,25 @@ class PolicyServer:
     """Serve ``policy`` (anything with ``infer(obs) -> {"actions": ...}`` and ``metadata()``).
 
     ``port=0`` picks a free port (read it from :attr:`port` once started). ``token``: shared
-    secret for the upgrade (None = no authentication). ``max_size``: largest accepted incoming
-    message in bytes. ``max_clients``: concurrent connections beyond which upgrades get 503.
+    secret for the upgrade (None = no authentication; an empty string is refused). ``max_size``:
+    largest accepted incoming message in bytes. ``max_clients``: concurrent connections beyond
+    which upgrades get 503 (after evicting a connection idle for ``evict_idle_after`` seconds, if
+    any). ``max_clients_per_host``: connections one peer address may hold. ``idle_timeout``:
+    seconds a connection may go without sending a complete message (or without reading a reply)
+    before it is closed (None: never). ``decode_limits``: bounds on one decoded message.
     """
 
     def __init__(self, policy: Any, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *,
                  token: str | None = None, max_size: int | None = DEFAULT_MAX_SIZE, max_clients: int = 64,
                  metadata: Mapping[str, Any] | None = None, ping_interval: float | None = 20.0,
-                 ping_timeout: float | None = 20.0, check_finite: bool = True) -> None:
-        if token is not None and not token:
-            raise ValueError("token must be a non-empty string (or None for no authentication)")
+                 ping_timeout: float | None = 20.0, check_finite: bool = True,
+                 idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
+                 evict_idle_after: float | None = DEFAULT_EVICT_IDLE_AFTER,
+                 max_clients_per_host: int | None = DEFAULT_MAX_CLIENTS_PER_HOST,
+                 decode_limits: DecodeLimits | None = None) -> None:
+        if token is not None and (not isinstance(token, str) or not token.strip()):
+            raise ValueError("the token is empty: give a non-empty secret, or no token at all (None) to serve "
+                             "without authentication")
         self.policy = policy
         self.host = host
         self.port = int(port)
@@ -168,21 +228,32 @@ class PolicyServer:
         self.ping_interval = ping_interval
         self.ping_timeout = ping_timeout
         self.check_finite = check_finite
+        self.idle_timeout = idle_timeout
+        self.evict_idle_after = evict_idle_after
+        self.max_clients_per_host = max_clients_per_host
+        self.decode_limits = decode_limits or DecodeLimits()
+        self._conns: dict[int, _Conn] = {}
         # imported here, not in the handler: a first import (torch) must never stall the event loop
         from ..data.processor import ProcessorError
 
         self._processor_error = ProcessorError
         self.metadata = policy_metadata(policy, metadata, max_size=max_size, auth=token is not None)
+        self.metadata["idle_timeout_s"] = idle_timeout
         self._metadata_bytes = packb(self.metadata)
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._decoder: concurrent.futures.ThreadPoolExecutor | None = None
         self._ids = itertools.count(1)
         self.active_clients = 0
-        self.stats = {"connections": 0, "requests": 0, "errors": 0, "rejected_upgrades": 0}
+        self.stats = {"connections": 0, "requests": 0, "errors": 0, "rejected_upgrades": 0, "idle_closed": 0,
+                      "evicted": 0}
         self._stop: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         if not _is_loopback(host) and token is None:
             log.warning("serving on %s without a token: anyone who can reach this port can drive the robot "
                         "(set --token or %s)", host, TOKEN_ENV)
+        if token is not None and len(token) < MIN_TOKEN_CHARS:
+            log.warning("the token is only %d characters long; use at least %d random characters (e.g. "
+                        "`python -c 'import secrets; print(secrets.token_urlsafe(24))'`)", len(token), MIN_TOKEN_CHARS)
 
     # ---------------------------------------------------------------------------- HTTP side
     def _authorized(self, request: Any) -> bool:
@@ -209,11 +280,37 @@ class PolicyServer:
                                       "401 Unauthorized: send 'Authorization: Bearer <token>' or ?token=<token>\n")
             resp.headers["WWW-Authenticate"] = 'Bearer realm="dit4dit"'
             return resp
-        if self.active_clients >= self.max_clients:
+        peer = _peer_host(connection)
+        if self.max_clients_per_host is not None and \
+                sum(1 for c in self._conns.values() if c.host == peer) >= self.max_clients_per_host:
+            self.stats["rejected_upgrades"] += 1
+            log.warning("rejected connection from %s: it already holds %d connections", peer,
+                        self.max_clients_per_host)
+            return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, f"503: this address already holds "
+                                      f"{self.max_clients_per_host} connections\n")
+        if len(self._conns) >= self.max_clients and not self._evict_idlest():
             self.stats["rejected_upgrades"] += 1
             return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE,
                                       f"503: the server already has {self.max_clients} clients\n")
         return None
+
+    def _evict_idlest(self) -> bool:
+        """Close the connection idle the longest, if idle for ``evict_idle_after`` s; True if one was."""
+        if self.evict_idle_after is None:
+            return False
+        now = time.monotonic()
+        idle = [(now - c.last_active, cid, c) for cid, c in self._conns.items() if not c.busy and not c.evicted]
+        if not idle:
+            return False
+        age, cid, conn = max(idle, key=lambda x: x[0])
+        if age < self.evict_idle_after:
+            return False
+        conn.evicted = True
+        self._conns.pop(cid, None)
+        self.stats["evicted"] += 1
+        log.info("client %d: closed after %.0f s idle to free a slot for a new client", cid, age)
+        asyncio.ensure_future(conn.ws.close(1013, f"idle for {age:.0f} s; the slot was given to a new client"))
+        return True
 
     # ---------------------------------------------------------------------------- websocket side
     def _infer(self, obs: dict[str, Any]) -> tuple[dict[str, Any], float, float]:
@@ -231,73 +328,119 @@ class PolicyServer:
         result["actions"] = actions
         return result, t0, t1
 
+    async def _send(self, ws: Any, data: Any) -> None:
+        """Send one frame; a client that does not read it within ``idle_timeout`` is cut off."""
+        if self.idle_timeout is None:
+            await ws.send(data)
+        else:
+            await asyncio.wait_for(ws.send(data), self.idle_timeout)
+
     async def _send_error(self, ws: Any, cid: int, kind: str, message: str, request: int | None) -> None:
         self.stats["errors"] += 1
-        log.info("client %d request %s: %s: %s", cid, request, kind, message)
-        await ws.send(error_payload(kind, message, request))
+        message = clip_text(message, MAX_ERROR_CHARS)
+        log.info("client %d request %s: %s: %s", cid, request, kind, clip_text(message, 300))
+        await self._send(ws, error_payload(kind, message, request))
+
+    def _decode(self, msg: bytes) -> dict[str, Any]:
+        """Bytes -> observation dict, on a decode thread (never the event loop)."""
+        try:
+            obs = unpackb(msg, self.decode_limits)
+        except WireFormatError as e:
+            raise _BadRequest("malformed_msgpack", str(e)) from None
+        if not isinstance(obs, dict):
+            raise _BadRequest("bad_message", "the observation must be a msgpack map (dict) of key -> value, got "
+                              f"{type(obs).__name__}")
+        out = {}
+        for k, v in obs.items():
+            if isinstance(k, bytes):
+                try:
+                    k = k.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise _BadRequest("bad_message", "observation keys must be UTF-8 strings; got bytes of length "
+                                      f"{len(k)} that are not") from None
+            if not isinstance(k, str):
+                raise _BadRequest("bad_message", f"observation keys must be strings, got {type(k).__name__}")
+            out[k] = v
+        return out
 
     async def _handle(self, ws: Any) -> None:
         from websockets.exceptions import ConnectionClosed
 
         ProcessorError = self._processor_error
         cid = next(self._ids)
-        self.active_clients += 1
+        conn = _Conn(ws, _peer_host(ws))
+        self._conns[cid] = conn
+        self.active_clients = len(self._conns)
         self.stats["connections"] += 1
         log.info("client %d connected from %s (%d active)", cid, ws.remote_address, self.active_clients)
         loop = asyncio.get_running_loop()
         prev_total_ms = None
         n = 0
         try:
-            await ws.send(self._metadata_bytes)
+            await self._send(ws, self._metadata_bytes)
             while True:
-                msg = await ws.recv()
+                try:
+                    if self.idle_timeout is None:
+                        msg = await ws.recv()
+                    else:
+                        msg = await asyncio.wait_for(ws.recv(), self.idle_timeout)
+                except (asyncio.TimeoutError, TimeoutError):
+                    self.stats["idle_closed"] += 1
+                    log.info("client %d: no complete message for %.0f s; closing", cid, self.idle_timeout)
+                    await ws.close(1001, f"idle for {self.idle_timeout:.0f} s without a complete message")
+                    break
+                conn.busy = True
                 t0 = time.perf_counter()
                 n += 1
                 self.stats["requests"] += 1
-                if isinstance(msg, str):
-                    await self._send_error(ws, cid, "bad_message", "expected one binary msgpack message holding the "
-                                           "observation dict, got a text frame", n)
-                    continue
                 try:
-                    obs = unpackb(msg)
-                except WireFormatError as e:
-                    await self._send_error(ws, cid, "malformed_msgpack", str(e), n)
-                    continue
-                if not isinstance(obs, dict):
-                    await self._send_error(ws, cid, "bad_message", "the observation must be a msgpack map (dict) of "
-                                           f"key -> value, got {type(obs).__name__}", n)
-                    continue
-                try:
-                    obs = {(k.decode("utf-8") if isinstance(k, bytes) else k): v for k, v in obs.items()}
-                except UnicodeDecodeError:
-                    await self._send_error(ws, cid, "bad_message", "observation keys must be UTF-8 strings", n)
-                    continue
-                t1 = time.perf_counter()
-                try:
-                    result, ts, te = await loop.run_in_executor(self._executor, self._infer, obs)
-                except ProcessorError as e:
-                    await self._send_error(ws, cid, "bad_observation", str(e), n)
-                    continue
-                except NonFiniteActions as e:
-                    await self._send_error(ws, cid, "non_finite_actions", str(e), n)
-                    continue
-                except Exception as e:  # noqa: BLE001 - report, log, keep serving
-                    log.exception("client %d request %d: inference failed", cid, n)
-                    await self._send_error(ws, cid, "inference_failed", f"{type(e).__name__}: {e}", n)
-                    continue
-                result["server_timing"] = {
-                    "decode_ms": (t1 - t0) * 1e3,
-                    "queue_ms": (ts - t1) * 1e3,
-                    "infer_ms": (te - ts) * 1e3,
-                    "prev_total_ms": prev_total_ms,
-                }
-                try:
-                    reply = packb(result)
-                except TypeError as e:
-                    await self._send_error(ws, cid, "inference_failed", f"cannot serialise the result: {e}", n)
-                    continue
-                await ws.send(reply)
-                prev_total_ms = (time.perf_counter() - t0) * 1e3
+                    if isinstance(msg, str):
+                        await self._send_error(ws, cid, "bad_message", "expected one binary msgpack message holding "
+                                               f"the observation dict, got a text frame ({len(msg)} characters)", n)
+                        continue
+                    try:
+                        obs = await loop.run_in_executor(self._decoder, self._decode, msg)
+                    except _BadRequest as e:
+                        await self._send_error(ws, cid, e.kind, e.message, n)
+                        continue
+                    finally:
+                        del msg
+                    t1 = time.perf_counter()
+                    try:
+                        result, ts, te = await loop.run_in_executor(self._executor, self._infer, obs)
+                    except ProcessorError as e:
+                        await self._send_error(ws, cid, "bad_observation", str(e), n)
+                        continue
+                    except NonFiniteActions as e:
+                        await self._send_error(ws, cid, "non_finite_actions", str(e), n)
+                        continue
+                    except Exception as e:  # noqa: BLE001 - report, log, keep serving
+                        log.error("client %d request %d: inference failed:\n%s", cid, n,
+                                  clip_text(traceback.format_exc(), 4 * MAX_ERROR_CHARS))
+                        await self._send_error(ws, cid, "inference_failed", f"{type(e).__name__}: {e}", n)
+                        continue
+                    finally:
+                        obs = None
+                    result["server_timing"] = {
+                        "decode_ms": (t1 - t0) * 1e3,
+                        "queue_ms": (ts - t1) * 1e3,
+                        "infer_ms": (te - ts) * 1e3,
+                        "prev_total_ms": prev_total_ms,
+                    }
+                    try:
+                        reply = packb(result)
+                    except TypeError as e:
+                        await self._send_error(ws, cid, "inference_failed", f"cannot serialise the result: {e}", n)
+                        continue
+                    await self._send(ws, reply)
+                    prev_total_ms = (time.perf_counter() - t0) * 1e3
+                finally:
+                    conn.busy = False
+                    conn.last_active = time.monotonic()
+        except (asyncio.TimeoutError, TimeoutError):
+            self.stats["idle_closed"] += 1
+            log.info("client %d: did not read a reply within %s s; closing", cid, self.idle_timeout)
+            ws.transport.abort()
         except ConnectionClosed as e:
             rcvd = e.rcvd
             if rcvd is not None and rcvd.code == 1009 or (e.sent is not None and e.sent.code == 1009):
@@ -305,7 +448,8 @@ class PolicyServer:
             else:
                 log.info("client %d disconnected after %d requests", cid, n)
         finally:
-            self.active_clients -= 1
+            self._conns.pop(cid, None)
+            self.active_clients = len(self._conns)
 
     # ---------------------------------------------------------------------------- lifecycle
     async def run(self, ready: Callable[["PolicyServer"], None] | None = None,
@@ -316,10 +460,13 @@ class PolicyServer:
         self._loop = asyncio.get_running_loop()
         self._stop = stop or asyncio.Event()
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="dit4dit-infer")
+        self._decoder = concurrent.futures.ThreadPoolExecutor(max_workers=DECODE_WORKERS,
+                                                              thread_name_prefix="dit4dit-decode")
         logging.getLogger("websockets").setLevel(max(logging.getLogger("websockets").level, logging.WARNING))
         try:
             async with serve(self._handle, self.host, self.port, process_request=self._process_request,
-                             max_size=self.max_size, compression=None, ping_interval=self.ping_interval,
+                             max_size=self.max_size, max_queue=2, compression=None,
+                             ping_interval=self.ping_interval,
                              ping_timeout=self.ping_timeout, server_header=f"dit4dit/{__version__}") as srv:
                 sock = next(iter(srv.sockets))
                 self.port = int(sock.getsockname()[1])
@@ -331,6 +478,7 @@ class PolicyServer:
                 await self._stop.wait()
         finally:
             self._executor.shutdown(wait=True, cancel_futures=True)
+            self._decoder.shutdown(wait=True, cancel_futures=True)
 
     def request_stop(self) -> None:
         """Thread-safe: ask :meth:`run` to return."""
@@ -423,28 +571,36 @@ class ServerThread:
 
 
 def load_served_policy(checkpoint: str | os.PathLike, *, backbone: str | None = None, device: str = "cpu",
-                       video_dtype: Any = None, seed: int | None = 0) -> tuple[Any, dict[str, Any]]:
-    """(Policy, metadata extras) from a run or checkpoint folder."""
+                       video_dtype: Any = None, seed: int | None = 0,
+                       verify_hashes: bool = True) -> tuple[Any, dict[str, Any]]:
+    """(Policy, metadata extras) from a run or checkpoint folder. The weight files are checked
+    against their recorded content hashes unless ``verify_hashes=False``. The metadata names the
+    checkpoint relative to its run (``checkpoints/step_000300``), never by absolute path."""
     from ..policy import Policy
-    from ..train.checkpoint import EMA_FILE, MODEL_FILE, CheckpointError, load_policy, resolve_checkpoint
+    from ..train.checkpoint import EMA_FILE, MODEL_FILE, load_policy, resolve_checkpoint
 
     ck = resolve_checkpoint(checkpoint)
-    model, processor, cfg = load_policy(ck, device, backbone=backbone, video_dtype=video_dtype)
-    if processor is None:
-        raise CheckpointError(f"{ck}: no processor.json; a served checkpoint needs its processor (schema, "
-                              "normalisation statistics, input protocol)")
-    step = None
+    model, processor, cfg = load_policy(ck, device, backbone=backbone, video_dtype=video_dtype,
+                                        verify_hashes=verify_hashes, require_processor=True)
+    state: dict[str, Any] = {}
     try:
-        step = int(json.loads((ck / "trainer_state.json").read_text()).get("step"))
+        state = json.loads((ck / "trainer_state.json").read_text())
     except Exception:  # noqa: BLE001
         pass
+    step = state.get("step")
     weights = ck / EMA_FILE if (ck / EMA_FILE).is_file() else ck / MODEL_FILE
+    recorded = (state.get("hashes") or {}).get(weights.name) if isinstance(state.get("hashes"), dict) else None
+    if verify_hashes and recorded:  # verified at load: the fingerprint is the content hash itself
+        fingerprint = str(recorded).partition(":")[2][:16]
+    else:
+        fingerprint = weights_fingerprint(weights, full=verify_hashes)
+    in_run = ck.parent.name == "checkpoints"
     extra = {
-        "model_version": f"{ck.parent.parent.name}/{ck.name}" if ck.parent.name == "checkpoints" else ck.name,
-        "checkpoint": str(ck),
-        "checkpoint_step": step,
+        "model_version": f"{ck.parent.parent.name}/{ck.name}" if in_run else ck.name,
+        "checkpoint": f"checkpoints/{ck.name}" if in_run else ck.name,
+        "checkpoint_step": None if step is None else int(step),
         "weights": weights.name,
-        "weights_fingerprint": weights_fingerprint(weights),
+        "weights_fingerprint": fingerprint,
         "device": str(device),
     }
     return Policy(model, processor, seed=seed), extra

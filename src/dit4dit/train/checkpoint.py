@@ -14,7 +14,8 @@ Layout of a run folder::
           optimizer.safetensors   # AdamW moments and step counts, keyed "<weight name>/<state key>"
           optimizer.json          # parameter groups (names, hyper-parameters, weight names)
           rng.safetensors         # RNG states of every rank (torch CPU/CUDA, numpy, python, loss noise)
-          trainer_state.json      # step, epoch, data position, scheduler, file sizes, format version
+          trainer_state.json      # step, epoch, data position, scheduler, file sizes and sha256 of
+                                  #   every weight file ("hashes"), format version
           processor.json          # schema + normalisation statistics + input protocol (if any)
       metrics.jsonl  train.log  [tensorboard/]  [images/]
 
@@ -28,6 +29,14 @@ the folder is renamed into place with ``os.replace`` (atomic), then ``latest`` i
 atomically the same way, and only then are old checkpoints beyond ``keep_last`` removed. A crash
 at any point leaves the previous checkpoint and pointer intact; leftovers of an interrupted save
 are removed by the next save.
+
+Integrity: ``trainer_state.json`` records the size and the sha256 of every ``.safetensors`` file;
+:func:`load_checkpoint` checks both (a flipped bit is caught, not only a truncation) unless the
+caller asks to skip the hashes (``verify_hashes=False``, ``--skip-weight-hash``: sizes and headers
+are still checked). :func:`load_latest_intact` (what ``--resume`` uses) falls back from a damaged
+newest checkpoint to the newest intact one, with a warning. :func:`load_policy` checks the
+checkpoint's ``config.json`` against its ``processor.json`` (action horizon, input protocol, padded
+dimensions): a model and a processor that disagree are refused, not served.
 
 Reading: :func:`load_checkpoint` accepts a run folder, its ``checkpoints/`` folder or one
 checkpoint folder; :func:`load_policy` rebuilds the model (EMA weights when present) and the
@@ -86,6 +95,20 @@ RESUME_MAY_DIFFER = frozenset({
 SAVE_PAUSE_ENV = "DIT4DIT_TEST_SAVE_PAUSE"
 
 _STEP_RE = re.compile(r"^step_(\d+)$")
+
+
+HASH_CHUNK = 1 << 22
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's content (hex), read in 4 MiB blocks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(HASH_CHUNK), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 class CheckpointError(RuntimeError):
@@ -603,7 +626,9 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, config: DiT4DiTCon
             state["backbone"] = dict(backbone)
         state.update({"format": FORMAT, "version": FORMAT_VERSION, "step": int(step),
                       "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                      "files": {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}})
+                      "files": {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()},
+                      "hashes": {p.name: "sha256:" + file_sha256(p) for p in sorted(tmp.iterdir())
+                                 if p.is_file() and p.name.endswith(".safetensors")}})
         _write_json(tmp / STATE_FILE, state)  # written last: its presence marks a complete folder
         _fsync_path(tmp)
         final = root / name
@@ -676,19 +701,23 @@ class Checkpoint:
         return read_safetensors(p, "RNG states") if p.is_file() else None
 
     def processor(self) -> Any:
+        """The checkpoint's processor (None without ``processor.json``), checked against its config."""
         if not self.has_processor:
             return None
         from ..data.processor import Processor
 
         try:
-            return Processor.load(self.path)
+            proc = Processor.load(self.path)
         except Exception as e:  # noqa: BLE001
             raise CheckpointError(f"{self.path / PROCESSOR_FILE}: cannot load the processor ({e})") from e
+        check_processor_config(self.config, proc, self.path)
+        return proc
 
 
-def load_checkpoint(path: str | os.PathLike, validate: bool = True) -> Checkpoint:
+def load_checkpoint(path: str | os.PathLike, validate: bool = True, verify_hashes: bool = True) -> Checkpoint:
     """Open a checkpoint (run folder, ``checkpoints/`` folder or checkpoint folder) and check it:
-    required files present, recorded file sizes match, safetensors headers readable, config valid."""
+    required files present, recorded file sizes and content hashes match (``verify_hashes=False``
+    skips the hashes), safetensors headers readable, config valid."""
     ck = resolve_checkpoint(path)
     present = sorted(p.name for p in ck.iterdir()) if ck.is_dir() else []
     missing = [f for f in REQUIRED_FILES if not (ck / f).is_file()]
@@ -715,12 +744,95 @@ def load_checkpoint(path: str | os.PathLike, validate: bool = True) -> Checkpoin
         for fname in present:
             if fname.endswith(".safetensors"):
                 _safetensors_header(ck / fname)
+        if verify_hashes:
+            verify_file_hashes(ck, state)
     cfg_dict = _read_json(ck / CONFIG_FILE, "config")
     try:
         cfg = DiT4DiTConfig.from_dict(cfg_dict).validate()
     except (ConfigError, TypeError) as e:
         raise CheckpointError(f"{ck / CONFIG_FILE}: not a valid dit4dit config ({e})") from e
     return Checkpoint(ck, cfg, cfg_dict, state, present)
+
+
+def verify_file_hashes(ck: Path, state: Mapping[str, Any]) -> list[str]:
+    """Check every file with a recorded content hash (``trainer_state.json`` ``"hashes"``); returns
+    the names checked. Checkpoints written before hashes were recorded have none (nothing to check)."""
+    hashes = state.get("hashes") or {}
+    if not isinstance(hashes, Mapping):
+        raise CheckpointError(f"{ck / STATE_FILE}: 'hashes' must map file names to 'sha256:<hex>'")
+    checked = []
+    for fname, want in sorted(hashes.items()):
+        p = ck / str(fname)
+        if "/" in str(fname) or "\\" in str(fname) or not p.is_file():
+            raise CheckpointError(f"{p}: missing (its hash is listed in {STATE_FILE})")
+        algo, _, digest = str(want).partition(":")
+        if algo != "sha256" or not digest:
+            raise CheckpointError(f"{ck / STATE_FILE}: unsupported hash {str(want)[:80]!r} for {fname}")
+        have = file_sha256(p)
+        if have != digest:
+            raise CheckpointError(f"{p}: content hash sha256:{have[:16]}... differs from the one recorded at save "
+                                  f"time (sha256:{digest[:16]}...): the file is corrupted or was modified")
+        checked.append(str(fname))
+    return checked
+
+
+def load_latest_intact(run_dir: str | os.PathLike, verify_hashes: bool = True) -> Checkpoint:
+    """The newest checkpoint of a run that passes :func:`load_checkpoint` (what ``--resume`` uses).
+
+    A damaged newer checkpoint (truncated or corrupted weight file, unreadable JSON) is skipped
+    with a warning naming the problem. Raises :class:`CheckpointError` with a clear message when
+    the run holds no checkpoint yet (e.g. it stopped before its first save) or none is intact."""
+    run = Path(run_dir).expanduser()
+    if run.name == CHECKPOINTS_DIR:
+        run = run.parent
+    if not run.is_dir():
+        raise CheckpointError(f"{run}: no such run folder")
+    found = list_checkpoints(run)
+    if not found:
+        raise CheckpointError(f"{run}: the run holds no checkpoint yet (no {CHECKPOINTS_DIR}/step_* folder; it "
+                              f"stopped before its first save): start it again without --resume")
+    ptr = latest_checkpoint(run)
+    order = [p for _, p in reversed(found)]
+    if ptr is not None and ptr in order:  # the one `latest` names first, then older ones
+        order = [ptr] + [p for p in order if p != ptr and parse_step(p.name) < parse_step(ptr.name)]
+    problems = []
+    for cand in order:
+        try:
+            ck = load_checkpoint(cand, verify_hashes=verify_hashes)
+        except CheckpointError as e:
+            problems.append(f"{cand.name}: {e}")
+            log.warning("checkpoint %s is damaged (%s); trying the previous one", cand, e)
+            continue
+        if problems:
+            log.warning("resuming from %s, the newest intact checkpoint (skipped: %s)", ck.path,
+                        "; ".join(p.split(":", 1)[0] for p in problems))
+        return ck
+    raise CheckpointError(f"{run}: no intact checkpoint:\n  - " + "\n  - ".join(problems))
+
+
+def check_processor_config(cfg: DiT4DiTConfig, processor: Any, where: str | os.PathLike = "checkpoint") -> None:
+    """Refuse a processor that disagrees with the model config (action horizon, input protocol,
+    padded dimensions): the model would be fed or read out under another protocol than it was
+    trained with."""
+    if processor is None:
+        return
+    errs = []
+    if processor.action_horizon is not None and int(processor.action_horizon) != int(cfg.action.action_horizon):
+        errs.append(f"action_horizon: config.json {cfg.action.action_horizon}, processor.json "
+                    f"{processor.action_horizon}")
+    for name in ("action_dim", "state_dim"):
+        a, b = int(getattr(cfg.action, name)), int(getattr(processor, name))
+        if a != b:
+            errs.append(f"{name} (padded): config.json {a}, processor.json {b}")
+    pi, ci = processor.inputs, cfg.inputs
+    for name in ("image_size", "num_cond_frames", "num_future_frames", "frame_stride", "cameras", "camera_layout"):
+        a, b = getattr(ci, name), getattr(pi, name)
+        if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
+            a, b = list(a), list(b)
+        if a != b:
+            errs.append(f"inputs.{name}: config.json {a!r}, processor.json {b!r}")
+    if errs:
+        raise CheckpointError(f"{where}: config.json and processor.json disagree:\n  - " + "\n  - ".join(errs))
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -894,7 +1006,8 @@ def check_backbone(checkpoint: "Checkpoint", backbone: Any = None, require: Iter
 
 def load_policy(path: str | os.PathLike, device: str | torch.device = "cpu", *, backbone: str | None = None,
                 use_ema: bool = True, video_dtype: torch.dtype | None = None, text_cache_dir: str | None = None,
-                load_text_encoder: bool | None = None) -> tuple[nn.Module, Any, DiT4DiTConfig]:
+                load_text_encoder: bool | None = None, verify_hashes: bool = True,
+                require_processor: bool = False) -> tuple[nn.Module, Any, DiT4DiTConfig]:
     """Rebuild a trained policy from a checkpoint: ``(model in eval mode, processor or None, cfg)``.
 
     The model is built from the checkpoint's ``config.json``; frozen parts (VAE, frozen text
@@ -912,8 +1025,13 @@ def load_policy(path: str | os.PathLike, device: str | torch.device = "cpu", *, 
     from ..models.backbone import needed_components
     from ..models.dit4dit import DiT4DiT
 
-    ck = load_checkpoint(path)
+    ck = load_checkpoint(path, verify_hashes=verify_hashes)
     cfg = ck.config
+    processor = ck.processor()  # checked against the config before anything heavy is built
+    if processor is None and require_processor:
+        raise CheckpointError(f"{ck.path}: no {PROCESSOR_FILE}; this use needs the checkpoint's processor (schema, "
+                              "normalisation statistics, input protocol), which training writes into every "
+                              "checkpoint folder")
     if text_cache_dir is None:
         recorded = ck.state.get("text_cache")
         if recorded and Path(recorded).is_dir():
@@ -940,4 +1058,4 @@ def load_policy(path: str | os.PathLike, device: str | torch.device = "cpu", *, 
     load_weights(model, weights, source)
     model.to(device)
     model.eval()
-    return model, ck.processor(), cfg
+    return model, processor, cfg

@@ -697,8 +697,9 @@ class Trainer:
                                       f"resume it (--resume) or choose another output folder")
             return None
         source = self.run_dir if self.resume is True else Path(self.resume)
-        try:
-            found = ckpt.load_checkpoint(source)
+        try:  # a run folder: its newest intact checkpoint (a damaged newer one is skipped with a warning)
+            found = ckpt.load_latest_intact(source) if self.resume is True or (source / ckpt.CHECKPOINTS_DIR).is_dir() \
+                else ckpt.load_checkpoint(source)
         except ckpt.CheckpointError as e:
             raise ckpt.CheckpointError(f"cannot resume: {e}") from e
         ckpt.check_resume_config(found, self.cfg)
