@@ -68,7 +68,6 @@ def test_guidance_pulls_the_chunk_towards_the_prefix():
     guided = rtc.guided_euler_sample(_toy_velocity, noise, 5, target, w)
     err = lambda x: ((x - target)[:, :6] ** 2 * w[:6, None]).sum().item()  # noqa: E731
     assert err(guided) < 0.5 * err(plain)
-    assert torch.equal(guided[:, 6:] == plain[:, 6:], guided[:, 6:] == plain[:, 6:])  # shapes only
     assert not torch.allclose(guided[:, 6:], plain[:, 6:])  # the rest of the chunk adapts too
 
 
