@@ -248,3 +248,30 @@ def test_gl_backend_choice(monkeypatch):
         assert mw.ensure_gl_backend() == "egl"  # an explicit choice is not probed
     finally:
         mw.ensure_gl_backend.cache_clear()
+
+
+def test_evaluate_under_simulated_inference_delay():
+    sent = []
+
+    class Recording(mw.OracleExpertPolicy):
+        def infer(self, obs):
+            sent.append(sorted(obs))
+            return super().infer(obs)
+
+    base = dict(episodes=1, replan_every=4, max_steps=30)
+    sync = evaluate(Recording(horizon=8, image_size=64), TASK, execution="sync", delay=2, **base)
+    lat = sync["latency"]
+    assert lat["execution"] == "sync" and lat["delay"] == 2
+    d = sync["episodes_detail"][0]
+    # 30 steps = 5 x (2 held while waiting + 4 executed); the first chunk has no boundary before it
+    assert (d["steps"], d["hold_steps"], d["policy_calls"], lat["boundaries"]) == (30, 10, 5, 4)
+    assert lat["mean_abs_boundary_change"] > lat["mean_abs_action_change"] > 0.0
+    sent.clear()
+    r = evaluate(Recording(horizon=8, image_size=64), TASK, execution="rtc", delay=2, **base)
+    assert r["episodes_detail"][0]["hold_steps"] == 2  # only before the first chunk
+    assert "action_prefix" not in sent[0] and {"action_prefix", "inference_delay"} <= set(sent[1])
+    assert r["latency"]["mean_abs_action_change"] is not None
+    with pytest.raises(mw.MetaWorldError, match="execution"):
+        evaluate(mw.OracleExpertPolicy(), TASK, episodes=1, execution="fast")
+    with pytest.raises(mw.MetaWorldError, match="delay needs"):
+        evaluate(mw.OracleExpertPolicy(), TASK, episodes=1, delay=2)

@@ -665,6 +665,12 @@ def register_metaworld(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--record", type=int, default=1, help="videos per task (with --out)")
     p.add_argument("--video-format", default="gif", choices=["gif", "mp4"])
     p.add_argument("--threads", type=int, default=None, help="torch threads per process (default: cores / workers)")
+    p.add_argument("--execution", default=None, choices=["sync", "async", "ensemble", "rtc"],
+                   help="execute under a simulated inference delay (--delay): sync (wait for each chunk), async "
+                        "(switch to the new chunk), ensemble (temporal ensembling), rtc (real-time chunking); "
+                        "docs/serving.md. Default: the plain loop without delay")
+    p.add_argument("--delay", type=int, default=0, help="simulated inference delay in control steps (with --execution)")
+    p.add_argument("--ensemble-decay", type=float, default=0.0, help="weights exp(-k * i) of --execution ensemble")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_eval_metaworld)
 
@@ -708,7 +714,8 @@ def _eval_metaworld(args):
                      max_steps=args.max_steps, seed=args.seed, workers=args.workers,
                      record_videos=args.record if args.out else 0, out=args.out, camera=args.camera,
                      image_size=args.image_size, device=args.device, backbone=args.backbone,
-                     video_format=args.video_format, threads=args.threads, progress=progress_bar(n, "eval metaworld"))
+                     video_format=args.video_format, threads=args.threads, progress=progress_bar(n, "eval metaworld"),
+                     execution=args.execution, delay=args.delay, ensemble_decay=args.ensemble_decay)
     except (MetaWorldError, FileNotFoundError) as e:
         raise ConfigError(str(e)) from e
     r = {k: v for k, v in r.items() if k != "episodes_detail"} if not args.json else r
@@ -721,6 +728,12 @@ def _eval_metaworld(args):
             steps = f"{s['mean_steps_to_success']:.0f}" if s["mean_steps_to_success"] is not None else "-"
             lines.append(f"  {t:<28} {s['successes']:>3}/{s['episodes']:<3} {s['success_rate']:6.1%} "
                          f"[{s['ci95'][0]:.2f}, {s['ci95'][1]:.2f}] steps to success {steps}")
+        if r.get("latency"):
+            lat = r["latency"]
+            fmt = (lambda v: "-" if v is None else f"{v:.4f}")
+            lines.append(f"  execution {lat['execution']}, delay {lat['delay']}: mean |action change| "
+                         f"{fmt(lat['mean_abs_action_change'])} per step, {fmt(lat['mean_abs_boundary_change'])} at "
+                         f"{lat['boundaries']} chunk boundaries; {lat['hold_steps']} held steps")
         if args.out:
             lines.append(f"  results in {args.out}/results.md")
         return "\n".join(lines)

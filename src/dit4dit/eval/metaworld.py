@@ -110,6 +110,8 @@ def _replan(meta: dict[str, Any], replan_every: int | None) -> int | None:
 
 def run_episode(policy: Any, spec: dict[str, Any]) -> dict[str, Any]:
     """One closed-loop episode (see the module docstring); ``spec`` from :func:`_specs`."""
+    if spec.get("execution"):
+        return run_latency_episode(policy, spec)
     env = cached_env(spec["task"], spec["camera"], spec["image_size"], spec["max_steps"])
     bind = getattr(policy, "bind_env", None)
     if callable(bind):  # oracle policies only (OracleExpertPolicy)
@@ -161,6 +163,99 @@ def run_episode(policy: Any, spec: dict[str, Any]) -> dict[str, Any]:
                                   - t_env0["render_s"]) / max(1, env.steps),
         "frames": np.stack(frames) if frames is not None else None,
     }
+
+
+def run_latency_episode(policy: Any, spec: dict[str, Any]) -> dict[str, Any]:
+    """One closed-loop episode under a simulated inference delay (``spec["delay"]`` control steps)
+    with an :class:`~dit4dit.serve.executor.AsyncChunkExecutor` in mode ``spec["execution"]``.
+
+    The simulated robot never waits for the policy except in ``sync`` mode (or before the first
+    chunk arrives): a step with nothing to execute holds the arm still (zero motion, the last
+    gripper command) and counts against the step limit, as the time would on a robot. Smoothness:
+    the mean absolute change of the executed end-effector motion (the first three action
+    dimensions) from one step to the next, over the episode and at the steps where execution
+    moves to another chunk (holds included: a stop and a restart are motion changes)."""
+    from ..serve.executor import AsyncChunkExecutor
+
+    env = cached_env(spec["task"], spec["camera"], spec["image_size"], spec["max_steps"])
+    bind = getattr(policy, "bind_env", None)
+    if callable(bind):  # oracle policies only (OracleExpertPolicy)
+        bind(env)
+    old_seed = getattr(policy, "seed", None)
+    if old_seed is not None:
+        policy.seed = int(spec["policy_seed"])
+    nc, stride = int(spec["num_cond_frames"]), int(spec.get("frame_stride", 1))
+    execute = spec["replan_every"] or int(spec.get("action_horizon") or 1)
+    infer_s = 0.0
+
+    def timed(obs: dict[str, Any]) -> Any:
+        nonlocal infer_s
+        t0 = time.perf_counter()
+        try:
+            return policy.infer(obs)
+        finally:
+            infer_s += time.perf_counter() - t0
+
+    executor = AsyncChunkExecutor(timed, execute, mode=spec["execution"], delay_steps=int(spec["delay"]),
+                                  ensemble_decay=float(spec.get("ensemble_decay", 0.0)))
+    t_env0 = dict(env.timing)
+    start = time.perf_counter()
+    executed: list[np.ndarray] = []
+    boundaries: list[int] = []
+    holds = 0
+    try:
+        obs = env.reset(spec["layout"])
+        span = (nc - 1) * stride + 1
+        history = deque([obs[IMAGE_KEY]] * span, maxlen=span)
+        frames = [obs[IMAGE_KEY]] if spec["record"] else None
+        success = done = False
+        while not (success or done):
+            query = dict(obs)
+            if nc > 1:
+                query[IMAGE_KEY] = np.stack([history[span - 1 - (nc - 1 - k) * stride] for k in range(nc)])
+            action = executor.act(query)
+            if action is None:
+                holds += 1
+                a = np.zeros(4, np.float32)
+                a[3] = executed[-1][3] if executed else 0.0
+            else:
+                if action.shape[-1] < 4:
+                    raise MetaWorldError(f"the policy returned actions of shape {action.shape}; expected (4,)")
+                a = np.asarray(action[:4], np.float32)
+                if executor.last_step["switched"]:
+                    boundaries.append(len(executed))
+            executed.append(a)
+            obs, success, done = env.step(a)
+            history.append(obs[IMAGE_KEY])
+            if frames is not None:
+                frames.append(obs[IMAGE_KEY])
+    finally:
+        if old_seed is not None:
+            policy.seed = old_seed
+    acts = np.stack(executed)[:, :3].astype(np.float64)
+    change = np.abs(np.diff(acts, axis=0)).mean(axis=1) if len(acts) > 1 else np.zeros(0)
+    at_bounds = [float(change[i - 1]) for i in boundaries if i >= 1]
+    return {
+        "task": spec["task"], "episode": spec["episode"], "layout": spec["layout"], "success": bool(success),
+        "steps": env.steps, "policy_calls": executor.num_queries, "hold_steps": holds,
+        "infer_ms": 1e3 * infer_s / max(1, executor.num_queries), "wall_s": time.perf_counter() - start,
+        "env_ms_per_step": 1e3 * (env.timing["step_s"] - t_env0["step_s"] + env.timing["render_s"]
+                                  - t_env0["render_s"]) / max(1, env.steps),
+        "action_change_sum": float(change.sum()), "action_change_count": int(len(change)),
+        "boundary_change_sum": float(sum(at_bounds)), "boundary_count": len(at_bounds),
+        "frames": np.stack(frames) if frames is not None else None,
+    }
+
+
+def smoothness(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Pooled smoothness of latency episodes: mean absolute step-to-step change of the executed
+    motion over all steps and at chunk boundaries (:func:`run_latency_episode`)."""
+    n = sum(r["action_change_count"] for r in results)
+    nb = sum(r["boundary_count"] for r in results)
+    return {"mean_abs_action_change": sum(r["action_change_sum"] for r in results) / n if n else None,
+            "mean_abs_boundary_change": sum(r["boundary_change_sum"] for r in results) / nb if nb else None,
+            "boundaries": nb, "hold_steps": sum(r["hold_steps"] for r in results),
+            "steps": sum(r["steps"] for r in results)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -218,7 +313,8 @@ def episode_layouts(episodes: int, seed: int = 0, layouts: Sequence[int] | None 
 
 def _specs(tasks: list[str], *, seed: int, layouts: Sequence[int], camera: str,
            image_size: tuple[int, int], max_steps: int, replan_every: int | None, num_cond_frames: int,
-           frame_stride: int, record_videos: int) -> list[dict[str, Any]]:
+           frame_stride: int, record_videos: int, execution: str | None = None, delay: int = 0,
+           ensemble_decay: float = 0.0, action_horizon: int | None = None) -> list[dict[str, Any]]:
     specs = []
     for ti, t in enumerate(tasks):
         for e, layout in enumerate(layouts):
@@ -227,6 +323,9 @@ def _specs(tasks: list[str], *, seed: int, layouts: Sequence[int], camera: str,
                           "image_size": image_size, "max_steps": int(max_steps), "replan_every": replan_every,
                           "num_cond_frames": int(num_cond_frames), "frame_stride": int(frame_stride),
                           "record": e < record_videos})
+            if execution:
+                specs[-1].update(execution=execution, delay=int(delay), ensemble_decay=float(ensemble_decay),
+                                 action_horizon=action_horizon)
     return specs
 
 
@@ -235,7 +334,8 @@ def evaluate(policy_or_checkpoint: Any, tasks: str | Sequence[str], episodes: in
              record_videos: int = 0, out: str | Path | None = None, camera: str | None = None,
              image_size: int | Sequence[int] | None = None, device: str = "cpu", backbone: str | None = None,
              layouts: Sequence[int] | None = None, video_format: str = "gif", threads: int | None = None,
-             progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+             progress: Callable[[int, int], None] | None = None, execution: str | None = None,
+             delay: int = 0, ensemble_decay: float = 0.0) -> dict[str, Any]:
     """Success rate per task (Wilson 95% CI) of a policy on held-out MetaWorld layouts.
 
     ``policy_or_checkpoint``: an object with ``infer(obs) -> {"actions": (H, 4)}`` (run in this
@@ -244,8 +344,20 @@ def evaluate(policy_or_checkpoint: Any, tasks: str | Sequence[str], episodes: in
     ``record_videos``: the first N episodes of each task are saved as videos under ``out``.
     ``threads``: torch threads per worker process (default: cores / workers); with one process
     it is applied only when given.
+    ``execution`` (sync | async | ensemble | rtc) with ``delay`` (control steps): execution under a
+    simulated inference delay (:func:`run_latency_episode`); the result gains ``latency`` with the
+    smoothness measures. None (default): the plain loop (query, run ``replan_every`` actions).
     """
     task_list = parse_tasks(tasks)
+    if execution is not None:
+        from ..serve.executor import EXECUTION_MODES
+
+        if execution not in EXECUTION_MODES:
+            raise MetaWorldError(f"execution={execution!r} must be one of {', '.join(EXECUTION_MODES)}")
+        if delay < 0:
+            raise MetaWorldError(f"delay={delay} must be >= 0 control steps")
+    elif delay:
+        raise MetaWorldError("delay needs an execution mode (sync | async | ensemble | rtc)")
     if episodes < 1:
         raise MetaWorldError("episodes must be >= 1")
     if not 1 <= max_steps <= MAX_PATH_LENGTH:
@@ -278,7 +390,8 @@ def evaluate(policy_or_checkpoint: Any, tasks: str | Sequence[str], episodes: in
     stride = int(meta.get("frame_stride") or 1)
     specs = _specs(task_list, seed=seed, layouts=layouts, camera=camera, image_size=size,
                    max_steps=max_steps, replan_every=replan, num_cond_frames=nc, frame_stride=stride,
-                   record_videos=record_videos if out is not None else 0)
+                   record_videos=record_videos if out is not None else 0, execution=execution, delay=delay,
+                   ensemble_decay=ensemble_decay, action_horizon=meta.get("action_horizon"))
 
     start = time.perf_counter()
     results: list[dict[str, Any]] = []
@@ -337,6 +450,9 @@ def evaluate(policy_or_checkpoint: Any, tasks: str | Sequence[str], episodes: in
         "videos": videos,
         "episodes_detail": results,
     }
+    if execution is not None:
+        result["latency"] = {"execution": execution, "delay": int(delay), "ensemble_decay": float(ensemble_decay),
+                             **smoothness(results)}
     if out is not None:
         (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
         (out / "results.md").write_text(markdown_table(result))

@@ -54,6 +54,7 @@ from .codecs import LatentCodec, build_codec
 from .image_encoder import ImageEncoder
 from .text import CosmosReason1TextEncoder, EmbeddingCache, TextEncoder, build_text_encoder
 from .video_dit import VideoDiT
+from . import rtc
 
 if TYPE_CHECKING:
     from .backbone import Backbone
@@ -434,8 +435,17 @@ class DiT4DiT(nn.Module):
     @torch.no_grad()
     def predict_action(self, cond_video: torch.Tensor, state: torch.Tensor, instruction: list[str] | None = None,
                        *, text: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                       num_steps: int | None = None) -> torch.Tensor:
-        """Normalised action chunk (B, H, action_dim) from conditioning frames and state."""
+                       num_steps: int | None = None, prefix: torch.Tensor | None = None,
+                       prefix_weights: torch.Tensor | None = None,
+                       max_guidance: float = rtc.DEFAULT_MAX_GUIDANCE) -> torch.Tensor:
+        """Normalised action chunk (B, H, action_dim) from conditioning frames and state.
+
+        Real-time chunking (``dit4dit.models.rtc``): ``prefix`` (B, H, action_dim), normalised
+        actions the chunk must continue, and ``prefix_weights`` (H,) or broadcastable to the chunk
+        (the soft mask, ``rtc.prefix_weights``), guide the sampler towards the prefix; without them
+        the sampling is the plain Euler integration."""
+        if (prefix is None) != (prefix_weights is None):
+            raise ValueError("predict_action: give both `prefix` and `prefix_weights`, or neither")
         if text is None:
             if instruction is None:
                 raise ValueError("predict_action needs `instruction` or a precomputed `text` embedding")
@@ -447,6 +457,10 @@ class DiT4DiT(nn.Module):
         noise = torch.randn((b, self.cfg.action.action_horizon, self.cfg.action.action_dim), generator=generator,
                             device=feats.device)
         action_dit = self.action_dit if self._compiled_action_dit is None else self._compiled_action_dit
+        if prefix is not None:
+            return rtc.guided_euler_sample(lambda x, tau: action_dit(x, tau, state, feats), noise,
+                                           num_steps or self.cfg.num_action_steps, prefix, prefix_weights,
+                                           max_guidance)
         return flow.euler_sample(lambda x, tau: action_dit(x, tau, state, feats), noise,
                                  num_steps or self.cfg.num_action_steps)
 
