@@ -317,8 +317,9 @@ def run_settings(study: Study, cell: Cell, seed: int) -> tuple[list[DiT4DiTConfi
     settings = {"eval": study.eval_settings(), "features": study.feature_settings() if study.wants_features(cell)
                 else None, "dataset": str(Path(study.dataset).resolve())}
     if cell.init:  # the shared pretraining run the first stage starts from (a new one retrains the cell)
-        settings["pretrain"] = {"name": cell.init, "config": study.pretrain_config(cell.init).to_dict(),
-                                "dataset": str(Path(study.pretrain_dataset).resolve())}
+        settings["pretrain"] = json.loads(json.dumps({  # as stored (lists, not tuples), so equal records compare equal
+            "name": cell.init, "config": study.pretrain_config(cell.init).to_dict(),
+            "dataset": str(Path(study.pretrain_dataset).resolve())}, default=str))
     return configs, settings, _twin_key(configs, settings)
 
 
