@@ -24,7 +24,9 @@ Static-image baseline (`encoder="static_image"`, the paper's Qwen3DiT at our sca
 is replaced by `ImageEncoder`, a transformer of the same width and depth that reads the
 conditioning frame(s) and the instruction only. The features come from it; future frames are
 never encoded, there is no video loss (`loss` returns loss_action and loss) and `predict_video`
-is an error.
+is an error. Its action-free pretraining objective (`mode="image_only"`, `CurrentFrameDenoiser`):
+denoise the conditioning frame's own latents by flow matching (`loss` returns loss_image and
+loss); the future frames, state and actions are never read.
 
 Batch contract (what the data pipeline produces):
   video (B, 3, T, H, W) in [-1, 1], T = num_cond_frames + num_future_frames
