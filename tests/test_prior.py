@@ -209,6 +209,16 @@ def test_paired_bootstrap_on_synthetic_outcomes():
     d = paired_differences({0: {"a": [1, 1, 0], "b": [1]}, 1: {"a": [1]}}, {0: {"a": [0, 1], "c": [0]}, 2: {"a": [0]}})
     assert list(d) == [0] and d[0].tolist() == [1.0, 0.0]
     assert paired_bootstrap({}) is None
+    # outcomes from a MetaWorld evaluation's per-episode detail (episode order, not result order)
+    from dit4dit.analyze.prior import episode_outcomes
+    from dit4dit.analyze.runner import _normalise
+
+    mw = {"per_task": {"push-v3": {"successes": 1, "episodes": 2, "success_rate": 0.5}}, "ci95": [0, 1],
+          "episodes_detail": [{"task": "push-v3", "episode": 1, "success": True},
+                              {"task": "push-v3", "episode": 0, "success": False}]}
+    assert episode_outcomes(_normalise(mw)) == {"push-v3": [0, 1]}
+    del mw["episodes_detail"]
+    assert episode_outcomes(_normalise(mw)) is None  # no per-episode detail: no pairs
     # deterministic for a given seed
     assert paired_bootstrap(paired_differences(good, bad), resamples=500) == \
         paired_bootstrap(paired_differences(good, bad), resamples=500)
