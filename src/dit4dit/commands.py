@@ -187,7 +187,7 @@ def register_train(sub: argparse._SubParsersAction) -> None:
                                      "action-free video")
     p.add_argument("--preset", default="tiny", help=f"named config: {', '.join(preset_names())}")
     p.add_argument("--dataset", required=True,
-                   help="local LeRobot dataset folder (v2.1 or v3.0); with --set mode=video_only also a LeRobot "
+                   help="local LeRobot dataset folder (v2.1 or v3.0); with --set mode=video_only (or image_only) also a LeRobot "
                         "dataset without actions or a folder of video files (docs/training.md)")
     p.add_argument("--video-dataset", dest="video_datasets", action="append", default=[], metavar="PATH",
                    help="action-free video for the video loss (repeatable): a LeRobot dataset or a folder of "

@@ -191,6 +191,9 @@ class TrainConfig:
     # tensor (EMA weights when saved): names and shapes that match load, the rest stay fresh; a
     # data-fitted codec comes with it. Optimiser, schedule and step start fresh. Ignored when resuming.
     init_from: str | None = None
+    # Only these parts of `init_from` load (e.g. ["video_dit", "text_encoder"]: a pretrained
+    # encoder, a fresh action DiT); empty = every part. A fitted codec always loads.
+    init_parts: tuple[str, ...] = ()
     # --- action-free video (`--video-dataset`): LeRobot datasets or folders of video files ---
     # Co-training: each batch holds round(video_data_fraction * batch_size) rows of this video,
     # which feed the video loss only (never the action loss); in mode=video_only every source,
@@ -252,7 +255,9 @@ class DiT4DiTConfig:
     encoder: Literal["video_dit", "static_image"] = "video_dit"
 
     # --- losses ---
-    mode: Literal["joint", "action_only", "video_only"] = "joint"
+    # image_only: the static image encoder's pretraining objective (encoder=static_image): denoise the
+    # current frame's latents by flow matching; the future is never read (the video-prior study).
+    mode: Literal["joint", "action_only", "video_only", "image_only"] = "joint"
     lambda_video: float = 1.0
     tau_a_alpha: float = 1.5
     tau_a_beta: float = 1.0
@@ -332,8 +337,11 @@ class DiT4DiTConfig:
             errs.append("the Wan2.1 VAE has 16 latent channels; video.in_channels must be 17")
         if self.inputs.num_cond_frames < 1 or self.inputs.num_future_frames < 1:
             errs.append("inputs need at least one conditioning and one future frame")
-        if self.mode not in ("joint", "action_only", "video_only"):
-            errs.append(f"mode={self.mode!r} must be joint | action_only | video_only")
+        if self.mode not in ("joint", "action_only", "video_only", "image_only"):
+            errs.append(f"mode={self.mode!r} must be joint | action_only | video_only | image_only")
+        if self.mode == "image_only" and self.encoder != "static_image":
+            errs.append("mode=image_only pretrains the static image encoder (denoising the current frame): it "
+                        "needs encoder=static_image; the video DiT's action-free objective is mode=video_only")
         if self.feature_grad not in ("end_to_end", "detached"):
             errs.append(f"feature_grad={self.feature_grad!r} must be end_to_end | detached")
         if self.feature_pool not in ("last", "mean"):
@@ -343,7 +351,7 @@ class DiT4DiTConfig:
         if self.encoder == "static_image":
             if self.mode == "video_only":
                 errs.append("encoder=static_image has no video model: mode must be action_only (or joint, which "
-                            "then means the action loss alone)")
+                            "then means the action loss alone), or image_only to pretrain it on frames")
             if self.feature_grad != "end_to_end":
                 errs.append("encoder=static_image is trained through the action loss only: feature_grad must be "
                             "end_to_end (detached would leave the image encoder untrained)")
@@ -364,7 +372,7 @@ class DiT4DiTConfig:
         if not 0.0 < self.train.video_data_fraction < 1.0:
             errs.append(f"train.video_data_fraction={self.train.video_data_fraction} must be in (0, 1): the share "
                         f"of each batch drawn from the action-free video")
-        if self.train.video_datasets and self.mode != "video_only":
+        if self.train.video_datasets and self.mode not in ("video_only", "image_only"):
             n_free = round(self.train.video_data_fraction * self.train.batch_size)
             if not 1 <= n_free <= self.train.batch_size - 1:
                 errs.append(f"train.video_data_fraction={self.train.video_data_fraction} of train.batch_size="

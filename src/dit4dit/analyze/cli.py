@@ -23,6 +23,14 @@ examples:
   dit4dit analyze --dataset data/toy --out studies/toy --set schema=toy_reach --steps 2000 --seeds 0,1,2
   dit4dit analyze --dataset data/mw3 --out studies/mw3 --variants joint,decoupled,static_image \\
       --ablation demos --ablation tau_f --steps 4000 --episodes 20 --replan-every 4 --threads 2
+
+the video-prior study (--study prior; docs/analysis.md): one pretraining run per objective on
+--pretrain-dataset (video: the video DiT predicts the future; static: the image encoder denoises the
+current frame), shared by every cell and seed, then the arms video_prior (a), scratch (b),
+static_prior (c) at --demos demonstrations per task, decoupled (d) and cotrain (e) at --demos-de:
+  dit4dit analyze --study prior --dataset data/mw_targets --pretrain-dataset data/mw_pretrain \
+      --out studies/prior --seeds 0,1,2,3,4 --steps 4000 --pretrain-steps 4000 --episodes 20 \
+      --replan-every 4 --jobs 2 --threads 1
 Rerunning the same command skips finished runs and resumes interrupted ones; --report-only
 re-aggregates what OUT holds.
 """
@@ -39,9 +47,23 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--preset", default="tiny", help=f"base config: {', '.join(preset_names())}")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field of the base config of every cell (repeatable), e.g. --set schema=toy_reach")
-    p.add_argument("--variants", default="all", help="comma-separated variants, 'all' or 'none' (default all)")
+    p.add_argument("--variants", default=None,
+                   help="comma-separated variants, 'all' or 'none' (default all; none with --study prior)")
     p.add_argument("--ablation", action="append", default=[], metavar="NAME[=V1,V2,...]",
                    help="an ablation grid (repeatable; comma-separated names or 'all'); NAME=values sets its cells")
+    p.add_argument("--study", default="grid", choices=["grid", "prior"],
+                   help="grid: the variants and ablations; prior: the video-prior study (adds its pretraining "
+                        "runs and arms; see the epilog)")
+    p.add_argument("--pretrain-dataset", default=None,
+                   help="--study prior: the action-free pretraining video (LeRobot dataset or folder of videos)")
+    p.add_argument("--pretrain-steps", type=int, default=None,
+                   help="--study prior: steps of each pretraining run (default: --steps)")
+    p.add_argument("--arms", default="all",
+                   help="--study prior: comma-separated arms video_prior,scratch,static_prior,decoupled,cotrain "
+                        "(default all)")
+    p.add_argument("--demos", default=None, help="--study prior: demonstrations per task of arms a, b, c "
+                                                 "(default 5,10,20)")
+    p.add_argument("--demos-de", default=None, help="--study prior: demonstrations per task of arms d, e (default 10)")
     p.add_argument("--seeds", default="0", help="comma-separated training seeds (default 0)")
     p.add_argument("--steps", type=int, default=None, help="training steps per stage (default: the preset's)")
     p.add_argument("--episodes", type=int, default=10, help="closed-loop evaluation episodes per task (default 10)")
@@ -118,35 +140,85 @@ def parse_seeds(text: str) -> tuple[int, ...]:
     return seeds
 
 
+def parse_counts(text: str | None, default: tuple[int, ...], flag: str) -> tuple[int, ...]:
+    from .grid import AnalysisError
+
+    if text is None:
+        return default
+    try:
+        counts = tuple(dict.fromkeys(int(s) for s in text.split(",") if s.strip()))
+    except ValueError:
+        raise AnalysisError(f"{flag} {text!r}: expected comma-separated integers, e.g. 5,10,20") from None
+    if not counts or min(counts) < 1:
+        raise AnalysisError(f"{flag} {text!r}: at least one count, each >= 1")
+    return counts
+
+
+def parse_arms(text: str) -> tuple[str, ...]:
+    from .grid import AnalysisError
+    from .prior import ARMS
+
+    if text.strip() == "all":
+        return tuple(ARMS)
+    arms = tuple(dict.fromkeys(a.strip() for a in text.split(",") if a.strip()))
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown or not arms:
+        raise AnalysisError(f"--arms {text!r}: unknown arm(s) {unknown}; available: {', '.join(ARMS)} (or all)")
+    return arms
+
+
 def study_from_args(args: argparse.Namespace):
+    from .grid import AnalysisError
+    from .prior import DEMOS, DEMOS_DE
     from .runner import Study
 
     ablations, values = parse_ablations(args.ablation)
     tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip()) if args.tasks else ()
+    study = getattr(args, "study", "grid")
+    variants = args.variants if args.variants is not None else ("none" if study == "prior" else "all")
+    prior = {}
+    if study == "prior":
+        if not args.pretrain_dataset:
+            raise AnalysisError("--study prior needs --pretrain-dataset PATH (the action-free pretraining video)")
+        prior = dict(study="prior", pretrain_dataset=args.pretrain_dataset, pretrain_steps=args.pretrain_steps,
+                     arms=parse_arms(args.arms), demos=parse_counts(args.demos, DEMOS, "--demos"),
+                     demos_de=parse_counts(args.demos_de, DEMOS_DE, "--demos-de"))
+    elif args.pretrain_dataset or args.pretrain_steps is not None:
+        raise AnalysisError("--pretrain-dataset and --pretrain-steps belong to --study prior")
     return Study(dataset=args.dataset, out=args.out, preset=args.preset, overrides=tuple(args.overrides),
-                 variants=parse_variants(args.variants), ablations=ablations, values=values,
+                 variants=parse_variants(variants), ablations=ablations, values=values, **prior,
                  seeds=parse_seeds(args.seeds), steps=args.steps, eval_episodes=args.episodes,
                  replan_every=args.replan_every, eval_seed=args.eval_seed, tasks=tasks, features=args.features,
                  feature_points=args.feature_samples, device=args.device, frame_cache=args.frame_cache)
 
 
 def cmd_analyze(args: argparse.Namespace) -> dict[str, Any]:
-    from .runner import run_analysis, stage_configs
+    from .runner import pretrain_dir, pretrain_names, run_analysis, stage_configs
 
     study = study_from_args(args)
     if args.dry_run:
         from ..envs import toy  # noqa: F401  (registers the toy_reach schema)
 
         cells = study.cells()
-        plan = {"cells": [{"cell": c.key, "label": c.label, "stages": [list(s) for s in c.stages],
-                           "train_steps": [cfg.train.steps for cfg in stage_configs(study, c, study.seeds[0])]}
+        pretrain = [{"pretrain": n, "folder": str(pretrain_dir(study.out, n) / "train"),
+                     "overrides": list(_pretrain_overrides(n)), "train_steps": study.pretrain_config(n).train.steps}
+                    for n in pretrain_names(cells)]
+        plan = {"pretrain": pretrain,
+                "cells": [{"cell": c.key, "label": c.label, "stages": [list(s) for s in c.stages], "init": c.init,
+                           "init_from": stage_configs(study, c, study.seeds[0])[0].train.init_from,
+                           "train_steps": [cfg.train.steps for cfg in stage_configs(study, c, study.seeds[0])],
+                           "features": study.wants_features(c)}
                           for c in cells], "seeds": list(study.seeds), "runs": len(cells) * len(study.seeds)}
         if args.json:
             print(json.dumps(plan, indent=2))
         else:
+            for p in pretrain:
+                print(f"{'pretrain/' + p['pretrain']:<36} {' '.join(p['overrides'])}  ({p['train_steps']} steps, once)")
             for c in plan["cells"]:
-                print(f"{c['cell']:<36} {' -> '.join(' '.join(s) for s in c['stages'])}")
-            print(f"{plan['runs']} runs ({len(cells)} cells x {len(study.seeds)} seeds)")
+                init = f"--init pretrain/{c['init']} -> " if c["init"] else ""
+                print(f"{c['cell']:<36} {init}{' -> '.join(' '.join(s) for s in c['stages'])}")
+            print(f"{plan['runs']} runs ({len(cells)} cells x {len(study.seeds)} seeds)"
+                  + (f" after {len(pretrain)} pretraining run(s)" if pretrain else ""))
         return plan
     report = run_analysis(study, progress=not args.no_progress and not args.json, threads=args.threads,
                           train=not args.report_only, jobs=args.jobs)
@@ -155,6 +227,12 @@ def cmd_analyze(args: argparse.Namespace) -> dict[str, Any]:
     else:
         print(summary_table(report))
     return report
+
+
+def _pretrain_overrides(name: str) -> tuple[str, ...]:
+    from .prior import PRETRAIN, PRETRAIN_COMMON
+
+    return PRETRAIN_COMMON + PRETRAIN[name][1]
 
 
 def summary_table(report: dict[str, Any]) -> str:
@@ -168,6 +246,10 @@ def summary_table(report: dict[str, Any]) -> str:
         lines.append(f"{r['group'] + '/' + r['cell']:<40} {100 * r['success_mean']:5.1f}%  "
                      f"[{100 * ci[0]:.0f}, {100 * ci[1]:.0f}]  {r['successes']}/{r['episodes']}  "
                      f"seeds {len(r['seeds'])}{sil}")
+    for c in report.get("comparisons") or []:
+        if c["difference"] is not None:
+            lines.append(f"{c['a']} - {c['b']} at {c['demos']:g} demos: {100 * c['difference']:+.1f} points "
+                         f"[{100 * c['ci'][0]:+.1f}, {100 * c['ci'][1]:+.1f}] ({c['pairs']} paired episodes)")
     lines.append(f"report: {report['plan']['out']}/results.md")
     return "\n".join(lines)
 

@@ -42,6 +42,8 @@ class Cell:
     label: str  # for tables and plots
     stages: tuple[tuple[str, ...], ...]  # config overrides of each training stage
     x: float | None = None  # numeric position on a curve (demos: episodes per task)
+    arm: str | None = None  # the video-prior study's arm (analyze/prior.py); None elsewhere
+    init: str | None = None  # a shared pretraining run the first stage starts from (analyze/prior.py)
 
     @property
     def key(self) -> str:

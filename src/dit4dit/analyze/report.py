@@ -26,6 +26,7 @@ GROUP_TITLES = {
     "feature_denoise_steps": "Ablation: denoising steps before the feature pass (`feature_denoise_steps`)",
     "tau_f": "Ablation: feature flow time (`tau_f`, `tau_f_buckets`)",
     "demos": "Ablation: demonstrations per task (`train.episodes_per_task`)",
+    "prior": "Video-prior study: arms x demonstrations per task",
 }
 
 
@@ -52,7 +53,7 @@ def aggregate(out: Path, cells: Sequence[Cell], seeds: Sequence[int]) -> list[di
                 acc[0] += int(v["successes"])
                 acc[1] += int(v["episodes"])
         rows.append({
-            "group": cell.group, "cell": cell.name, "label": cell.label, "x": cell.x,
+            "group": cell.group, "cell": cell.name, "label": cell.label, "x": cell.x, "arm": cell.arm,
             "overrides": [list(s) for s in cell.stages],
             "seeds": [r["seed"] for r in runs], "success_per_seed": rates,
             "success_mean": float(np.mean(rates)) if rates else None,
@@ -88,6 +89,18 @@ def command_line(plan: dict[str, Any]) -> str:
     """The `dit4dit analyze` command that reproduces the study."""
     args = ["dit4dit", "analyze", "--dataset", plan["dataset"], "--out", plan["out"], "--preset", plan["preset"],
             "--variants", ",".join(plan["variants"]) or "none"]
+    if plan.get("study", "grid") == "prior":
+        from .prior import ARMS, DEMOS, DEMOS_DE
+
+        args += ["--study", "prior", "--pretrain-dataset", plan["pretrain_dataset"]]
+        if plan.get("pretrain_steps") is not None:
+            args += ["--pretrain-steps", str(plan["pretrain_steps"])]
+        if list(plan.get("arms", ARMS)) != list(ARMS):
+            args += ["--arms", ",".join(plan["arms"])]
+        if list(plan.get("demos", DEMOS)) != list(DEMOS):
+            args += ["--demos", ",".join(str(n) for n in plan["demos"])]
+        if list(plan.get("demos_de", DEMOS_DE)) != list(DEMOS_DE):
+            args += ["--demos-de", ",".join(str(n) for n in plan["demos_de"])]
     for a in plan["ablations"]:
         args += ["--ablation", a]
         if plan["values"].get(a):
@@ -114,7 +127,9 @@ def command_line(plan: dict[str, Any]) -> str:
 
 
 def markdown(plan: dict[str, Any], rows: list[dict[str, Any]], plots: dict[str, str],
-             full_demos: int | None = None) -> str:
+             full_demos: int | None = None, extra: Sequence[str] = ()) -> str:
+    """results.md; `extra`: lines of a study's own section (the prior study's differences), placed
+    after the tables."""
     steps = plan.get("train_steps", plan.get("steps"))
     lines = [
         "# DiT4DiT baselines and ablations",
@@ -140,7 +155,7 @@ def markdown(plan: dict[str, Any], rows: list[dict[str, Any]], plots: dict[str, 
         feats = any(r["silhouette_phase"] is not None for r in rs)
         head = "| cell | overrides | seeds | success | per seed | pooled | 95% CI |"
         sep = "|---|---|---:|---:|---|---:|---|"
-        if g == "demos":
+        if g in ("demos", "prior"):
             head += " training episodes |"
             sep += "---:|"
         if feats:
@@ -158,7 +173,7 @@ def markdown(plan: dict[str, Any], rows: list[dict[str, Any]], plots: dict[str, 
             same = f" = `{r['same_as']}`" if r["same_as"] else ""
             line = (f"| {r['label']} (`{r['cell']}`{same}) | {over} | {len(r['seeds'])} | {mean} | {seeds} | "
                     f"{r['successes']}/{r['episodes']} | {ci} |")
-            if g == "demos":
+            if g in ("demos", "prior"):
                 line += f" {r['train_episodes'] if r['train_episodes'] is not None else '-'} |"
             if feats:
                 line += f" {_num(r['silhouette_phase'])} |"
@@ -173,6 +188,7 @@ def markdown(plan: dict[str, Any], rows: list[dict[str, Any]], plots: dict[str, 
                       "curve shows it as its last point.", ""]
         if g == "demos" and "sample_efficiency" in plots:
             lines += [f"![sample efficiency]({plots['sample_efficiency']})", ""]
+    lines += list(extra)
     with_feats = [r for r in rows if r["silhouette_phase"] is not None]
     if with_feats:
         lines += ["## Feature analysis (episode phase)", "",
@@ -361,6 +377,14 @@ def write_report(out: Path, plan: dict[str, Any], cells: Sequence[Cell], seeds: 
     if panels and (p := tsne_plot(panels, plot_dir / "tsne.png")) is not None:
         plots["tsne"] = str(p.relative_to(out))
     report = {"plan": plan, "cells": rows, "plots": plots}
+    extra: list[str] = []
+    if any(c.group == "prior" for c in cells):  # the video-prior study: curve per arm, paired differences
+        from . import prior
+
+        if (p := prior.curve_plot(rows, plot_dir / "prior_curve.png")) is not None:
+            plots["prior_curve"] = str(p.relative_to(out))
+        report["comparisons"] = prior.compare_arms(out, cells, seeds)
+        extra = prior.markdown_section(plan, report["comparisons"], plots)
     (out / "results.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    (out / "results.md").write_text(markdown(plan, rows, plots, full["x"] if full is not None else None))
+    (out / "results.md").write_text(markdown(plan, rows, plots, full["x"] if full is not None else None, extra))
     return report

@@ -10,7 +10,10 @@ Layout of the output folder::
         train/ | stage1_video_only/ stage2_action_only/   # trainer run folders (checkpoints, metrics)
         eval.json                        # closed-loop evaluation of the final stage
         features.json                    # phase silhouettes + t-SNE (variants, or all cells)
+        pretrain.json                    # a cell that starts from a shared pretraining run: which
         result.json                      # written last: the run is done
+      pretrain/<name>/                   # the video-prior study (--study prior, analyze/prior.py):
+        config.json  train/              # a pretraining run shared by every cell and seed that --init from it
       results.json  results.md  plots/   # the aggregate (report.py)
 
 Resumable: a run whose ``result.json`` exists for the same configs and settings is skipped; a
@@ -19,6 +22,12 @@ checkpoint resumes from it (so raising ``--steps`` continues runs; a later stage
 stage trained further is moved aside to ``<stage>.stale-<time>`` and trained anew); evaluation
 and feature results are reused when their settings and checkpoint step match. A run folder
 holding runs of another config is an error (choose another ``--out``), never silently mixed in.
+
+The video-prior study (``study="prior"``) first trains its shared pretraining runs (one per
+objective, ``OUT/pretrain/<name>/train``, on ``pretrain_dataset``; resumable the same way), then
+every cell, whose first stage starts from its pretraining run (``train.init_from``). When a
+pretraining run trains further (a larger ``pretrain_steps``), the cells that start from it are
+trained anew (their old first stage, evaluation and features are moved aside).
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ from typing import Any, Callable, Sequence
 
 from ..config import DiT4DiTConfig, get_preset, override
 from .grid import ABLATIONS, VARIANTS, AnalysisError, Cell, ablation_cells, variant_cells
+from .prior import ARMS, DEMOS, DEMOS_DE, FEATURE_ARMS, PRETRAIN, PRETRAIN_COMMON, prior_cells
 
 Evaluator = Callable[[Any], dict]  # Policy -> normalised evaluation result
 Log = Callable[[str], None]
@@ -74,6 +84,13 @@ class Study:
     feature_points: int = 512
     device: str | None = None
     frame_cache: bool = False  # train from the dataset's frame cache (built once, before any run)
+    # the video-prior study (analyze/prior.py): study="prior" adds its arms' cells and pretraining runs
+    study: str = "grid"  # grid | prior
+    pretrain_dataset: str | None = None  # the action-free pretraining video (a LeRobot dataset or video folder)
+    pretrain_steps: int | None = None  # steps of each pretraining run (default: the cells' steps)
+    arms: tuple[str, ...] = tuple(ARMS)
+    demos: tuple[int, ...] = DEMOS  # demonstrations per task of the curve arms (a, b, c)
+    demos_de: tuple[int, ...] = DEMOS_DE  # of the arms d and e
 
     def base_config(self) -> DiT4DiTConfig:
         extra = [f"train.steps={self.steps}"] if self.steps is not None else []
@@ -84,6 +101,12 @@ class Study:
         cells = variant_cells(self.variants)
         for a in self.ablations:
             cells += ablation_cells(a, base, self.values.get(a))
+        if self.study not in ("grid", "prior"):
+            raise AnalysisError(f"study={self.study!r} must be grid | prior")
+        if self.study == "prior":
+            if not self.pretrain_dataset:
+                raise AnalysisError("the prior study needs the pretraining video: --pretrain-dataset PATH")
+            cells += prior_cells(self.pretrain_dataset, self.arms, self.demos, self.demos_de)
         if not cells:
             raise AnalysisError("nothing to run: no variants and no ablations were requested")
         return cells
@@ -96,7 +119,29 @@ class Study:
         return {"points": self.feature_points}
 
     def wants_features(self, cell: Cell) -> bool:
+        if cell.group == "prior" and self.features == "variants":
+            return cell.arm in FEATURE_ARMS
         return self.features == "all" or (self.features == "variants" and cell.group == "variants")
+
+    def pretrain_config(self, name: str) -> DiT4DiTConfig:
+        """The config of the shared pretraining run `name` (analyze/prior.py PRETRAIN)."""
+        if name not in PRETRAIN:
+            raise AnalysisError(f"unknown pretraining run {name!r}; available: {', '.join(PRETRAIN)}")
+        extra = [f"train.steps={self.pretrain_steps}"] if self.pretrain_steps is not None else []
+        try:
+            return override(self.base_config(), list(PRETRAIN_COMMON) + list(PRETRAIN[name][1]) + extra).validate()
+        except Exception as e:  # noqa: BLE001 - name the run in the message
+            raise AnalysisError(f"pretraining run {name}: {e}") from e
+
+
+def pretrain_names(cells: Sequence[Cell]) -> list[str]:
+    """The shared pretraining runs the cells start from, in order."""
+    return list(dict.fromkeys(c.init for c in cells if c.init))
+
+
+def pretrain_dir(out: str | Path, name: str) -> Path:
+    """The folder of a shared pretraining run; its trainer run folder is ``train/`` inside."""
+    return Path(out) / "pretrain" / name
 
 
 def run_dir(out: str | Path, cell: Cell, seed: int) -> Path:
@@ -111,7 +156,8 @@ def stage_dirs(root: Path, cell: Cell, configs: Sequence[DiT4DiTConfig]) -> list
 
 def stage_configs(study: Study, cell: Cell, seed: int) -> list[DiT4DiTConfig]:
     """The full config of every training stage of a run (validated; errors name the cell). A
-    stage after the first starts from the previous stage's weights (`train.init_from`)."""
+    stage after the first starts from the previous stage's weights (`train.init_from`), the first
+    stage of a cell with `init` from that shared pretraining run's."""
     base = study.base_config()
     configs: list[DiT4DiTConfig] = []
     for i, stage in enumerate(cell.stages):
@@ -120,8 +166,11 @@ def stage_configs(study: Study, cell: Cell, seed: int) -> list[DiT4DiTConfig]:
         except Exception as e:  # noqa: BLE001 - name the cell in the message
             raise AnalysisError(f"cell {cell.key}, stage {i + 1}: {e}") from e
     dirs = stage_dirs(run_dir(study.out, cell, seed), cell, configs)
-    return [c if i == 0 else override(c, [f"train.init_from={json.dumps(str(dirs[i - 1].resolve()))}"])
-            for i, c in enumerate(configs)]
+    # where each stage starts from: the shared pretraining run (a cell with `init`), the stage before
+    first = (pretrain_dir(study.out, cell.init) / "train").resolve() if cell.init else None
+    sources = [first] + [d.resolve() for d in dirs[:-1]]
+    return [c if src is None else override(c, [f"train.init_from={json.dumps(str(src))}"])
+            for c, src in zip(configs, sources)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -167,10 +216,25 @@ def make_evaluator(cfg: DiT4DiTConfig, dataset: str, study: Study, threads: int 
                         f"metaworld_sawyer); pass evaluator= from Python")
 
 
+def _outcomes(r: dict) -> dict[str, list[int]]:
+    """{task: [1/0 per episode, in episode order]} from an evaluation result: its per-task
+    `outcomes`, or its `episodes_detail` (MetaWorld); tasks with neither are left out."""
+    out = {t: [int(bool(x)) for x in v["outcomes"]] for t, v in r["per_task"].items() if v.get("outcomes") is not None}
+    detail: dict[str, list[tuple[int, int]]] = {}
+    for d in r.get("episodes_detail") or []:
+        detail.setdefault(d["task"], []).append((int(d["episode"]), int(bool(d["success"]))))
+    for t, eps in detail.items():
+        out.setdefault(t, [s for _, s in sorted(eps)])
+    return out
+
+
 def _normalise(r: dict) -> dict:
-    """The fields of an evaluation result the aggregate needs (no videos, no per-episode detail)."""
+    """The fields of an evaluation result the aggregate needs (no videos; per episode only its
+    success, `per_task[t]["outcomes"]`, for the paired comparisons of the prior study)."""
+    outcomes = _outcomes(r)
     per_task = {t: {"successes": int(v["successes"]), "episodes": int(v["episodes"]),
-                    "success_rate": float(v["success_rate"])} for t, v in r["per_task"].items()}
+                    "success_rate": float(v["success_rate"]),
+                    **({"outcomes": outcomes[t]} if t in outcomes else {})} for t, v in r["per_task"].items()}
     successes = sum(v["successes"] for v in per_task.values())
     episodes = sum(v["episodes"] for v in per_task.values())
     return {"success_rate": successes / max(1, episodes), "successes": successes, "episodes": episodes,
@@ -252,6 +316,10 @@ def run_settings(study: Study, cell: Cell, seed: int) -> tuple[list[DiT4DiTConfi
     configs = stage_configs(study, cell, seed)
     settings = {"eval": study.eval_settings(), "features": study.feature_settings() if study.wants_features(cell)
                 else None, "dataset": str(Path(study.dataset).resolve())}
+    if cell.init:  # the shared pretraining run the first stage starts from (a new one retrains the cell)
+        settings["pretrain"] = json.loads(json.dumps({  # as stored (lists, not tuples), so equal records compare equal
+            "name": cell.init, "config": study.pretrain_config(cell.init).to_dict(),
+            "dataset": str(Path(study.pretrain_dataset).resolve())}, default=str))
     return configs, settings, _twin_key(configs, settings)
 
 
@@ -330,6 +398,9 @@ def run_one(study: Study, cell: Cell, seed: int, evaluator: Evaluator, *, progre
         log(f"{what}: the same configs as {result['same_as']}: its result is reused")
         return finish(result)
 
+    if cell.init:
+        _check_pretrain_record(root, stage_dirs(root, cell, configs)[0], settings["pretrain"], log, what)
+
     # 2. train, 3. evaluate, 4. analyse the features (each reused when already done)
     t0 = time.perf_counter()
     stages, final = _train_stages(root, cell, configs, study, progress, log, what)
@@ -371,6 +442,72 @@ def run_one(study: Study, cell: Cell, seed: int, evaluator: Evaluator, *, progre
     log(f"{what}: success {evaluation['success_rate']:.0%} ({evaluation['successes']}/{evaluation['episodes']})"
         + (f", phase silhouette {sil:.3f}" if sil is not None else ""))
     return finish(result)
+
+
+def _check_pretrain_record(root: Path, first: Path, record: dict[str, Any], log: Log, what: str) -> None:
+    """A run whose first stage started from another state of its pretraining run (it trained
+    further since) is trained anew: its first stage, evaluation and features are moved aside."""
+    stored = _read_json(root / "pretrain.json")
+    if stored is not None and stored != record and ckpt_exists(first):
+        stale = root / f"stale-{time.strftime('%Y%m%d-%H%M%S')}"
+        stale.mkdir(parents=True, exist_ok=True)
+        for p in [first, root / "eval.json", root / "features.json"]:
+            if p.exists():
+                p.rename(stale / p.name)
+        log(f"{what}: its pretraining run changed; the old training moved to {stale.name}, training anew")
+    _write_json(root / "pretrain.json", record)
+
+
+def _pretrain_one(study: Study, name: str, progress: bool, log: Log) -> dict[str, Any]:
+    """Train (or resume, or skip) the shared pretraining run `name`; returns its summary."""
+    cfg = study.pretrain_config(name)
+    root = pretrain_dir(study.out, name)
+    stored = _read_json(root / "config.json")
+    diffs = _config_mismatch([stored], [cfg]) if stored is not None else []
+    if diffs:
+        raise AnalysisError(f"{root} holds a pretraining run of another config ({'; '.join(diffs[:5])}); use "
+                            f"another --out, or delete that folder to rerun it")
+    _write_json(root / "config.json", cfg.to_dict())
+    summary = _train_stage(cfg, str(study.pretrain_dataset), root / "train", study, progress, log,
+                           f"pretraining {name} ({PRETRAIN[name][0]})")
+    _write_json(root / "summary.json", {k: v for k, v in summary.items() if k in (
+        "step", "final_loss", "last_metrics", "samples_per_s", "wall_time_s", "device", "reused")})
+    return summary
+
+
+def _pretrain_worker(study: Study, name: str, threads: int) -> dict[str, Any]:
+    import torch
+
+    if _STOP is not None and _STOP.is_set():
+        raise AnalysisError(f"pretraining {name}: not started, the study was interrupted")
+    torch.set_num_threads(threads)
+    return _pretrain_one(study, name, False, _stderr)
+
+
+def run_pretraining(study: Study, names: Sequence[str], *, jobs: int = 1, threads: int | None = None,
+                    progress: bool = True, log: Log = _stderr) -> dict[str, dict[str, Any]]:
+    """Every shared pretraining run (`jobs` at a time in spawned processes when > 1)."""
+    if study.frame_cache:  # built once here, so parallel runs only read it
+        for name in names:
+            _build_frame_cache(study.pretrain_config(name), str(study.pretrain_dataset), progress)
+    if jobs <= 1 or len(names) <= 1:
+        return {n: _pretrain_one(study, n, progress, log) for n in names}
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    ctx = get_context("spawn")
+    stop = ctx.Event()
+    out: dict[str, dict[str, Any]] = {}
+    with ProcessPoolExecutor(max_workers=min(jobs, len(names)), mp_context=ctx, initializer=_init_worker,
+                             initargs=(stop,)) as pool:
+        futures = {n: pool.submit(_pretrain_worker, study, n, threads or 1) for n in names}
+        try:
+            for n, f in futures.items():
+                out[n] = f.result()
+        except BaseException:
+            stop.set()
+            raise
+    return out
 
 
 def _train_episodes(dataset: str, cfg: DiT4DiTConfig) -> int | None:
@@ -425,10 +562,17 @@ def run_analysis(study: Study, *, evaluator: Evaluator | None = None, progress: 
     if train and not (dataset / "meta" / "info.json").is_file():
         raise AnalysisError(f"dataset {dataset} is not a LeRobot dataset folder (no meta/info.json)")
     study.dataset = str(dataset)
+    if study.pretrain_dataset:
+        study.pretrain_dataset = str(Path(study.pretrain_dataset).expanduser().resolve())
+        if train and study.study == "prior" and not Path(study.pretrain_dataset).exists():
+            raise AnalysisError(f"pretraining video {study.pretrain_dataset} does not exist")
     out = Path(study.out).expanduser()
     study.out = str(out)
     base = study.base_config()
     cells = study.cells()
+    pretrain = pretrain_names(cells)
+    for name in pretrain:
+        study.pretrain_config(name)
     for cell in cells:  # every config is checked before anything trains
         for seed in study.seeds:
             stage_configs(study, cell, seed)
@@ -440,7 +584,10 @@ def run_analysis(study: Study, *, evaluator: Evaluator | None = None, progress: 
     plan = {**{k: (list(v) if isinstance(v, tuple) else v) for k, v in study.__dict__.items()},
             "eval_tasks": tasks, "train_steps": base.train.steps,
             "cells": [{"group": c.group, "name": c.name, "label": c.label, "x": c.x,
-                       "stages": [list(s) for s in c.stages]} for c in cells]}
+                       "stages": [list(s) for s in c.stages], "arm": c.arm, "init": c.init} for c in cells],
+            "pretrain": {n: {"label": PRETRAIN[n][0], "overrides": list(PRETRAIN_COMMON) + list(PRETRAIN[n][1]),
+                             "folder": str(pretrain_dir(out, n) / "train"),
+                             "steps": study.pretrain_config(n).train.steps} for n in pretrain}}
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / "plan.json", plan)
 
@@ -449,6 +596,8 @@ def run_analysis(study: Study, *, evaluator: Evaluator | None = None, progress: 
     t0 = time.perf_counter()
     twins: dict[str, dict[str, Any]] = {}  # cells with the same configs share one run
     if train:
+        if pretrain:
+            run_pretraining(study, pretrain, jobs=jobs, threads=threads, progress=progress and jobs == 1, log=log)
         if study.frame_cache:  # built once here, so parallel runs only read it
             _build_frame_cache(base, study.dataset, progress)
         if jobs > 1:

@@ -20,7 +20,7 @@ def evaluate(policy, episodes: int, *, replan_every: int | None = None, seed: in
     videos: list[np.ndarray] = []
     done_count, total = 0, episodes * len(TASKS)
     for ti, goal in enumerate(TASKS):
-        succ, steps_to_success = 0, []
+        succ, steps_to_success, outcomes = 0, [], []
         for ep in range(episodes):
             obs = env.reset(EVAL_SEED_OFFSET + seed * 10_000 + ti * 1_000 + ep, task=goal)
             frames = [obs["observation.images.image"]]
@@ -34,6 +34,7 @@ def evaluate(policy, episodes: int, *, replan_every: int | None = None, seed: in
                     if success or done:
                         break
             succ += int(success)
+            outcomes.append(int(success))
             if success:
                 steps_to_success.append(env.steps)
             if len(videos) < record:
@@ -43,7 +44,7 @@ def evaluate(policy, episodes: int, *, replan_every: int | None = None, seed: in
                 progress(done_count, total)
         lo, hi = wilson_interval(succ, episodes)
         per_task[TASKS[goal]] = {"successes": succ, "episodes": episodes, "success_rate": succ / episodes,
-                                 "ci95": [lo, hi],
+                                 "ci95": [lo, hi], "outcomes": outcomes,  # per episode, in order (same layouts per seed)
                                  "mean_steps_to_success": float(np.mean(steps_to_success)) if steps_to_success else None}
     n_s = sum(t["successes"] for t in per_task.values())
     n = sum(t["episodes"] for t in per_task.values())

@@ -24,7 +24,9 @@ Static-image baseline (`encoder="static_image"`, the paper's Qwen3DiT at our sca
 is replaced by `ImageEncoder`, a transformer of the same width and depth that reads the
 conditioning frame(s) and the instruction only. The features come from it; future frames are
 never encoded, there is no video loss (`loss` returns loss_action and loss) and `predict_video`
-is an error.
+is an error. Its action-free pretraining objective (`mode="image_only"`, `CurrentFrameDenoiser`):
+denoise the conditioning frame's own latents by flow matching (`loss` returns loss_image and
+loss); the future frames, state and actions are never read.
 
 Batch contract (what the data pipeline produces):
   video (B, 3, T, H, W) in [-1, 1], T = num_cond_frames + num_future_frames
@@ -51,7 +53,7 @@ from .. import flow
 from ..config import DiT4DiTConfig
 from .action_dit import ActionDiT
 from .codecs import LatentCodec, build_codec
-from .image_encoder import ImageEncoder
+from .image_encoder import CurrentFrameDenoiser, ImageEncoder
 from .text import CosmosReason1TextEncoder, EmbeddingCache, TextEncoder, build_text_encoder
 from .video_dit import VideoDiT
 from . import rtc
@@ -74,6 +76,10 @@ class DiT4DiT(nn.Module):
         if video_dit is not None:
             video_dit.generated_channels = cfg.codec.generated_channels
         self.image_encoder = image_encoder  # the static-image baseline's feature encoder
+        # Its pretraining head (mode=image_only: denoise the current frame); absent otherwise.
+        self.image_head = None
+        if static and cfg.mode == "image_only":
+            self.image_head = CurrentFrameDenoiser(cfg).to(next(image_encoder.parameters()).dtype)
         self.action_dit = action_dit
         self.codec = codec
         # A frozen text encoder (the 7B Cosmos-Reason1) is optional once its embeddings are cached.
@@ -247,6 +253,8 @@ class DiT4DiT(nn.Module):
              ) -> tuple[torch.Tensor, dict[str, float]]:
         """Dual flow-matching loss. Returns (total, {"loss", "loss_action", "loss_video"})."""
         cfg = self.cfg
+        if cfg.mode == "image_only":
+            return self._image_denoising_loss(batch, generator)
         if cfg.encoder == "static_image":
             return self._static_image_loss(batch, generator)
         if "latents" in batch:  # precomputed (`dit4dit cache-latents`): the VAE is skipped
@@ -339,6 +347,28 @@ class DiT4DiT(nn.Module):
         loss = self._action_loss(features.float(), batch, generator)
         value = float(loss.detach())
         return loss, {"loss_action": value, "loss": value}
+
+    def _image_denoising_loss(self, batch: dict[str, Any], generator: torch.Generator | None
+                              ) -> tuple[torch.Tensor, dict[str, float]]:
+        """The static image encoder's pretraining objective (`mode=image_only`, `CurrentFrameDenoiser`):
+        flow matching on the conditioning frame's own latents. Only the conditioning frames are
+        encoded; the future frames of the clip are never read, and neither are state nor actions
+        (every row counts, labelled or action-free)."""
+        n_cond = self.num_cond_latents
+        if "latents" in batch:
+            x0 = self._cached_latents(batch["latents"])[:, :, :n_cond]
+        else:
+            x0 = self.encode_video(batch["video"][:, :, : self.cfg.inputs.num_cond_frames].to(self.device))
+        x0 = x0.to(self.video_dtype)
+        text = self.encode_text(list(batch["instruction"])).to(self.video_dtype)
+        tau = flow.sample_tau_v(x0.shape[0], generator=generator, device=x0.device)
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        noisy = flow.interpolate(x0, noise, tau)
+        tokens = self.image_encoder(noisy, text, extra_cond=self.image_head.time_embedding(tau))
+        velocity = self.image_head(tokens, x0.shape)
+        loss = flow.masked_mse(velocity.float(), flow.target_velocity(x0, noise).float())
+        value = float(loss.detach())
+        return loss, {"loss_image": value, "loss": value}
 
     def _cached_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Normalised clip latents from a latent cache, checked against what `encode_video` gives."""
@@ -493,6 +523,8 @@ class DiT4DiT(nn.Module):
         """Parts that carry trainable weights (the codec and a frozen text encoder never do)."""
         out: dict[str, nn.Module] = ({"video_dit": self.video_dit} if self.video_dit is not None
                                      else {"image_encoder": self.image_encoder})
+        if self.image_head is not None:
+            out["image_head"] = self.image_head
         out["action_dit"] = self.action_dit
         if self.text_encoder is not None and self.text_encoder.trainable:
             out["text_encoder"] = self.text_encoder

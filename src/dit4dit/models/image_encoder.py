@@ -139,7 +139,10 @@ class ImageEncoder(nn.Module):
         x = x.permute(0, 2, 3, 5, 1, 4, 6)  # (B, T, h', w', C, ph, pw)
         return x.reshape(b, t * (h // self.ph) * (w // self.pw), c * self.ph * self.pw)
 
-    def forward(self, latents: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    def forward(self, latents: torch.Tensor, text: torch.Tensor, extra_cond: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """`extra_cond` (B, width), added to the pooled instruction that drives the modulation: the
+        flow-time embedding of the pretraining objective (`CurrentFrameDenoiser`); None otherwise."""
         tokens = self.patchify(latents)
         n = tokens.shape[1]
         if n > self.max_tokens:
@@ -150,9 +153,54 @@ class ImageEncoder(nn.Module):
         x = self.patch_embed(tokens.to(dtype)) + self.pos_embed[:n]
         text = self.text_proj(text.to(dtype))
         cond = self.text_pool(text.mean(dim=1))
+        if extra_cond is not None:
+            cond = cond + extra_cond.to(cond.dtype)
         for block in self.blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, x, text, cond, use_reentrant=False)
             else:
                 x = block(x, text, cond)
         return self.norm_out(x)
+
+
+class CurrentFrameDenoiser(nn.Module):
+    """The static image encoder's pretraining objective (`mode=image_only`): denoise the current frame.
+
+    The counterpart of the video DiT's action-free objective (`mode=video_only`, predict the future
+    frames) that never sees the future: the conditioning frame's own latents `x0` are noised along
+    the flow-matching path, `x_tau = (1 - tau) x0 + tau eps` with `tau ~ U[0, 1]` (the video
+    loss's distribution), the encoder reads `x_tau` with the instruction and the flow time, and
+    this head maps its tokens back to latent patches to predict the velocity `eps - x0`.
+
+    The flow time enters the encoder through its modulation (a sinusoidal embedding and an MLP,
+    added to the pooled instruction), as the flow time drives the video DiT's. The head is only
+    built for `mode=image_only`: fine-tuning (`--init` from such a run) takes the encoder's weights
+    and leaves the head's unused, and the policy then reads clean frames with no flow time, as
+    the static-image baseline always does.
+    """
+
+    def __init__(self, cfg: DiT4DiTConfig, frequencies: int = 128):
+        super().__init__()
+        v = cfg.video
+        self.frequencies = frequencies
+        self.latent_channels = v.latent_channels
+        _, self.ph, self.pw = v.patch_size
+        self.time_embed = nn.Sequential(nn.Linear(2 * frequencies, v.width), nn.SiLU(), nn.Linear(v.width, v.width))
+        self.norm = nn.LayerNorm(v.width)
+        self.proj = nn.Linear(v.width, v.latent_channels * self.ph * self.pw)
+
+    def time_embedding(self, tau: torch.Tensor) -> torch.Tensor:
+        """(B,) flow times in [0, 1] -> (B, width)."""
+        half = torch.arange(self.frequencies, device=tau.device, dtype=torch.float32)
+        freqs = torch.exp(-torch.log(torch.tensor(10_000.0, device=tau.device)) * half / self.frequencies)
+        angles = 1000.0 * tau.float()[:, None] * freqs[None]
+        emb = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+        return self.time_embed(emb.to(self.proj.weight.dtype))
+
+    def forward(self, tokens: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+        """Encoder tokens (B, T*h'*w', width) -> predicted velocity (B, C, T, h, w) of latents of `shape`."""
+        b, c, t, h, w = shape
+        x = self.proj(self.norm(tokens))  # (B, T*h'*w', C*ph*pw)
+        x = x.reshape(b, t, h // self.ph, w // self.pw, c, self.ph, self.pw)
+        x = x.permute(0, 4, 1, 2, 5, 3, 6)  # (B, C, T, h', ph, w', pw)
+        return x.reshape(b, c, t, h, w)

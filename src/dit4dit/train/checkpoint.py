@@ -57,7 +57,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from collections.abc import Iterator, Mapping
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -871,9 +871,13 @@ def _text_differences(a: Any, b: Any) -> list[str]:
     return [f"text.{k}: {da[k]!r} vs {db[k]!r}" for k in da if k != "path" and da[k] != db.get(k)]
 
 
+# The parts a model may save (``DiT4DiT.saved_modules``), which ``train.init_parts`` may name.
+INIT_PARTS = ("video_dit", "image_encoder", "image_head", "action_dit", "text_encoder", "codec")
+
+
 @torch.no_grad()
 def init_weights_from(model: nn.Module, path: str | os.PathLike, use_ema: bool = True,
-                      config: DiT4DiTConfig | None = None) -> dict[str, Any]:
+                      config: DiT4DiTConfig | None = None, parts: Sequence[str] = ()) -> dict[str, Any]:
     """Initialise ``model`` from another run or checkpoint folder (``train.init_from``, ``--init``).
 
     Tensor by tensor over :func:`saved_parts` (the EMA weights when the checkpoint has them and
@@ -881,7 +885,9 @@ def init_weights_from(model: nn.Module, path: str | os.PathLike, use_ema: bool =
     shape match loads; every other keeps its fresh initialisation. A codec that learns from the
     data (the ``pca`` basis) is taken whole from the checkpoint, so the video DiT keeps seeing the
     latents it was trained on; a different text encoder (``config.text`` differing from the
-    checkpoint's in anything but its folder) is an error. Returns the report the trainer logs:
+    checkpoint's in anything but its folder) is an error. ``parts`` (``train.init_parts``): only
+    these parts load (a fitted codec always does); the others keep their fresh initialisation and
+    are listed under ``"not_taken"``. Returns the report the trainer logs:
     ``{"checkpoint", "step", "weights", "loaded": {part: n}, "loaded_tensors", "kept": {part: n},
     "mismatched": [{"name", "checkpoint", "model"}], "missing": [names], "unused": [names],
     "codec"}``.
@@ -898,10 +904,18 @@ def init_weights_from(model: nn.Module, path: str | os.PathLike, use_ema: bool =
     source = f"--init {ck.path / (EMA_FILE if ema else MODEL_FILE)}"
     from .distributed import place_like
 
+    wanted = tuple(parts)
     parts = saved_parts(model)
     codec = parts.get("codec")
+    unknown = [p for p in wanted if p not in INIT_PARTS]
+    if unknown:
+        raise CheckpointError(f"train.init_parts {list(wanted)}: unknown part(s) {unknown}; parts: "
+                              f"{', '.join(INIT_PARTS)}")  # a known part this model lacks (a frozen text encoder) is no error
+    not_taken = sorted(k for k in parts if wanted and k not in wanted and k != "codec")
+    parts = {k: m for k, m in parts.items() if k not in not_taken}
     report: dict[str, Any] = {"checkpoint": str(ck.path), "step": ck.step, "weights": "ema" if ema else "model",
-                              "loaded": {}, "kept": {}, "mismatched": [], "missing": [], "codec": None}
+                              "loaded": {}, "kept": {}, "mismatched": [], "missing": [], "codec": None,
+                              "not_taken": not_taken}
     held = set(state.keys())
     expected = set()
     for part, module in parts.items():
@@ -930,7 +944,7 @@ def init_weights_from(model: nn.Module, path: str | os.PathLike, use_ema: bool =
                                       f"video DiT was trained on")
         else:
             report["codec"] = "loaded from the initialising checkpoint"
-    report["unused"] = sorted(held - expected)
+    report["unused"] = sorted(k for k in held - expected if k.split(".", 1)[0] not in not_taken)
     report["loaded_tensors"] = sum(report["loaded"].values())
     if report["loaded_tensors"] == 0:
         raise CheckpointError(f"--init {ck.path}: no tensor of it matches this model by name and shape (it holds "
@@ -954,6 +968,8 @@ def describe_init(report: Mapping[str, Any]) -> list[str]:
                      + ", ".join(report["unused"][:8]) + (" ..." if len(report["unused"]) > 8 else ""))
     if report.get("codec"):
         lines.append(f"  codec: {report['codec']}")
+    if report.get("not_taken"):
+        lines.append(f"  not taken (train.init_parts): {', '.join(report['not_taken'])} (fresh initialisation)")
     return lines
 
 

@@ -49,8 +49,9 @@ _NO_DECAY_NAME = re.compile(r"(pos_embed|position|tokens?$)", re.IGNORECASE)
 
 def group_of(part: str) -> str:
     """The parameter-group family of a part of ``trainable_modules()``. The static-image
-    baseline's ``image_encoder`` stands in for the video DiT and trains at ``lr_video``."""
-    if part == "image_encoder":
+    baseline's ``image_encoder`` (and its pretraining head ``image_head``, ``mode=image_only``)
+    stands in for the video DiT and trains at ``lr_video``."""
+    if part in ("image_encoder", "image_head"):
         return "video_dit"
     return part if part in ("video_dit", "action_dit") else "other"
 

@@ -709,8 +709,9 @@ class Trainer:
 
     def _build_data(self, resume_from: ckpt.Checkpoint | None, info: DistInfo
                     ) -> tuple[Dataset, Any, Callable, Dataset | None]:
-        """(samples, processor, collate, action-free samples or None). In mode=video_only a
-        ``data`` folder that is not a labelled dataset of the schema is read as action-free video."""
+        """(samples, processor, collate, action-free samples or None). In mode=video_only (and
+        image_only, the static encoder's pretraining) a ``data`` folder that is not a labelled
+        dataset of the schema is read as action-free video."""
         processor = self.processor
         tc = self.cfg.train
         if tc.video_datasets and self.latent_cache is not None:
@@ -718,7 +719,7 @@ class Trainer:
                               "(train.video_datasets) without --latent-cache")
         if processor is None and resume_from is not None and resume_from.has_processor:
             processor = resume_from.processor()
-        if (self.cfg.mode == "video_only" and isinstance(self.data, (str, os.PathLike))
+        if (self.cfg.mode in ("video_only", "image_only") and isinstance(self.data, (str, os.PathLike))
                 and not _is_labelled_dataset(self.cfg, self.data)):
             from ..data.action_free import action_free_samples
 
@@ -740,7 +741,7 @@ class Trainer:
         free = action_free_samples(tc.video_datasets, processor, self.cfg.action.action_horizon, float(rate),
                                    default_instruction=tc.default_instruction, skip_bad=tc.skip_bad_videos)
         check_samples(free, self.cfg)
-        if self.cfg.mode == "video_only":  # every row feeds the video loss: one stream
+        if self.cfg.mode in ("video_only", "image_only"):  # every row feeds the (video or image) loss: one stream
             from torch.utils.data import ConcatDataset
 
             return ConcatDataset([samples, free]), processor, collate, None
@@ -865,7 +866,7 @@ class Trainer:
         counts = freeze_frozen_parts(model, tc.freeze_video)
         self.init_report = None
         if tc.init_from and resume_from is None:  # start from another run's weights (--init)
-            self.init_report = ckpt.init_weights_from(model, tc.init_from, config=cfg)
+            self.init_report = ckpt.init_weights_from(model, tc.init_from, config=cfg, parts=tc.init_parts)
             fresh = [n for n in self.init_report["missing"] + [m["name"] for m in self.init_report["mismatched"]]
                      if n.split(".", 1)[0] in VIDEO_PARTS]
             if tc.freeze_video and fresh:
