@@ -21,6 +21,7 @@ import functools
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,12 +106,13 @@ class LiberoSuite:
     """The real suite: tasks, fixed initial states and offscreen environments."""
 
     def __init__(self, suite: str) -> None:
-        benchmark, self._get_path, self._env_cls = import_libero()
-        suites = benchmark.get_benchmark_dict()
-        if suite not in suites:
-            raise ValueError(f"unknown LIBERO suite {suite!r}; this LIBERO has {sorted(suites)}")
-        self.name = suite
-        self._suite = suites[suite]()
+        with _stdout_to_stderr():
+            benchmark, self._get_path, self._env_cls = import_libero()
+            suites = benchmark.get_benchmark_dict()
+            if suite not in suites:
+                raise ValueError(f"unknown LIBERO suite {suite!r}; this LIBERO has {sorted(suites)}")
+            self.name = suite
+            self._suite = suites[suite]()  # prints its task order
         self.n_tasks = int(self._suite.n_tasks)
 
     def task_name(self, i: int) -> str:
@@ -138,6 +140,10 @@ class LiberoSuite:
         """LIBERO's environment for task ``i``: offscreen renders of both cameras at
         ``resolution`` (or, with ``cameras=False``, no rendering at all: about 10x faster steps)."""
         bddl = self.bddl_file(i)
+        with _stdout_to_stderr():
+            return self._make_env(bddl, resolution, seed, cameras)
+
+    def _make_env(self, bddl: Path, resolution: int, seed: int, cameras: bool) -> Any:
         if cameras:
             env = self._env_cls(bddl_file_name=str(bddl), camera_heights=resolution, camera_widths=resolution)
         else:
@@ -159,6 +165,13 @@ class LiberoSuite:
                 continue
         return {"suite": self.name, "n_tasks": self.n_tasks, "package": version,
                 "bddl_files": str(self._get_path("bddl_files"))}
+
+
+def _stdout_to_stderr() -> Any:
+    """LIBERO and robosuite print progress to stdout; keep stdout for `--json` output."""
+    import contextlib
+
+    return contextlib.redirect_stdout(sys.stderr)
 
 
 class _nullcontext:
