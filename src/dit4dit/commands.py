@@ -673,7 +673,8 @@ def _collect_libero(args):
     if args.measure_only:
         try:
             r = measure_expert(args.suite, args.episodes, tasks=args.tasks, seed=args.seed, max_steps=args.max_steps,
-                               action_noise=args.action_noise, log=lambda m: print(m, file=sys.stderr, flush=True))
+                               action_noise=args.action_noise, out=args.out,
+                               log=lambda m: print(m, file=sys.stderr, flush=True))
         except (LiberoError, LiberoNotInstalled, ValueError) as e:
             raise ConfigError(str(e)) from e
         write_result(args.out, r)

@@ -458,11 +458,12 @@ def _wilson(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
 
 
 def measure_expert(suite: str, trials: int, *, tasks: str | Sequence[int] | None = None, seed: int = 0,
-                   max_steps: int | None = None, action_noise: float = 0.0,
+                   max_steps: int | None = None, action_noise: float = 0.0, out: str | Path | None = None,
                    log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """The scripted experts' success per task over ``trials`` attempts each, without rendering
     (same physics and placements as :func:`collect`, about 10x faster). Unsupported tasks are
-    listed with the reason instead of failing the run."""
+    listed with the reason instead of failing the run. With ``out`` the summary so far is
+    written there (JSON) after every task, so a long run can be stopped without losing it."""
     from .libero_expert import UnsupportedTask, plan_expert
 
     if trials < 1:
@@ -473,6 +474,14 @@ def measure_expert(suite: str, trials: int, *, tasks: str | Sequence[int] | None
     per_task: dict[str, Any] = {}
     unsupported: dict[str, str] = {}
     t0 = time.perf_counter()
+
+    def summary(done: bool) -> dict[str, Any]:
+        n = sum(t["attempts"] for t in per_task.values())
+        k = sum(t["successes"] for t in per_task.values())
+        return {"suite": suite, "trials_per_task": trials, "seed": seed, "max_steps": steps_limit,
+                "action_noise": action_noise, "tasks_requested": ids, "complete": done, "tasks": per_task,
+                "unsupported": unsupported, "expert_success_rate": k / n if n else None,
+                "ci95": list(_wilson(k, n)), "seconds": time.perf_counter() - t0}
     for tid in ids:
         env = s.make_env(tid, 64, seed, cameras=False)
         try:
@@ -502,9 +511,6 @@ def measure_expert(suite: str, trials: int, *, tasks: str | Sequence[int] | None
                 log(f"task {tid}: {wins}/{trials} [{lo:.2f}, {hi:.2f}] {s.task_description(tid)}")
         finally:
             env.close()
-    n = sum(t["attempts"] for t in per_task.values())
-    k = sum(t["successes"] for t in per_task.values())
-    return {"suite": suite, "trials_per_task": trials, "seed": seed, "max_steps": steps_limit,
-            "action_noise": action_noise, "tasks": per_task, "unsupported": unsupported,
-            "expert_success_rate": k / n if n else None, "ci95": list(_wilson(k, n)),
-            "seconds": time.perf_counter() - t0}
+        if out:
+            _write_json(Path(out), summary(done=False))
+    return summary(done=True)

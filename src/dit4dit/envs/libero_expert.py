@@ -80,9 +80,8 @@ def _wrap_half_pi(a: float) -> float:
     return float((a + np.pi / 2) % np.pi - np.pi / 2)
 
 
-def object_footprint(env: Any, name: str) -> tuple[float, float, float]:
-    """(yaw of the object's narrow horizontal axis, narrow extent, wide extent) in metres, from the
-    world-frame corners of the collision boxes of the object's bodies."""
+def object_corners(env: Any, name: str) -> np.ndarray:
+    """World-frame corners (N, 3) of the bounding boxes of the collision geoms of the object's bodies."""
     inner = getattr(env, "env", env)
     sim = inner.sim
     m, d = sim.model, sim.data
@@ -94,19 +93,27 @@ def object_footprint(env: Any, name: str) -> tuple[float, float, float]:
             p = int(m.body_parentid[p])
         if p in bodies:
             bodies.add(b)
+    geoms = [g for g in range(int(m.ngeom)) if int(m.geom_bodyid[g]) in bodies]
+    collide = [g for g in geoms if int(m.geom_contype[g]) or int(m.geom_conaffinity[g])]
     corners = []
     signs = np.array([[sx, sy, sz] for sx in (-1, 1) for sy in (-1, 1) for sz in (-1, 1)], dtype=np.float64)
-    for g in range(int(m.ngeom)):
-        if int(m.geom_bodyid[g]) not in bodies:
-            continue
+    for g in collide or geoms:  # the collision geoms (visual meshes' boxes are loose), else all
         aabb = np.asarray(m.geom_aabb[g], dtype=np.float64)
         local = aabb[:3] + signs * aabb[3:]
         xmat = np.asarray(d.geom_xmat[g], dtype=np.float64).reshape(3, 3)
         corners.append(local @ xmat.T + np.asarray(d.geom_xpos[g], dtype=np.float64))
-    if not corners:
+    return np.concatenate(corners) if corners else np.zeros((0, 3))
+
+
+def object_footprint(env: Any, name: str) -> tuple[float, float, float]:
+    """(yaw of the object's narrow horizontal axis, narrow extent, wide extent) in metres, from the
+    world-frame corners of the bounding boxes of the object's geoms."""
+    inner = getattr(env, "env", env)
+    pts = object_corners(env, name)[:, :2]
+    if not len(pts):
         return 0.0, 0.0, 0.0
-    pts = np.concatenate(corners)[:, :2]
-    body = np.asarray(d.body_xmat[root], dtype=np.float64).reshape(3, 3)
+    root = int(inner.obj_body_id[name])
+    body = np.asarray(inner.sim.data.body_xmat[root], dtype=np.float64).reshape(3, 3)
     best = None
     for axis in (body[:, 0], body[:, 1], body[:, 2]):  # the object's axes that lie (mostly) horizontal
         h = axis[:2]
@@ -152,35 +159,39 @@ class ExpertStep:
 class PickPlaceExpert:
     """Hover above the object, descend, close, lift, carry above the target, lower, open.
 
-    Positions come from the simulator each step (closed loop), so a slipping object is followed.
-    The hand keeps its initial (top-down) orientation, turned about the vertical to the object's
-    grasp yaw when the object is elongated. ``rng`` perturbs the waypoints a little (diverse
-    demonstrations); ``None`` = deterministic.
+    Positions come from the simulator each step (closed loop), so a slipping object is followed;
+    heights are relative to the objects' bounding boxes (floor and table scenes alike). The hand
+    keeps its initial (top-down) orientation, turned about the vertical so the fingers close
+    across an elongated object's narrow side; an object wider than the open gripper (a bowl) is
+    taken by its rim. ``rng`` perturbs the grasp point a little (diverse demonstrations);
+    ``None`` = deterministic.
     """
 
     HOVER = 0.10  # above the grasp point while aligning
-    CARRY_Z = 0.30  # absolute carry height
+    MAX_OPENING = 0.075  # objects narrower than this fit between the open fingers
     GAIN = 12.0  # position action per metre of error (clipped to 1)
     ROT_GAIN = 2.0
+    CLEARANCE = 0.03  # object bottom above the target's top when released
 
-    def __init__(self, obj: str, target: str, *, relation: str = "in", rng: np.random.Generator | None = None,
-                 grasp_depth: float | None = None, place_height: float | None = None) -> None:
+    def __init__(self, obj: str, target: str, *, relation: str = "in",
+                 rng: np.random.Generator | None = None) -> None:
         self.obj = obj
         self.target = target
         self.relation = relation
         self.rng = rng
-        self.grasp_depth = grasp_depth
-        self.place_height = place_height
         self.reset()
 
     def reset(self) -> None:
         self.phase = "hover"
         self.t_phase = 0
-        self.hand_rot0: np.ndarray | None = None
         self.target_rot: np.ndarray | None = None
         self.jitter = np.zeros(3) if self.rng is None else self.rng.uniform(-0.006, 0.006, 3)
-        self.grasp_offset: np.ndarray | None = None
-        self.shift = np.zeros(3)
+        self.grasp_offset: np.ndarray | None = None  # object position - hand, once grasped
+        self.bottom_offset = 0.0  # object bottom - hand height, once grasped
+        self.shift = np.zeros(3)  # grasp point - object position (horizontal)
+        self.grasp_height = 0.0  # grasp point - object position (vertical)
+        self.carry_z = 0.0
+        self.rim = False
 
     # -- privileged state ---------------------------------------------------------------------
     @staticmethod
@@ -188,11 +199,14 @@ class PickPlaceExpert:
         inner = getattr(env, "env", env)
         return np.array(inner.object_states_dict[name].get_geom_state()["pos"], dtype=np.float64)
 
-    @staticmethod
-    def _quat(env: Any, name: str) -> np.ndarray:
+    def _top(self, env: Any, name: str) -> float:
+        """Highest point of an object, or a region site's height."""
         inner = getattr(env, "env", env)
-        q = np.array(inner.object_states_dict[name].get_geom_state()["quat"], dtype=np.float64)  # w, x, y, z
-        return np.array([q[1], q[2], q[3], q[0]])
+        if name in getattr(inner, "obj_body_id", {}):
+            c = object_corners(env, name)
+            if len(c):
+                return float(c[:, 2].max())
+        return float(self._pos(env, name)[2])
 
     def _nearest_other(self, env: Any) -> np.ndarray | None:
         inner = getattr(env, "env", env)
@@ -206,6 +220,37 @@ class PickPlaceExpert:
             if dist < best_d:
                 best, best_d = p, dist
         return best if best_d < 0.15 else None
+
+    def _plan_grasp(self, env: Any, hand_rot: np.ndarray) -> None:
+        self.target_rot = hand_rot
+        pos = self._pos(env, self.obj)
+        corners = object_corners(env, self.obj)
+        zmin, zmax = (float(corners[:, 2].min()), float(corners[:, 2].max())) if len(corners) else (pos[2], pos[2])
+        fingers = finger_axis_yaw(env)
+        yaw, narrow, wide = object_footprint(env, self.obj)
+        near = self._nearest_other(env)
+        grasp_z = max(pos[2], zmin + min(0.03, 0.5 * (zmax - zmin)))
+        if fingers is not None and narrow > self.MAX_OPENING:
+            # too wide to close around: one finger inside the rim, one outside, along the finger axis
+            self.rim = True
+            axis = np.array([np.cos(fingers), np.sin(fingers), 0.0])
+            r = 0.5 * narrow - 0.004  # on the wall
+            sides = [axis * r, -axis * r]
+            if near is not None:  # the side away from the nearest neighbour
+                sides.sort(key=lambda v: -float(np.linalg.norm((pos + v - near)[:2])))
+            self.shift = sides[0]
+            grasp_z = zmax - 0.02
+        elif fingers is not None and wide > 1.15 * narrow:
+            # turn about the vertical so the fingers close across the object's narrow side
+            self.target_rot = _rz(_wrap_half_pi(yaw - fingers)) @ hand_rot
+            # and grasp off-centre along the long side, away from the nearest other object
+            # (the hand is wide across the fingers: a close neighbour blocks the descent)
+            along = np.array([-np.sin(yaw), np.cos(yaw), 0.0])
+            if near is not None:
+                side = float(np.dot(near - pos, along))
+                reach = max(0.0, wide / 2 - 0.025)
+                self.shift = -np.sign(side) * reach * along if abs(side) > 1e-6 else np.zeros(3)
+        self.grasp_height = grasp_z - pos[2]
 
     # -- control ------------------------------------------------------------------------------
     def _move(self, eef: np.ndarray, goal: np.ndarray, hand_rot: np.ndarray, grip: float) -> np.ndarray:
@@ -223,29 +268,11 @@ class PickPlaceExpert:
     def act(self, env: Any, obs: Mapping[str, Any]) -> ExpertStep:
         eef = np.asarray(obs["robot0_eef_pos"], np.float64)
         hand_rot = _quat_xyzw_to_mat(np.asarray(obs["robot0_eef_quat"], np.float64))
-        if self.hand_rot0 is None:
-            self.hand_rot0 = hand_rot
-            self.target_rot = hand_rot
-            fingers = finger_axis_yaw(env)
-            yaw, narrow, wide = object_footprint(env, self.obj)
-            self.footprint = (narrow, wide)
-            self.shift = np.zeros(3)
-            if fingers is not None and wide > 1.15 * narrow:
-                # turn about the vertical so the fingers close across the object's narrow side
-                self.target_rot = _rz(_wrap_half_pi(yaw - fingers)) @ hand_rot
-                # and grasp off-centre along the long side, away from the nearest other object
-                # (the hand is wide across the fingers: a close neighbour blocks the descent)
-                along = np.array([-np.sin(yaw), np.cos(yaw), 0.0])
-                near = self._nearest_other(env)
-                if near is not None:
-                    side = float(np.dot(near - self._pos(env, self.obj), along))
-                    reach = max(0.0, wide / 2 - 0.025)
-                    self.shift = -np.sign(side) * reach * along if abs(side) > 1e-6 else np.zeros(3)
+        if self.target_rot is None:
+            self._plan_grasp(env, hand_rot)
         obj = self._pos(env, self.obj)
         grasp = obj + self.shift + self.jitter * np.array([1.0, 1.0, 0.0])
-        if self.grasp_depth is not None:
-            grasp[2] = obj[2] + self.grasp_depth
-        grasp[2] = max(grasp[2], 0.012)
+        grasp[2] = obj[2] + self.grasp_height
         self.t_phase += 1
         p = self.phase
         if p == "hover":
@@ -261,24 +288,28 @@ class PickPlaceExpert:
             a = self._move(eef, grasp, hand_rot, CLOSE)
             if self.t_phase >= 12:
                 self.grasp_offset = obj - eef
+                corners = object_corners(env, self.obj)
+                self.bottom_offset = (float(corners[:, 2].min()) if len(corners) else obj[2]) - eef[2]
+                top = self._top(env, self.target)
+                self.carry_z = max(top + 0.08 - self.bottom_offset, eef[2] + 0.12)
                 self._next("lift")
         elif p == "lift":
-            goal = np.array([eef[0], eef[1], self.CARRY_Z])
+            goal = np.array([eef[0], eef[1], self.carry_z])
             a = self._move(eef, goal, hand_rot, CLOSE)
-            if eef[2] > self.CARRY_Z - 0.03 or self.t_phase > 60:
+            if eef[2] > self.carry_z - 0.03 or self.t_phase > 60:
                 self._next("carry")
         else:
             tgt = self._pos(env, self.target)
             held = obj - eef if self.grasp_offset is None else self.grasp_offset
-            place_z = tgt[2] + (self.place_height if self.place_height is not None else 0.08)
-            # the object's position follows the hand: aim the object, not the hand, at the target
-            above = np.array([tgt[0] - held[0], tgt[1] - held[1], self.CARRY_Z])
+            # the object follows the hand: aim the object, not the hand, at the target
+            above = np.array([tgt[0] - held[0], tgt[1] - held[1], self.carry_z])
             if p == "carry":
                 a = self._move(eef, above, hand_rot, CLOSE)
                 if np.linalg.norm((above - eef)[:2]) < 0.01 or self.t_phase > 100:
                     self._next("lower")
             elif p == "lower":
-                goal = np.array([above[0], above[1], place_z - held[2]])
+                goal = np.array([above[0], above[1], self._top(env, self.target) + self.CLEARANCE
+                                 - self.bottom_offset])
                 a = self._move(eef, goal, hand_rot, CLOSE)
                 if abs(goal[2] - eef[2]) < 0.01 or self.t_phase > 60:
                     self._next("release")
@@ -287,6 +318,6 @@ class PickPlaceExpert:
                 if self.t_phase >= 10:
                     self._next("retreat")
             else:  # retreat
-                goal = np.array([eef[0], eef[1], self.CARRY_Z])
+                goal = np.array([eef[0], eef[1], self.carry_z])
                 a = self._move(eef, goal, hand_rot, OPEN)
         return ExpertStep(a.astype(np.float32), p)
