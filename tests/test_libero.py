@@ -132,6 +132,52 @@ def test_real_suite_observation_and_expert():
         env.close()
 
 
+class _ExpertThroughTheClient:
+    """A policy for the evaluation client that is the scripted expert: it reads the environment
+    the suite created (privileged), so the client's protocol meets a policy that succeeds."""
+
+    def __init__(self, suite):
+        self.suite, self.env, self.expert = suite, None, None
+
+    def make_env(self, i, resolution, seed):
+        self.env = self.suite.make_env(i, resolution, seed)
+        return self.env
+
+    def __getattr__(self, name):  # n_tasks, task_name, init_states, info, ...
+        return getattr(self.suite, name)
+
+    def metadata(self):
+        return {"action_dim": 7, "action_horizon": 1, "cameras": ["image", "wrist_image"],
+                "camera_sizes": {"image": [32, 32], "wrist_image": [32, 32]}, "state_keys": ["state"],
+                "embodiment": "libero_franka"}
+
+    def reset(self):
+        self.expert = None
+
+    def infer(self, obs):
+        assert obs["image"].shape[-3:] == (32, 32, 3) and obs["state"].shape == (8,)
+        raw = self.env.env._get_observations()
+        if self.expert is None:
+            self.expert = X.plan_expert(self.env)
+        return {"actions": self.expert.act(self.env, raw).action[None]}
+
+
+@pytest.mark.slow
+def test_eval_client_counts_a_real_success(tmp_path):
+    """The evaluation client on the real suite (fixed initial state 0, settle steps, the env's done
+    flag), driven by the scripted expert: the episode ends early as a success, with its video."""
+    _simulator_or_skip()
+    from dit4dit.eval.libero import LiberoProtocol, evaluate_libero
+
+    both = _ExpertThroughTheClient(LE.LiberoSuite("libero_object"))
+    protocol = LiberoProtocol("libero_object", num_trials=1, tasks=[0], resolution=32, replan_steps=1)
+    res = evaluate_libero(both, both, protocol, tmp_path, metadata=both.metadata(), videos_per_task=1)
+    assert res["successes"] == 1 and res["per_task"][0]["trials"] == 1
+    ep = json.loads((tmp_path / "episodes.jsonl").read_text().splitlines()[0])
+    assert ep["success"] and ep["steps"] < protocol.max_steps and ep["queries"] == ep["steps"]
+    assert ep["video"].endswith("_success.mp4") or ep["video"].endswith("_success.gif")
+
+
 def _wait_for_port(path: Path, proc: subprocess.Popen, timeout: float = 120.0) -> int:
     t0 = time.time()
     while time.time() - t0 < timeout:
