@@ -52,9 +52,13 @@ def test_rotation_helpers():
 
 
 class _FakeInner:
-    def __init__(self, goal, objects=("bowl_1",)):
+    def __init__(self, goal, objects=("bowl_1",), fixtures=None):
         self.parsed_problem = {"goal_state": goal}
         self.objects_dict = {o: None for o in objects}
+        self.fixtures_dict = dict(fixtures or {})
+
+    def get_object(self, name):
+        return self.fixtures_dict[name]
 
 
 class _FakeEnv:
@@ -71,6 +75,16 @@ def test_plan_expert_supports_pick_and_place_only():
         X.plan_expert(_FakeEnv([["On", "bowl_1", "plate_1"], ["On", "cup_1", "plate_1"]]))
     with pytest.raises(X.UnsupportedTask, match="fixture"):
         X.plan_expert(_FakeEnv([["In", "microwave_1", "x"]]))
+
+    class Cabinet:
+        def __init__(self, joints):
+            self.joints = joints
+
+    drawer = _FakeEnv([["In", "bowl_1", "wooden_cabinet_1_top_region"]], fixtures={"wooden_cabinet_1": Cabinet(["j"])})
+    with pytest.raises(X.UnsupportedTask, match="drawer"):
+        X.plan_expert(drawer)
+    shelf = _FakeEnv([["In", "bowl_1", "wooden_cabinet_1_top_region"]], fixtures={"wooden_cabinet_1": Cabinet([])})
+    assert X.plan_expert(shelf).target == "wooden_cabinet_1_top_region"
 
 
 def test_features_follow_the_public_layout_and_the_schema(tmp_path):

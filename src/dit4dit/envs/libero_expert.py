@@ -72,7 +72,36 @@ def plan_expert(env: Any, **kwargs: Any) -> "PickPlaceExpert":
     obj, target = pred[1], pred[2]
     if obj not in inner.objects_dict:
         raise UnsupportedTask(f"goal {pred}: {obj!r} is a fixture, not a movable object")
+    if pred[0] == "in":
+        fixture = _region_owner(inner, target)
+        if fixture is not None and _has_joints(inner, fixture):
+            raise UnsupportedTask(f"goal {pred}: {target!r} lies inside the articulated {fixture!r} (a drawer "
+                                  "to open first); the experts do not open drawers")
+    corners = object_corners(env, obj) if hasattr(inner, "sim") else np.zeros((0, 3))
+    if len(corners):
+        _yaw, narrow, _wide = object_footprint(env, obj)
+        height = float(np.ptp(corners[:, 2]))
+        if narrow > PickPlaceExpert.MAX_OPENING and height < 0.03:
+            raise UnsupportedTask(f"goal {pred}: {obj!r} is flat ({height * 100:.1f} cm) and wider than the open "
+                                  "gripper: it would be pushed, which the experts do not do")
     return PickPlaceExpert(obj, target, relation=pred[0], **kwargs)
+
+
+def _region_owner(inner: Any, region: str) -> str | None:
+    """The fixture or object a region site belongs to (``wooden_cabinet_1_top_region`` ->
+    ``wooden_cabinet_1``), None when ``region`` is itself an object."""
+    if region in inner.objects_dict or region in getattr(inner, "fixtures_dict", {}):
+        return None
+    names = list(getattr(inner, "fixtures_dict", {})) + list(inner.objects_dict)
+    owners = [n for n in names if region.startswith(n + "_")]
+    return max(owners, key=len) if owners else None
+
+
+def _has_joints(inner: Any, name: str) -> bool:
+    try:
+        return bool(inner.get_object(name).joints)
+    except (AttributeError, KeyError):
+        return False
 
 
 def _wrap_half_pi(a: float) -> float:
