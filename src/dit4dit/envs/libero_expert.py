@@ -88,11 +88,11 @@ def plan_expert(env: Any, **kwargs: Any) -> "PickPlaceExpert":
 
 
 def _region_owner(inner: Any, region: str) -> str | None:
-    """The fixture or object a region site belongs to (``wooden_cabinet_1_top_region`` ->
-    ``wooden_cabinet_1``), None when ``region`` is itself an object."""
+    """The fixture a region site belongs to (``wooden_cabinet_1_top_region`` -> ``wooden_cabinet_1``);
+    None for an object's region (``basket_1_contain_region``: movable objects have free joints)."""
     if region in inner.objects_dict or region in getattr(inner, "fixtures_dict", {}):
         return None
-    names = list(getattr(inner, "fixtures_dict", {})) + list(inner.objects_dict)
+    names = list(getattr(inner, "fixtures_dict", {}))
     owners = [n for n in names if region.startswith(n + "_")]
     return max(owners, key=len) if owners else None
 
