@@ -17,13 +17,12 @@ initial states.
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
