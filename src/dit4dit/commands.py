@@ -615,14 +615,19 @@ def _bench_serve(args):
     return r
 
 
-# ------------------------------------------------------------------------------------------ metaworld
-def register_metaworld(sub: argparse._SubParsersAction) -> None:
-    """`dit4dit collect metaworld` and `dit4dit eval metaworld` (needs the `metaworld` extra)."""
+def _collect_subparsers(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
+    """The `collect` command's subcommand table (created on first use), where each simulator adds its own."""
     collect = sub.choices.get("collect")
     if collect is None:
         collect = sub.add_parser("collect", help="collect expert demonstrations into a LeRobot v3.0 dataset")
         collect.add_subparsers(dest="env", required=True)
-    csub = next(a for a in collect._actions if isinstance(a, argparse._SubParsersAction))
+    return next(a for a in collect._actions if isinstance(a, argparse._SubParsersAction))
+
+
+# ------------------------------------------------------------------------------------------ metaworld
+def register_metaworld(sub: argparse._SubParsersAction) -> None:
+    """`dit4dit collect metaworld` and `dit4dit eval metaworld` (needs the `metaworld` extra)."""
+    csub = _collect_subparsers(sub)
     q = csub.add_parser("metaworld", help="MetaWorld scripted experts, one training layout an episode "
                                           "(needs `pip install -e '.[metaworld]'`)")
     q.add_argument("--tasks", required=True, help="comma-separated tasks, e.g. button-press-topdown,drawer-open,push")
@@ -745,11 +750,7 @@ def _eval_metaworld(args):
 # ------------------------------------------------------------------------------------------ libero collect
 def register_collect_libero(sub: argparse._SubParsersAction) -> None:
     """`dit4dit collect libero` (needs the `libero` extra)."""
-    collect = sub.choices.get("collect")
-    if collect is None:
-        collect = sub.add_parser("collect", help="collect expert demonstrations into a LeRobot v3.0 dataset")
-        collect.add_subparsers(dest="env", required=True)
-    csub = next(a for a in collect._actions if isinstance(a, argparse._SubParsersAction))
+    csub = _collect_subparsers(sub)
     q = csub.add_parser("libero", help="LIBERO scripted experts (privileged object poses) into the public "
                                        "LIBERO LeRobot layout (needs `pip install -e '.[libero]'`)")
     q.add_argument("--suite", required=True, help="libero_object | libero_spatial | libero_goal | ...")

@@ -55,6 +55,28 @@ DEFAULT_IMAGE_SIZE = 64
 # --------------------------------------------------------------------------------------------
 
 
+
+class _FrameHistory:
+    """The camera frames an episode has shown, for a model with several conditioning frames:
+    frames t - (nc-1-k) * stride, the first frame standing in before the start (the training
+    samples' convention, dit4dit.data.samples)."""
+
+    def __init__(self, obs: dict, num_cond_frames: int, stride: int) -> None:
+        self.nc, self.stride = int(num_cond_frames), int(stride)
+        self.span = (self.nc - 1) * self.stride + 1
+        self.frames = deque([obs[IMAGE_KEY]] * self.span, maxlen=self.span)
+
+    def append(self, frame: np.ndarray) -> None:
+        self.frames.append(frame)
+
+    def query(self, obs: dict) -> dict:
+        """The observation to send: ``obs`` with its image replaced by the conditioning frames."""
+        query = dict(obs)
+        if self.nc > 1:
+            query[IMAGE_KEY] = np.stack([self.frames[self.span - 1 - (self.nc - 1 - k) * self.stride]
+                                         for k in range(self.nc)])
+        return query
+
 def policy_protocol(policy: Any) -> dict[str, Any]:
     """The policy's evaluation protocol (``policy.metadata()``), or {} for a bare object."""
     meta = getattr(policy, "metadata", None)
@@ -126,16 +148,11 @@ def run_episode(policy: Any, spec: dict[str, Any]) -> dict[str, Any]:
     infer_s, calls = 0.0, 0
     try:
         obs = env.reset(spec["layout"])
-        # conditioning frames t - (nc-1-k) * stride, the first frame standing in before the start
-        # (the training samples' convention, dit4dit.data.samples)
-        span = (nc - 1) * stride + 1
-        history = deque([obs[IMAGE_KEY]] * span, maxlen=span)
+        history = _FrameHistory(obs, nc, stride)
         frames = [obs[IMAGE_KEY]] if spec["record"] else None
         success = done = False
         while not (success or done):
-            query = dict(obs)
-            if nc > 1:
-                query[IMAGE_KEY] = np.stack([history[span - 1 - (nc - 1 - k) * stride] for k in range(nc)])
+            query = history.query(obs)
             t0 = time.perf_counter()
             chunk = np.asarray(policy.infer(query)["actions"], dtype=np.float32)
             infer_s += time.perf_counter() - t0
@@ -205,14 +222,11 @@ def run_latency_episode(policy: Any, spec: dict[str, Any]) -> dict[str, Any]:
     holds = 0
     try:
         obs = env.reset(spec["layout"])
-        span = (nc - 1) * stride + 1
-        history = deque([obs[IMAGE_KEY]] * span, maxlen=span)
+        history = _FrameHistory(obs, nc, stride)
         frames = [obs[IMAGE_KEY]] if spec["record"] else None
         success = done = False
         while not (success or done):
-            query = dict(obs)
-            if nc > 1:
-                query[IMAGE_KEY] = np.stack([history[span - 1 - (nc - 1 - k) * stride] for k in range(nc)])
+            query = history.query(obs)
             action = executor.act(query)
             if action is None:
                 holds += 1
