@@ -35,10 +35,7 @@ from dit4dit.serve.server import PolicyServer  # noqa: E402
 
 pytestmark = pytest.mark.timeout(180)
 
-SMALL = ["video.num_layers=1", "feature_blocks=1", "video.num_attention_heads=2", "video.attention_head_dim=16",
-         "video.adaln_lora_dim=16", "action.num_layers=2", "action.num_attention_heads=2",
-         "action.attention_head_dim=16", "action.cross_attention_dim=32", "action.mlp_hidden=64",
-         "num_action_steps=2", "action.dropout=0.0", "schema=toy_reach", "inputs.image_size=[32,32]"]
+from test_serve import SMALL  # noqa: E402  (the same tiny policy as the serving tests)
 
 
 @pytest.fixture(scope="module")

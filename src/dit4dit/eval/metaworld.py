@@ -130,10 +130,9 @@ def _replan(meta: dict[str, Any], replan_every: int | None) -> int | None:
 # --------------------------------------------------------------------------------------------
 
 
-def run_episode(policy: Any, spec: dict[str, Any]) -> dict[str, Any]:
-    """One closed-loop episode (see the module docstring); ``spec`` from :func:`_specs`."""
-    if spec.get("execution"):
-        return run_latency_episode(policy, spec)
+def _start_episode(policy: Any, spec: dict[str, Any]) -> tuple[Any, Any, int, int]:
+    """The episode's (cached) environment, bound to an oracle policy if any, and the policy seeded
+    for the episode; returns (env, the policy's previous seed, conditioning frames, frame stride)."""
     env = cached_env(spec["task"], spec["camera"], spec["image_size"], spec["max_steps"])
     bind = getattr(policy, "bind_env", None)
     if callable(bind):  # oracle policies only (OracleExpertPolicy)
@@ -141,7 +140,14 @@ def run_episode(policy: Any, spec: dict[str, Any]) -> dict[str, Any]:
     old_seed = getattr(policy, "seed", None)
     if old_seed is not None:
         policy.seed = int(spec["policy_seed"])
-    nc, stride = int(spec["num_cond_frames"]), int(spec.get("frame_stride", 1))
+    return env, old_seed, int(spec["num_cond_frames"]), int(spec.get("frame_stride", 1))
+
+
+def run_episode(policy: Any, spec: dict[str, Any]) -> dict[str, Any]:
+    """One closed-loop episode (see the module docstring); ``spec`` from :func:`_specs`."""
+    if spec.get("execution"):
+        return run_latency_episode(policy, spec)
+    env, old_seed, nc, stride = _start_episode(policy, spec)
     replan = spec["replan_every"]
     t_env0 = dict(env.timing)
     start = time.perf_counter()
@@ -194,14 +200,7 @@ def run_latency_episode(policy: Any, spec: dict[str, Any]) -> dict[str, Any]:
     moves to another chunk (holds included: a stop and a restart are motion changes)."""
     from ..serve.executor import AsyncChunkExecutor
 
-    env = cached_env(spec["task"], spec["camera"], spec["image_size"], spec["max_steps"])
-    bind = getattr(policy, "bind_env", None)
-    if callable(bind):  # oracle policies only (OracleExpertPolicy)
-        bind(env)
-    old_seed = getattr(policy, "seed", None)
-    if old_seed is not None:
-        policy.seed = int(spec["policy_seed"])
-    nc, stride = int(spec["num_cond_frames"]), int(spec.get("frame_stride", 1))
+    env, old_seed, nc, stride = _start_episode(policy, spec)
     execute = spec["replan_every"] or int(spec.get("action_horizon") or 1)
     infer_s = 0.0
 
