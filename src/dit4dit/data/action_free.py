@@ -124,7 +124,6 @@ class VideoFolder:
             raise DatasetError(f"{self.root}: every one of its {len(files)} video files was skipped as unreadable or "
                                f"too short")
         self._pool = VideoReaderPool(max_open)
-        self.source_fps: dict[str, float] = {}
 
     def _instructions(self, files: Sequence[Path]) -> dict[str, str]:
         path = self.root / INSTRUCTIONS_FILE
@@ -157,7 +156,7 @@ class VideoFolder:
                                    f"only {n} are present")
             try:
                 reader.read([times[0], times[-1]])
-            except (DatasetError, Exception) as e:  # noqa: BLE001 - any decoder failure names the file
+            except Exception as e:  # noqa: BLE001 - any decoder failure names the file
                 raise DatasetError(f"{path}: unreadable or truncated video ({type(e).__name__}: {e})") from None
         finally:
             reader.close()
