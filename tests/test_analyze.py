@@ -366,7 +366,7 @@ def test_tsne_keeps_separated_clusters_apart_and_is_deterministic():
 
 
 def test_grid_cells_and_value_parsing():
-    from dit4dit.analyze.cli import parse_ablations, parse_variants
+    from dit4dit.cli.analyze import parse_ablations, parse_variants
     from dit4dit.analyze.grid import VARIANTS, AnalysisError, ablation_cells, variant_cells
 
     assert parse_variants("all") == tuple(VARIANTS) and parse_variants("none") == ()
@@ -394,8 +394,7 @@ def test_grid_cells_and_value_parsing():
 
 
 def test_runner_end_to_end_resume_and_report(toy_data, tmp_path, monkeypatch, capsys):
-    from dit4dit.analyze import register
-    from dit4dit.analyze.cli import study_from_args
+    from dit4dit.cli.analyze import register, study_from_args
     from dit4dit.analyze.runner import Study, run_analysis
 
     out = tmp_path / "study"

@@ -91,7 +91,7 @@ def test_progress_bars_start_no_monitor_thread():
     data-loader workers fork from a process without one."""
     import threading
 
-    from dit4dit.commands import progress_bar
+    from dit4dit.cli.output import progress_bar
 
     update = progress_bar(3, "t")
     update(1, 3)  # an open bar: tqdm would have started its monitor thread by now

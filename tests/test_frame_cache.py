@@ -308,7 +308,8 @@ def test_per_item_workers_match(v30_root, tmp_path, monkeypatch):
 
 def test_cache_frames_cli_and_bench(tmp_path, capsys):
     from dit4dit.cli import main
-    from dit4dit.data import commands
+    from dit4dit.bench.data import bench_data
+    from dit4dit.data.inspect import cache_frames
 
     root = make_v30_dataset(tmp_path / "ds", episodes=2, length=(6, 5), size=(48, 64))  # fits metaworld_sawyer
     assert main(["cache-frames", str(root), "--schema", "metaworld_sawyer", "--image-size", "32", "48",
@@ -316,18 +317,18 @@ def test_cache_frames_cli_and_bench(tmp_path, capsys):
     r = json.loads(capsys.readouterr().out)
     assert r["frames"] == 11 and r["image_size"] == [32, 48] and r["cache"] == str(tmp_path / "c")
     assert r["bytes"] == 11 * 3 * 32 * 48 and r["cameras"] == [CAM0]
-    again = commands.cache_frames(root, "metaworld_sawyer", (32, 48), out_dir=tmp_path / "c", progress=False)
+    again = cache_frames(root, "metaworld_sawyer", (32, 48), out_dir=tmp_path / "c", progress=False)
     assert again["fingerprint"] == r["fingerprint"]
 
-    bench = commands.bench_data(root, "metaworld_sawyer", image_size=(32, 48), batch_size=2, num_workers=0,
-                                num_batches=2, num_future_frames=2, action_horizon=4, progress=False,
-                                frame_cache=tmp_path / "c")
+    bench = bench_data(root, "metaworld_sawyer", image_size=(32, 48), batch_size=2, num_workers=0,
+                       num_batches=2, num_future_frames=2, action_horizon=4, progress=False,
+                       frame_cache=tmp_path / "c")
     json.dumps(bench)
     assert bench["frame_cache"] == str(tmp_path / "c") and bench["samples_per_s"] > 0
     assert bench["video_shape"] == [2, 3, 3, 32, 48]
     with pytest.raises(FrameCacheError, match="other image settings"):
-        commands.bench_data(root, "metaworld_sawyer", image_size=32, batch_size=2, num_workers=0, num_batches=1,
-                            num_future_frames=2, action_horizon=4, progress=False, frame_cache=tmp_path / "c")
+        bench_data(root, "metaworld_sawyer", image_size=32, batch_size=2, num_workers=0, num_batches=1,
+                   num_future_frames=2, action_horizon=4, progress=False, frame_cache=tmp_path / "c")
     assert main(["bench", "data", str(root), "--schema", "metaworld_sawyer", "--image-size", "32", "--batch", "2",
                  "--workers", "0", "--batches", "2", "--frame-cache", "--json"]) == 0
     r = json.loads(capsys.readouterr().out)

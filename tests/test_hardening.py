@@ -161,7 +161,7 @@ def test_decoding_runs_off_the_event_loop(tiny_policy, monkeypatch):
 
 
 def test_empty_token_is_an_error_not_no_auth(tmp_path, monkeypatch, tiny_policy, caplog):
-    from dit4dit.commands import _serve_token
+    from dit4dit.cli.common import serve_token as _serve_token
 
     monkeypatch.delenv("DIT4DIT_SERVE_TOKEN", raising=False)
     empty = tmp_path / "token"

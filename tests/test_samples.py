@@ -534,15 +534,16 @@ def test_loader_workers_on_real_dataset(v30_root):
 
 
 def test_commands_info_show_stats_bench(v21_root, tmp_path):
-    from dit4dit.data import commands
+    from dit4dit.bench.data import bench_data
+    from dit4dit.data.inspect import compute_stats, dataset_info, dataset_show
 
-    info = commands.dataset_info(v21_root)
+    info = dataset_info(v21_root)
     json.dumps(info)
     assert (info["version"], info["episodes"], info["frames"], info["fps"]) == ("v2.1", 3, 17, 10.0)
     assert info["features"]["observation.state"]["shape"] == [4]
     assert info["video_keys"] == [CAM0, CAM1] and len(info["tasks"]) == 3
 
-    shown = commands.dataset_show(v21_root, episode=1, frame=4, out_png=tmp_path / "f.png")
+    shown = dataset_show(v21_root, episode=1, frame=4, out_png=tmp_path / "f.png")
     json.dumps(shown)
     from PIL import Image
 
@@ -552,7 +553,7 @@ def test_commands_info_show_stats_bench(v21_root, tmp_path):
     np.testing.assert_allclose(shown["state"], state_row(1, 4, 4))
     np.testing.assert_allclose(shown["action"], action_row(1, 4, 4))
 
-    stats = commands.compute_stats(v21_root, None, tmp_path / "stats.json", progress=False)
+    stats = compute_stats(v21_root, None, tmp_path / "stats.json", progress=False)
     allstate = np.stack([state_row(e, t, 4) for e, n in enumerate(LENGTHS) for t in range(n)]).astype(np.float64)
     np.testing.assert_allclose(stats["keys"]["observation.state"]["mean"], allstate.mean(0), rtol=1e-6)
     np.testing.assert_allclose(stats["keys"]["observation.state"]["q99"], np.quantile(allstate, 0.99, axis=0), rtol=1e-6)
@@ -562,8 +563,8 @@ def test_commands_info_show_stats_bench(v21_root, tmp_path):
 
     register_schema(infer_schema(LeRobotDataset(v21_root), name="fixture_bot_test"), overwrite=True)
     try:
-        bench = commands.bench_data(v21_root, "fixture_bot_test", image_size=32, batch_size=2, num_workers=0,
-                                    num_batches=2, num_future_frames=2, action_horizon=4, progress=False)
+        bench = bench_data(v21_root, "fixture_bot_test", image_size=32, batch_size=2, num_workers=0,
+                           num_batches=2, num_future_frames=2, action_horizon=4, progress=False)
     finally:
         SCHEMAS.pop("fixture_bot_test")
     json.dumps(bench)

@@ -458,7 +458,7 @@ def test_bench_serve_in_process_fake_policy():
 
 def test_cli_parsers():
     from dit4dit.cli import build_parser
-    from dit4dit.commands import get_eval_subparsers
+    from dit4dit.cli.eval import get_eval_subparsers
 
     parser = build_parser()
     a = parser.parse_args(["serve", "--random-weights", "toy_reach", "--port", "0", "--token", "t"])

@@ -30,7 +30,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .commands import progress_bar
+from .progress import progress_bar
 from .config import get_preset
 from .envs.toy import TASKS as TOY_TASKS
 

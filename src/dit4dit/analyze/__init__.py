@@ -1,4 +1,4 @@
-"""Baselines and ablations of the paper, runnable from the command line (`dit4dit analyze`).
+"""Baselines and ablations of the paper (`dit4dit analyze`, whose flags are in `dit4dit.cli.analyze`).
 
 - `grid`: the cells (named variants `joint`, `joint_detached`, `action_only`, `decoupled`,
   `static_image`; ablation grids `feature_blocks`, `feature_denoise_steps`, `tau_f`, `demos`);
@@ -8,9 +8,5 @@
   the paired bootstrap of arm differences and its report section;
 - `features`: phase-labelled features, silhouette score and t-SNE (numpy);
 - `report`: aggregate over seeds (Wilson CIs over pooled episodes), `results.md`, plots;
-- `cli`: `register(subparsers)` adds the `analyze` subcommand.
+- `summary`: the plan of a dry run and the summary table the command prints.
 """
-
-from .cli import register
-
-__all__ = ["register"]

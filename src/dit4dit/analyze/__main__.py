@@ -1,7 +1,10 @@
-"""`python -m dit4dit.analyze [OPTIONS]` = `dit4dit analyze [OPTIONS]`."""
+"""`python -m dit4dit.analyze [OPTIONS]` = `dit4dit analyze [OPTIONS]`.
+
+An entry point only (nothing imports it), so it may call the command line above this package.
+"""
 
 import sys
 
-from .cli import main
+from ..cli import main
 
 sys.exit(main(["analyze", *sys.argv[1:]]))

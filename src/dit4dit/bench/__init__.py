@@ -1,4 +1,11 @@
-"""Benchmarks that write JSON (`dit4dit bench ...`); helpers shared by them."""
+"""Benchmarks that write JSON (`dit4dit bench ...`); helpers shared by them.
+
+- `inference`: policy-step latency, our path against the naive one (`bench inference`);
+- `data`: data-loading throughput of the training pipeline (`bench data`);
+- `train`: training throughput and MFU, our step against the plain one (`bench train`);
+- `serve`: policy-server round trips and throughput over loopback (`bench serve`); `fuzz`: its
+  hostile-message run (`bench serve --fuzz N`).
+"""
 
 from __future__ import annotations
 

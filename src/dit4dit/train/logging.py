@@ -15,12 +15,13 @@ import json
 import logging
 import math
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
+
+from ..progress import tqdm_bar
 
 METRICS_FILE = "metrics.jsonl"
 TEXT_LOG_FILE = "train.log"
@@ -168,15 +169,10 @@ class RunLogger:
 
 
 def progress_bar(total: int, initial: int, enabled: bool, desc: str = "train"):
-    """A tqdm bar on stderr (steps, rate, ETA), or None when disabled or tqdm is missing."""
+    """The training bar on stderr (steps, rate, ETA) starting at ``initial``, or None when disabled."""
     if not enabled:
         return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover
-        return None
-    return tqdm(total=total, initial=initial, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True,
-                smoothing=0.1)
+    return tqdm_bar(total, desc, initial=initial, unit="step", smoothing=0.1)
 
 
 def read_metrics(run_dir: str | os.PathLike, kind: str | None = "train") -> list[dict[str, Any]]:

@@ -1,14 +1,17 @@
 """`dit4dit analyze`: the baselines and ablations of the paper from the command line.
 
-`register(subparsers)` adds the subcommand to the `dit4dit` parser.
+The flags become a :class:`dit4dit.analyze.runner.Study` (`study_from_args`); the study itself
+(cells, runs, aggregation, report) is :mod:`dit4dit.analyze`. `python -m dit4dit.analyze` runs this
+same command.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from typing import Any
+
+from .common import Subparsers, import_envs
 
 HELP = "train and evaluate the paper's baselines and ablations (cells x seeds, resumable); write results.md"
 
@@ -36,7 +39,7 @@ re-aggregates what OUT holds.
 """
 
 
-def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+def register(subparsers: Subparsers) -> argparse.ArgumentParser:
     """Add the `analyze` subcommand to the `dit4dit` subparsers."""
     from ..config import preset_names
 
@@ -90,7 +93,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def parse_ablations(items: list[str]) -> tuple[tuple[str, ...], dict[str, tuple[str, ...]]]:
     """`--ablation` arguments -> (names, {name: values}); see the epilog."""
-    from .grid import ABLATIONS, AnalysisError
+    from ..analyze.grid import ABLATIONS, AnalysisError
 
     names: list[str] = []
     values: dict[str, tuple[str, ...]] = {}
@@ -114,7 +117,7 @@ def parse_ablations(items: list[str]) -> tuple[tuple[str, ...], dict[str, tuple[
 
 
 def parse_variants(text: str) -> tuple[str, ...]:
-    from .grid import VARIANTS, AnalysisError
+    from ..analyze.grid import VARIANTS, AnalysisError
 
     text = text.strip()
     if text == "all":
@@ -129,7 +132,7 @@ def parse_variants(text: str) -> tuple[str, ...]:
 
 
 def parse_seeds(text: str) -> tuple[int, ...]:
-    from .grid import AnalysisError
+    from ..analyze.grid import AnalysisError
 
     try:
         seeds = tuple(dict.fromkeys(int(s) for s in text.split(",") if s.strip()))
@@ -141,7 +144,7 @@ def parse_seeds(text: str) -> tuple[int, ...]:
 
 
 def parse_counts(text: str | None, default: tuple[int, ...], flag: str) -> tuple[int, ...]:
-    from .grid import AnalysisError
+    from ..analyze.grid import AnalysisError
 
     if text is None:
         return default
@@ -155,8 +158,8 @@ def parse_counts(text: str | None, default: tuple[int, ...], flag: str) -> tuple
 
 
 def parse_arms(text: str) -> tuple[str, ...]:
-    from .grid import AnalysisError
-    from .prior import ARMS
+    from ..analyze.grid import AnalysisError
+    from ..analyze.prior import ARMS
 
     if text.strip() == "all":
         return tuple(ARMS)
@@ -168,9 +171,9 @@ def parse_arms(text: str) -> tuple[str, ...]:
 
 
 def study_from_args(args: argparse.Namespace):
-    from .grid import AnalysisError
-    from .prior import DEMOS, DEMOS_DE
-    from .runner import Study
+    from ..analyze.grid import AnalysisError
+    from ..analyze.prior import DEMOS, DEMOS_DE
+    from ..analyze.runner import Study
 
     ablations, values = parse_ablations(args.ablation)
     tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip()) if args.tasks else ()
@@ -193,32 +196,14 @@ def study_from_args(args: argparse.Namespace):
 
 
 def cmd_analyze(args: argparse.Namespace) -> dict[str, Any]:
-    from .runner import pretrain_dir, pretrain_names, run_analysis, stage_configs
+    from ..analyze.runner import run_analysis
+    from ..analyze.summary import format_plan, study_plan, summary_table
 
     study = study_from_args(args)
     if args.dry_run:
-        from ..envs import toy  # noqa: F401  (registers the toy_reach schema)
-
-        cells = study.cells()
-        pretrain = [{"pretrain": n, "folder": str(pretrain_dir(study.out, n) / "train"),
-                     "overrides": list(_pretrain_overrides(n)), "train_steps": study.pretrain_config(n).train.steps}
-                    for n in pretrain_names(cells)]
-        plan = {"pretrain": pretrain,
-                "cells": [{"cell": c.key, "label": c.label, "stages": [list(s) for s in c.stages], "init": c.init,
-                           "init_from": stage_configs(study, c, study.seeds[0])[0].train.init_from,
-                           "train_steps": [cfg.train.steps for cfg in stage_configs(study, c, study.seeds[0])],
-                           "features": study.wants_features(c)}
-                          for c in cells], "seeds": list(study.seeds), "runs": len(cells) * len(study.seeds)}
-        if args.json:
-            print(json.dumps(plan, indent=2))
-        else:
-            for p in pretrain:
-                print(f"{'pretrain/' + p['pretrain']:<36} {' '.join(p['overrides'])}  ({p['train_steps']} steps, once)")
-            for c in plan["cells"]:
-                init = f"--init pretrain/{c['init']} -> " if c["init"] else ""
-                print(f"{c['cell']:<36} {init}{' -> '.join(' '.join(s) for s in c['stages'])}")
-            print(f"{plan['runs']} runs ({len(cells)} cells x {len(study.seeds)} seeds)"
-                  + (f" after {len(pretrain)} pretraining run(s)" if pretrain else ""))
+        import_envs()  # the toy_reach schema
+        plan = study_plan(study)
+        print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
         return plan
     report = run_analysis(study, progress=not args.no_progress and not args.json, threads=args.threads,
                           train=not args.report_only, jobs=args.jobs)
@@ -227,45 +212,3 @@ def cmd_analyze(args: argparse.Namespace) -> dict[str, Any]:
     else:
         print(summary_table(report))
     return report
-
-
-def _pretrain_overrides(name: str) -> tuple[str, ...]:
-    from .prior import PRETRAIN, PRETRAIN_COMMON
-
-    return PRETRAIN_COMMON + PRETRAIN[name][1]
-
-
-def summary_table(report: dict[str, Any]) -> str:
-    lines = []
-    for r in report["cells"]:
-        if r["success_mean"] is None:
-            lines.append(f"{r['group'] + '/' + r['cell']:<40} not run")
-            continue
-        ci = r["ci95"]
-        sil = f"  silhouette {r['silhouette_phase']:.3f}" if r["silhouette_phase"] is not None else ""
-        lines.append(f"{r['group'] + '/' + r['cell']:<40} {100 * r['success_mean']:5.1f}%  "
-                     f"[{100 * ci[0]:.0f}, {100 * ci[1]:.0f}]  {r['successes']}/{r['episodes']}  "
-                     f"seeds {len(r['seeds'])}{sil}")
-    for c in report.get("comparisons") or []:
-        if c["difference"] is not None:
-            lines.append(f"{c['a']} - {c['b']} at {c['demos']:g} demos: {100 * c['difference']:+.1f} points "
-                         f"[{100 * c['ci'][0]:+.1f}, {100 * c['ci'][1]:+.1f}] ({c['pairs']} paired episodes)")
-    lines.append(f"report: {report['plan']['out']}/results.md")
-    return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`dit4dit analyze` on its own (`python -m dit4dit.analyze ...`; argv starts with "analyze")."""
-    parser = argparse.ArgumentParser(prog="dit4dit")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    from ..config import ConfigError
-
-    try:
-        args.func(args)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
