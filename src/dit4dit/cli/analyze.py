@@ -8,10 +8,10 @@ same command.
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
 
 from .common import Subparsers, import_envs
+from .output import emit
 
 HELP = "train and evaluate the paper's baselines and ablations (cells x seeds, resumable); write results.md"
 
@@ -203,12 +203,9 @@ def cmd_analyze(args: argparse.Namespace) -> dict[str, Any]:
     if args.dry_run:
         import_envs()  # the toy_reach schema
         plan = study_plan(study)
-        print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
+        emit(args, plan, format_plan)
         return plan
     report = run_analysis(study, progress=not args.no_progress and not args.json, threads=args.threads,
                           train=not args.report_only, jobs=args.jobs)
-    if args.json:
-        print(json.dumps(report, indent=2, default=str))
-    else:
-        print(summary_table(report))
+    emit(args, report, summary_table)
     return report

@@ -11,20 +11,18 @@ from pathlib import Path
 Subparsers = argparse._SubParsersAction
 """The subcommand table `add_subparsers` returns; every command's `register` adds its parser to one."""
 
-# command parser -> its own subcommand table (`bench`, `eval`, `collect`, `dataset`)
-_TABLES: weakref.WeakKeyDictionary[argparse.ArgumentParser, Subparsers] = weakref.WeakKeyDictionary()
+# top-level table -> {command name: that command's own subcommand table} (`bench`, `eval`, `collect`, `dataset`)
+_TABLES: weakref.WeakKeyDictionary[Subparsers, dict[str, Subparsers]] = weakref.WeakKeyDictionary()
 
 
 def subcommand_table(sub: Subparsers, name: str, *, help: str, dest: str, metavar: str | None = None) -> Subparsers:
-    """The subcommand table of command `name` (e.g. `bench`), created with the command on first use,
-    so that more subcommands (`bench data`, `eval toy`, ...) can be added to it later."""
-    parser = sub.choices.get(name)
-    if parser is None:
+    """The subcommand table of command `name` (e.g. `bench`) in `sub`, created with the command on
+    first use, so that more subcommands (`bench data`, `eval toy`, ...) can be added to it later."""
+    tables = _TABLES.setdefault(sub, {})
+    if name not in tables:
         parser = sub.add_parser(name, help=help)
-        _TABLES[parser] = parser.add_subparsers(dest=dest, required=True, metavar=metavar)
-    elif parser not in _TABLES:
-        raise ValueError(f"command {name!r} exists but was not created by subcommand_table")
-    return _TABLES[parser]
+        tables[name] = parser.add_subparsers(dest=dest, required=True, metavar=metavar)
+    return tables[name]
 
 
 def add_preset_args(p: argparse.ArgumentParser, preset: bool = True) -> None:
