@@ -25,14 +25,13 @@ def subcommand_table(sub: Subparsers, name: str, *, help: str, dest: str, metava
     return tables[name]
 
 
-def add_preset_args(p: argparse.ArgumentParser, preset: bool = True) -> None:
-    """`--preset` and repeatable `--set KEY=VALUE` (with `preset`), and `--json`."""
-    if preset:
-        from ..config import preset_names
+def add_preset_args(p: argparse.ArgumentParser) -> None:
+    """`--preset`, repeatable `--set KEY=VALUE` and `--json`."""
+    from ..config import preset_names
 
-        p.add_argument("--preset", default="tiny", help=f"named config: {', '.join(preset_names())}")
-        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config field, e.g. --set action.num_layers=8 (repeatable)")
+    p.add_argument("--preset", default="tiny", help=f"named config: {', '.join(preset_names())}")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set action.num_layers=8 (repeatable)")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
 
 
