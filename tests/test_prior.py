@@ -113,7 +113,7 @@ def test_init_parts_takes_the_pretrained_encoder_and_leaves_the_action_dit_fresh
 
 
 def _parser():
-    from dit4dit.analyze import register
+    from dit4dit.cli.analyze import register
 
     parser = argparse.ArgumentParser(prog="dit4dit")
     register(parser.add_subparsers(dest="command", required=True))
