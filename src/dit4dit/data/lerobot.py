@@ -1,6 +1,6 @@
 """Read LeRobot datasets (layouts v2.1 and v3.0) from a local folder.
 
-Layouts (see DESIGN.md section 6):
+Layouts (docs/design.md, section 6):
 
 * v2.0 / v2.1 -- ``meta/info.json``, ``meta/episodes.jsonl``, ``meta/tasks.jsonl``
   (``meta/episodes_stats.jsonl`` is not needed for reading), one parquet file per episode at
