@@ -48,7 +48,7 @@ from ..data.training_data import (VIDEO_ONLY_MODES, DatasetFolder, TrainingData,
 from ..jsonio import write_json
 from . import checkpoint as ckpt
 from .codec_fit import codec_latent_rms, fit_codec
-from .distributed import (DistInfo, ShardedBatchSampler, all_reduce_mean, barrier, broadcast_flag,
+from .distributed import (DistInfo, ShardedBatchSampler, Wrapped, all_reduce_mean, barrier, broadcast_flag,
                           choose_strategy, gather_tensors, init_distributed, is_dtensor, seed_for, shutdown, wrap)
 from .hooks import EvalFn, ImageFn, MetricsWindow, TimeBudget, image_strip, run_eval_hook, run_image_hook
 from .logging import RunLogger, progress_bar
@@ -96,8 +96,8 @@ class _Run:
     start_step: int
     step: int
     target: int
-    budget: TimeBudget
     image_fn: ImageFn | None
+    budget: TimeBudget = field(default_factory=lambda: TimeBudget(None, 0, 0))
     bar: Any = None
     last_saved: int = -1
     last_ckpt: Path | None = None
@@ -217,15 +217,7 @@ class Trainer:
         model.train()
         n_trainable = sum(v for k, v in counts.items() if k != "frozen")
         strategy = choose_strategy(tc.distributed, info.world_size, n_trainable)
-        find_unused = cfg.mode != "joint" or cfg.lambda_video <= 0
-        wrapped = wrap(LossModule(model, self.loss_fn), model, strategy, info, find_unused_parameters=find_unused,
-                       bf16=precision == "bfloat16")
-        optimizer = build_optimizer(model, tc, device)
-        scheduler = WarmupCosine.from_config(optimizer, tc)
-        ema = None
-        if tc.ema_decay is not None:
-            named = [(n, p) for g in optimizer.param_groups for n, p in zip(g["param_names"], g["params"])]
-            ema = EMA(named, tc.ema_decay)
+        wrapped, optimizer, scheduler, ema = self._optimisation(model, cfg, strategy, info, precision)
         generator = self._seed_rank_streams(cfg, info)
         stream = self._batch_streams(data, n_free, info)
         step = 0
@@ -242,7 +234,7 @@ class Trainer:
         r = _Run(cfg=cfg, info=info, precision=precision, strategy=strategy, data=data, model=model,
                  optimizer=optimizer, scheduler=scheduler, ema=ema, generator=generator, stream=stream, runner=runner,
                  logger=logger, counts=counts, t_start=t_start, start_step=step, step=step, target=target,
-                 budget=TimeBudget(tc.time_budget_minutes, step, target), image_fn=self.image_fn,
+                 image_fn=self.image_fn,
                  last_saved=step if resume_from is not None else -1,
                  last_ckpt=resume_from.path if resume_from is not None else None)
         self._write_run_files(r)
@@ -250,6 +242,7 @@ class Trainer:
         if tc.image_every > 0 and r.image_fn is None:
             r.image_fn = image_strip
         r.bar = progress_bar(tc.steps, step, self.progress and info.is_main)
+        r.budget = TimeBudget(tc.time_budget_minutes, step, target)  # its clock starts right before the loop
         return r
 
     def _resume_checkpoint(self) -> ckpt.Checkpoint | None:
@@ -390,6 +383,22 @@ class Trainer:
                                        f"tensors do not match this model (e.g. {fresh[0]})")
         if info.is_main:
             write_json(self.run_dir / "init.json", self.init_report, indent=2)
+
+    def _optimisation(self, model: Any, cfg: DiT4DiTConfig, strategy: str, info: DistInfo, precision: str
+                      ) -> tuple[Wrapped, torch.optim.Optimizer, WarmupCosine, EMA | None]:
+        """The loss wrapped for ``strategy``, AdamW with per-part learning rates, the warm-up +
+        cosine schedule and the EMA of the trainable weights (``train.ema_decay``)."""
+        tc = cfg.train
+        find_unused = cfg.mode != "joint" or cfg.lambda_video <= 0
+        wrapped = wrap(LossModule(model, self.loss_fn), model, strategy, info, find_unused_parameters=find_unused,
+                       bf16=precision == "bfloat16")
+        optimizer = build_optimizer(model, tc, info.device)
+        scheduler = WarmupCosine.from_config(optimizer, tc)
+        ema = None
+        if tc.ema_decay is not None:
+            named = [(n, p) for g in optimizer.param_groups for n, p in zip(g["param_names"], g["params"])]
+            ema = EMA(named, tc.ema_decay)
+        return wrapped, optimizer, scheduler, ema
 
     @staticmethod
     def _seed_rank_streams(cfg: DiT4DiTConfig, info: DistInfo) -> torch.Generator:
