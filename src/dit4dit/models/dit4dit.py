@@ -103,7 +103,6 @@ class DiT4DiT(nn.Module):
         else:
             self._features = VideoDiTFeatures(video_dit, cfg, n_cond, codec.num_latent_frames(cfg.inputs.num_frames)
                                               - n_cond, codec.temporal_factor == 1)
-        self.feature_encoder.module.gradient_checkpointing = cfg.gradient_checkpointing
         # Inference-time memo of text embeddings per prompt (weights are fixed while serving);
         # cleared whenever the model switches mode, so training never sees a stale embedding.
         self._text_memo: dict[str, torch.Tensor] = {}
@@ -164,7 +163,7 @@ class DiT4DiT(nn.Module):
             bb.check_config(cfg)  # before any weight loads
             backbone = str(bb.root)
         image_encoder = None
-        generated = cfg.codec.generated_channels
+        generated, ckpt = cfg.codec.generated_channels, cfg.gradient_checkpointing
         if cfg.encoder == "static_image":  # the baseline: no video DiT, an image encoder trained from scratch
             video = None
             image_encoder = ImageEncoder(cfg)
@@ -174,9 +173,9 @@ class DiT4DiT(nn.Module):
             video = _empty_video_dit(cfg, video_dtype or (torch.bfloat16 if bb is not None else torch.float32))
         elif bb is not None:
             video = VideoDiT.from_pretrained(bb.root, cfg.video, torch_dtype=video_dtype or torch.bfloat16,
-                                             generated_channels=generated)
+                                             generated_channels=generated, gradient_checkpointing=ckpt)
         else:
-            video = VideoDiT(cfg.video, generated_channels=generated)
+            video = VideoDiT(cfg.video, generated_channels=generated, gradient_checkpointing=ckpt)
             if video_dtype is not None:
                 video.to(video_dtype)
         action = ActionDiT(cfg.action)
@@ -387,7 +386,10 @@ class DiT4DiT(nn.Module):
                        num_steps: int | None = None, prefix: torch.Tensor | None = None,
                        prefix_weights: torch.Tensor | None = None,
                        max_guidance: float = rtc.DEFAULT_MAX_GUIDANCE) -> torch.Tensor:
-        """Normalised action chunk (B, H, action_dim) from conditioning frames and state.
+        """Normalised action chunk (B, H, action_dim) from conditioning frames and state (Algorithm 2,
+        action branch): encode the conditioning frames, one feature pass at `tau_f` on a fresh noise
+        future (`extract_features`), then `num_steps` Euler steps of the action DiT from
+        `a ~ N(0, I)` at tau = 1 to the chunk at tau = 0, conditioned on the features and the state.
 
         Real-time chunking (``dit4dit.models.rtc``): ``prefix`` (B, H, action_dim), normalised
         actions the chunk must continue, and ``prefix_weights`` (H,) or broadcastable to the chunk
@@ -401,7 +403,7 @@ class DiT4DiT(nn.Module):
             text = self.encode_text(list(instruction))
         cond_video = cond_video.to(self.device)
         state = state.to(self.device).float()
-        feats = self.extract_features(cond_video, text.to(self.video_dtype), generator).float()
+        feats = self.extract_features(cond_video, text.to(self.video_dtype), generator).float()  # h_t^{tau_f}
         b = feats.shape[0]
         noise = torch.randn((b, self.cfg.action.action_horizon, self.cfg.action.action_dim), generator=generator,
                             device=feats.device)
@@ -471,13 +473,13 @@ def _empty_video_dit(cfg: DiT4DiTConfig, dtype: torch.dtype) -> VideoDiT:
     """The video DiT of `cfg` with uninitialised weights in `dtype` on the CPU: built on the meta
     device (no init compute), then given storage. Every tensor of the module is in its
     state_dict, so loading a state_dict fills it completely (checked here)."""
+    kw = dict(generated_channels=cfg.codec.generated_channels, gradient_checkpointing=cfg.gradient_checkpointing)
     with torch.device("meta"):
-        video = VideoDiT(cfg.video, generated_channels=cfg.codec.generated_channels)
+        video = VideoDiT(cfg.video, **kw)
     names = set(video.state_dict())
     extra = [n for n, _ in video.named_buffers() if n not in names]
     if extra:  # non-persistent buffers would stay garbage: build it the ordinary way
-        video = VideoDiT(cfg.video, generated_channels=cfg.codec.generated_channels)
-        return video.to(dtype)
+        return VideoDiT(cfg.video, **kw).to(dtype)
     video.to(dtype)
     return video.to_empty(device="cpu")
 
