@@ -15,7 +15,7 @@ Three codecs share one interface (`LatentCodec`):
   Causal in time: T = 1 + 4k frames give 1 + k latent frames, the first frame is encoded on its
   own, so the conditioning frame alone can be encoded without padding the clip.
 
-Normalisation (DESIGN §3): latents are `(z - latents_mean) / latents_std`, with the *true*
+Normalisation (docs/design.md, section 3): latents are `(z - latents_mean) / latents_std`, with the *true*
 standard deviation from the VAE config. The diffusers Cosmos pipeline stores `1 / std` in an
 attribute that is also called `latents_std` and multiplies by it; code that divides by that
 attribute multiplies by std instead. We never read the pipeline attribute: the statistics come
