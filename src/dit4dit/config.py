@@ -76,7 +76,7 @@ class VideoDiTConfig:
 
 @dataclass(frozen=True)
 class ActionDiTConfig:
-    """GR00T-N1-style action DiT (DESIGN §4)."""
+    """GR00T-N1-style action DiT (docs/design.md, section 4)."""
 
     num_layers: int = 16
     num_attention_heads: int = 12
@@ -159,7 +159,7 @@ class InputConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation and run settings (paper appendix / DESIGN §5 for the 2B recipe)."""
+    """Optimisation and run settings (the 2B recipe of the paper's appendix: docs/design.md, section 5)."""
 
     steps: int = 100_000
     batch_size: int = 8  # per process
