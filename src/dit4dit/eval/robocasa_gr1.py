@@ -17,7 +17,8 @@ HOST:PORT`` runs the 24 tabletop tasks through their gymnasium ids
   (GR00T's evaluation setting) unless told otherwise.
 
 Outputs are the same as the LIBERO client's: manifest.json, episodes.jsonl, results.json,
-videos/.
+videos/ (the shared loop and output folder of :mod:`dit4dit.eval.episodes`; this module holds the
+GR1 protocol, observation / action mapping and episode, :class:`GR1Episode`).
 """
 
 from __future__ import annotations
