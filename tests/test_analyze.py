@@ -20,7 +20,10 @@ from dit4dit.config import ConfigError, get_preset  # noqa: E402
 from dit4dit.models.dit4dit import DiT4DiT, parameter_counts  # noqa: E402
 from dit4dit.train import checkpoint as ckpt  # noqa: E402
 from dit4dit.train.optim import param_groups  # noqa: E402
-from dit4dit.train.trainer import SyntheticSamples, default_collate, freeze_frozen_parts, train  # noqa: E402
+from dit4dit.bench.synthetic import SyntheticSamples  # noqa: E402
+from dit4dit.data.samples import collate as default_collate  # noqa: E402
+from dit4dit.train.step import freeze_frozen_parts  # noqa: E402
+from dit4dit.train.trainer import train  # noqa: E402
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -250,7 +253,7 @@ def test_freeze_video_and_init_from_errors(tmp_path):
 def test_episodes_per_task_selects_the_first_episodes_of_each_task(toy_data):
     from dit4dit.data.lerobot import LeRobotDataset
     from dit4dit.data.samples import episodes_per_task
-    from dit4dit.train.trainer import build_training_data
+    from dit4dit.data.training_data import build_training_data
 
     ds = LeRobotDataset(toy_data)
     by_task: dict[str, list[int]] = {}
@@ -272,7 +275,7 @@ def test_episodes_per_task_selects_the_first_episodes_of_each_task(toy_data):
 def test_task_episodes_limit_the_demonstrations_of_one_task(toy_data):
     from dit4dit.data.lerobot import LeRobotDataset
     from dit4dit.data.samples import ProcessorError, episodes_per_task
-    from dit4dit.train.trainer import build_training_data
+    from dit4dit.data.training_data import build_training_data
 
     ds = LeRobotDataset(toy_data)
     by_task: dict[str, list[int]] = {}
@@ -300,7 +303,7 @@ def test_task_episodes_limit_the_demonstrations_of_one_task(toy_data):
 def test_task_repeats_oversample_a_task(toy_data):
     from dit4dit.data.lerobot import LeRobotDataset
     from dit4dit.data.samples import ProcessorError, repeat_tasks
-    from dit4dit.train.trainer import build_training_data
+    from dit4dit.data.training_data import build_training_data
 
     ds = LeRobotDataset(toy_data)
     lengths = {e.index: e.length for e in ds.episodes}

@@ -198,7 +198,7 @@ def test_bad_backbone_folders(env, tmp_path):
 
 def test_latent_cache_gives_the_same_loss(env, capsys):
     from dit4dit.data.latent_cache import LatentCacheError, LatentSamples, cache_samples, open_latent_cache
-    from dit4dit.train.trainer import default_collate
+    from dit4dit.data.samples import collate as default_collate
 
     cfg = tiny_cfg()
     r = _json(capsys, ["cache-latents", "--backbone", str(env["bb"]), "--dataset", str(env["ds"]), "--schema",
@@ -333,7 +333,8 @@ def test_memory_formula_matches_what_autograd_saves(env):
     """The activation formula against the bytes autograd really saves for one training step
     (bf16 autocast on CPU; weight casts excluded), on the tiny backbone."""
     from dit4dit.train.memory import estimate_training_memory
-    from dit4dit.train.trainer import SyntheticSamples, default_collate
+    from dit4dit.bench.synthetic import SyntheticSamples
+    from dit4dit.data.samples import collate as default_collate
 
     cfg = tiny_cfg("inputs.image_size=[64,64]")
     model = DiT4DiT.from_config(cfg, backbone=env["bb"], video_dtype=torch.float32).train()

@@ -26,7 +26,9 @@ from dit4dit.config import get_preset  # noqa: E402
 from dit4dit.train import checkpoint as ckpt  # noqa: E402
 from dit4dit.train.distributed import DistInfo, gather_tensors  # noqa: E402
 from dit4dit.train.optim import EMA, build_optimizer  # noqa: E402
-from dit4dit.train.trainer import SyntheticSamples, default_collate, train  # noqa: E402
+from dit4dit.bench.synthetic import SyntheticSamples  # noqa: E402
+from dit4dit.data.samples import collate as default_collate  # noqa: E402
+from dit4dit.train.trainer import train  # noqa: E402
 
 
 def _batch(cfg, n=2, seed=0):
@@ -246,7 +248,8 @@ _KILL_SCRIPT = textwrap.dedent("""
     import json, sys, torch
     torch.set_num_threads(1)
     from dit4dit.config import get_preset
-    from dit4dit.train.trainer import train, SyntheticSamples
+    from dit4dit.bench.synthetic import SyntheticSamples
+    from dit4dit.train.trainer import train
     cfg = get_preset("tiny", json.loads(sys.argv[1]))
     train(cfg, SyntheticSamples(cfg, num_samples=8), sys.argv[2], progress=False)
 """)

@@ -1,4 +1,4 @@
-"""Pin the flow-matching conventions of DESIGN §2 numerically."""
+"""Pin the flow-matching conventions of docs/conventions.md numerically."""
 
 import math
 

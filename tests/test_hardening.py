@@ -445,7 +445,8 @@ def test_resume_before_the_first_save_says_so(tmp_path):
     from test_train import tiny_cfg
 
     from dit4dit.train import checkpoint as ckpt
-    from dit4dit.train.trainer import SyntheticSamples, train
+    from dit4dit.bench.synthetic import SyntheticSamples
+    from dit4dit.train.trainer import train
 
     run = tmp_path / "run"
     run.mkdir()
@@ -473,7 +474,8 @@ def test_eval_toy_without_processor_is_a_clear_error(tmp_path, capsys):
     from test_train import tiny_cfg
 
     from dit4dit.cli import main
-    from dit4dit.train.trainer import SyntheticSamples, train
+    from dit4dit.bench.synthetic import SyntheticSamples
+    from dit4dit.train.trainer import train
 
     cfg = tiny_cfg("train.steps=1")
     train(cfg, SyntheticSamples(cfg, num_samples=4), tmp_path / "run", progress=False)

@@ -22,7 +22,9 @@ from dit4dit.config import ConfigError  # noqa: E402
 from dit4dit.models.dit4dit import DiT4DiT  # noqa: E402
 from dit4dit.train import checkpoint as ckpt  # noqa: E402
 from dit4dit.train.optim import param_groups  # noqa: E402
-from dit4dit.train.trainer import SyntheticSamples, default_collate, train  # noqa: E402
+from dit4dit.bench.synthetic import SyntheticSamples  # noqa: E402
+from dit4dit.data.samples import collate as default_collate  # noqa: E402
+from dit4dit.train.trainer import train  # noqa: E402
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -25,7 +25,10 @@ from dit4dit.train import checkpoint as ckpt  # noqa: E402
 from dit4dit.train.logging import read_metrics  # noqa: E402
 from dit4dit.train.optim import EMA, WarmupCosine, build_optimizer, clip_gradients, lr_at, param_groups  # noqa: E402
 from dit4dit.bench.train import bench_train  # noqa: E402
-from dit4dit.train.trainer import SyntheticSamples, default_collate, freeze_frozen_parts, train  # noqa: E402
+from dit4dit.bench.synthetic import SyntheticSamples  # noqa: E402
+from dit4dit.data.samples import collate as default_collate  # noqa: E402
+from dit4dit.train.step import freeze_frozen_parts  # noqa: E402
+from dit4dit.train.trainer import train  # noqa: E402
 
 SMALL = [
     "action.num_layers=2", "video.num_layers=2", "feature_blocks=1", "inputs.image_size=[32,32]",
@@ -181,7 +184,7 @@ def test_ema_update_and_swap():
 
 
 def test_time_budget_plans_the_steps_that_fit(monkeypatch):
-    from dit4dit.train import trainer as tr
+    from dit4dit.train import hooks as tr
 
     now = [100.0]
     monkeypatch.setattr(tr.time, "perf_counter", lambda: now[0])
@@ -277,7 +280,7 @@ def test_resume_may_extend_steps_but_not_change_the_model(tmp_path):
 def test_pca_codec_is_fitted_on_the_training_frames_and_travels_with_the_checkpoint(tmp_path):
     from dit4dit.models.codecs import PCACodec
     from dit4dit.models.dit4dit import DiT4DiT
-    from dit4dit.train.trainer import fit_codec
+    from dit4dit.train.codec_fit import fit_codec
 
     cfg = tiny_cfg("train.steps=2")
     data = SyntheticSamples(cfg, num_samples=8)
@@ -492,7 +495,8 @@ _DIST_SCRIPT = textwrap.dedent("""
     import json, os, sys, torch
     torch.set_num_threads(1)
     from dit4dit.config import get_preset
-    from dit4dit.train.trainer import train, SyntheticSamples
+    from dit4dit.bench.synthetic import SyntheticSamples
+    from dit4dit.train.trainer import train
 
     def per_sample_loss(model, batch, generator):
         idx = batch["sample_index"]

@@ -590,7 +590,7 @@ def run_analysis(study: Study, *, evaluator: Evaluator | None = None, progress: 
 
 
 def _build_frame_cache(cfg: DiT4DiTConfig, dataset: str, progress: bool) -> None:
-    from ..train.trainer import build_training_data
+    from ..data.training_data import build_training_data
 
     build_training_data(cfg, dataset, progress=progress, frame_cache=True)
 

@@ -28,11 +28,12 @@ import numpy as np
 import torch
 
 from ..config import DiT4DiTConfig, override
+from ..data.samples import collate
 from ..train.distributed import DistInfo, wrap
 from ..train.optim import EMA, WarmupCosine, build_optimizer
-from ..train.trainer import (StepRunner, SyntheticSamples, _autocast, _LossModule, check_train_config,
-                             default_collate, freeze_frozen_parts, resolve_precision)
+from ..train.step import LossModule, StepRunner, autocast, check_train_config, freeze_frozen_parts, resolve_precision
 from . import device_name, sync
+from .synthetic import SyntheticSamples
 
 # Dense peak TFLOP/s by (device-name fragment, precision) — vendor datasheet values (no sparsity).
 # Matched in order, so the more specific fragments come first.
@@ -114,16 +115,16 @@ class _Step:
                       tc.ema_decay)
         generator = torch.Generator(device=dev).manual_seed(tc.seed)
         loss_fn = plain_loss if plain else None
-        self.runner = StepRunner(wrap(_LossModule(model, loss_fn), model, "single", DistInfo(device=dev)), optimizer,
+        self.runner = StepRunner(wrap(LossModule(model, loss_fn), model, "single", DistInfo(device=dev)), optimizer,
                                  scheduler, ema, generator, dev, precision, tc.grad_clip, tc.grad_accum)
         samples = SyntheticSamples(cfg, num_samples=tc.batch_size, seed=tc.seed)
-        fixed = default_collate([samples[i] for i in range(tc.batch_size)])
+        fixed = collate([samples[i] for i in range(tc.batch_size)])
         self.batch = {k: (v.to(dev, non_blocking=True) if isinstance(v, torch.Tensor) else v)
                       for k, v in fixed.items()}
         self.flops = None
         if flops_batch is not None:  # counted on a slice of the batch and scaled (FLOPs are linear in it)
             part = {k: v[:flops_batch] for k, v in self.batch.items()}
-            with _autocast(dev, precision):
+            with autocast(dev, precision):
                 flops = count_step_flops(model, part, torch.Generator(device=dev).manual_seed(0))
             self.flops = flops * tc.batch_size / flops_batch * tc.grad_accum
         self.times: list[float] = []

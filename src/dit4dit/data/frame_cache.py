@@ -56,6 +56,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
+from ..jsonio import write_json
+
 __all__ = [
     "FrameCache",
     "FrameCacheError",
@@ -408,20 +410,6 @@ def open_frame_cache(path: str | Path, dataset: Any = None, processor: Any = Non
 # --------------------------------------------------------------------------------------------
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-
 @contextlib.contextmanager
 def atomic_memmap(path: Path, shape: tuple[int, ...], dtype: Any, *, what: str, error: type[Exception],
                   progress: bool, total: int, unit: str):
@@ -543,5 +531,5 @@ def build_frame_cache(dataset_path: Any, processor: Any, out_dir: str | Path | N
         "build_seconds": round(time.perf_counter() - t0, 3),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    _write_json_atomic(out / INDEX_FILE, index)
+    write_json(out / INDEX_FILE, index, indent=1)
     return out

@@ -47,6 +47,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..config import ConfigError
+from ..jsonio import write_json
 from .frame_cache import (CACHE_DIRNAME, _dataset_cameras, _file_identity, atomic_memmap, dataset_fingerprint,
                           image_settings, read_cache_index)
 
@@ -305,7 +306,6 @@ def build_latent_cache(samples: Any, codec: Any, codec_id: str, out_dir: str | P
         "build_seconds": round(time.perf_counter() - t0, 3),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    from .frame_cache import _write_json_atomic
 
-    _write_json_atomic(out / INDEX_FILE, index)
+    write_json(out / INDEX_FILE, index, indent=1)
     return out

@@ -1,6 +1,6 @@
 """Read LeRobot datasets (layouts v2.1 and v3.0) from a local folder.
 
-Layouts (see DESIGN.md section 6):
+Layouts (docs/design.md, section 6):
 
 * v2.0 / v2.1 -- ``meta/info.json``, ``meta/episodes.jsonl``, ``meta/tasks.jsonl``
   (``meta/episodes_stats.jsonl`` is not needed for reading), one parquet file per episode at
@@ -45,6 +45,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .video import DatasetError, VideoReaderPool, probe_video
+from ..jsonio import read_json
 
 __all__ = ["DatasetError", "Episode", "LeRobotDataset", "STANDARD_COLUMNS"]
 
@@ -197,13 +198,7 @@ def _fill(template: str, **values) -> str:
 
 
 def _read_json(path: Path) -> Any:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError as e:
-        raise DatasetError(f"{path}: missing metadata file") from e
-    except json.JSONDecodeError as e:
-        raise DatasetError(f"{path}: invalid JSON: {e}") from e
+    return read_json(path, "metadata file", error=DatasetError)
 
 
 def _read_jsonl(path: Path) -> list[dict]:

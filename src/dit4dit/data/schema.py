@@ -28,6 +28,8 @@ from typing import Any, Iterable, Literal, Mapping, Sequence
 
 import numpy as np
 
+from ..jsonio import to_jsonable
+
 Layout = Literal["single", "side_by_side", "grid"]
 VISUAL_DTYPES = ("video", "image")
 NUMERIC_DTYPES = (
@@ -364,7 +366,7 @@ class EmbodimentSchema:
 
     # ---- serialisation ---------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return _jsonable(dataclasses.asdict(self))
+        return to_jsonable(dataclasses.asdict(self))
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "EmbodimentSchema":
@@ -415,14 +417,6 @@ def feature_width(feature: Mapping[str, Any]) -> int | None:
 
 def _tuples(d: Mapping[str, Any]) -> dict[str, Any]:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    return x
 
 
 # --------------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..jsonio import to_jsonable, write_json
 from .lerobot import V3_DATA_PATH, V3_VIDEO_PATH, arrow_to_numpy
 from .video import _ENCODER_CANDIDATES, VideoEncoder
 
@@ -145,10 +146,6 @@ def aggregate_stats(per_episode: list[dict[str, np.ndarray]]) -> dict[str, np.nd
         if all(q in s for s in per_episode):
             out[q] = sum(wi * s[q] for wi, s in zip(w, per_episode))
     return out
-
-
-def _jsonable(stats: dict[str, np.ndarray]) -> dict:
-    return {k: np.asarray(v).tolist() for k, v in stats.items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -589,10 +586,10 @@ class LeRobotWriter:
             vals = np.concatenate(
                 [arrow_to_numpy(pq.read_table(f, columns=[key]).column(key), f"{f}: {key}") for f in data_files]
             )
-            stats[key] = _jsonable(compute_feature_stats(vals, tuple(ft["shape"])))
+            stats[key] = to_jsonable(compute_feature_stats(vals, tuple(ft["shape"])))
         for key in self.video_keys + self.image_keys:
-            stats[key] = _jsonable(aggregate_stats([s[key] for s in self._ep_stats]))
-        _write_json(meta / "stats.json", stats)
+            stats[key] = to_jsonable(aggregate_stats([s[key] for s in self._ep_stats]))
+        write_json(meta / "stats.json", stats, indent=4, ensure_ascii=False)
 
         features = {}
         for key, ft in self.features.items():
@@ -617,7 +614,7 @@ class LeRobotWriter:
             "video_path": V3_VIDEO_PATH if self.video_keys else None,
             "features": features,
         }
-        _write_json(meta / "info.json", info)  # last: its presence marks a complete dataset
+        write_json(meta / "info.json", info, indent=4, ensure_ascii=False)  # last: its presence marks a complete dataset
 
     def _move_into_place(self) -> None:
         old = None
@@ -661,13 +658,3 @@ def _png_bytes(img: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(img)).save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
-
-
-def _write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=4, ensure_ascii=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

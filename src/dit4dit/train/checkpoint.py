@@ -65,6 +65,7 @@ from torch import nn
 
 from ..config import ConfigError, DiT4DiTConfig
 from ..filehash import file_sha256
+from ..jsonio import read_json, to_jsonable, write_json
 from ..safetensors_header import read_header
 
 log = logging.getLogger("dit4dit.train")
@@ -183,14 +184,6 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def _prepare_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Contiguous CPU tensors, none sharing storage (safetensors refuses shared storage)."""
     out: dict[str, torch.Tensor] = {}
@@ -282,15 +275,6 @@ def safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
     return dict(_safetensors_header(Path(path)).get("__metadata__") or {})
 
 
-def _read_json(path: Path, what: str) -> Any:
-    if not path.is_file():
-        raise CheckpointError(f"{path}: missing {what}")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise CheckpointError(f"{path}: corrupted {what} ({e})") from e
-
-
 # --------------------------------------------------------------------------------------------
 # State dicts of the trainable parts
 # --------------------------------------------------------------------------------------------
@@ -371,20 +355,6 @@ def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], source: st
 # --------------------------------------------------------------------------------------------
 
 
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, torch.Tensor):
-        return v.item() if v.numel() == 1 else v.tolist()
-    if isinstance(v, (np.generic,)):
-        return v.item()
-    if isinstance(v, (str, int, float, bool)) or v is None:
-        return v
-    return str(v)
-
-
 def optimizer_state_tensors(optimizer: torch.optim.Optimizer,
                             to_cpu: Callable[[torch.Tensor], torch.Tensor] | None = None
                             ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -409,8 +379,8 @@ def optimizer_state_tensors(optimizer: torch.optim.Optimizer,
                 if isinstance(v, torch.Tensor):
                     tensors[f"{name}/{k}"] = conv(v)
                 else:
-                    scalars.setdefault(name, {})[k] = _jsonable(v)
-        groups.append({k: _jsonable(v) for k, v in g.items() if k != "params"})
+                    scalars.setdefault(name, {})[k] = to_jsonable(v)
+        groups.append({k: to_jsonable(v) for k, v in g.items() if k != "params"})
     meta = {"format": FORMAT, "version": FORMAT_VERSION, "class": type(optimizer).__name__,
             "param_groups": groups, "scalar_state": scalars}
     return tensors, meta
@@ -593,7 +563,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, config: DiT4DiTCon
     if backbone is not None and backbone.get("hash"):
         meta["backbone_hash"] = str(backbone["hash"])
     try:
-        _write_json(tmp / CONFIG_FILE, json.loads(config.to_json()))
+        write_json(tmp / CONFIG_FILE, json.loads(config.to_json()), sort_keys=True)
         _write_safetensors(tmp / MODEL_FILE, model_state, {**meta, "content": "trainable weights"})
         if ema_state is not None:
             _write_safetensors(tmp / EMA_FILE, ema_state, {**meta, "content": "EMA of the trainable weights"})
@@ -601,7 +571,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, config: DiT4DiTCon
         if optimizer_state is not None:
             tensors, ometa = optimizer_state
             _write_safetensors(tmp / OPTIMIZER_FILE, tensors, meta)
-            _write_json(tmp / OPTIMIZER_META_FILE, ometa)
+            write_json(tmp / OPTIMIZER_META_FILE, ometa, sort_keys=True)
         if rng_state is not None:
             _write_safetensors(tmp / RNG_FILE, rng_state, meta)
         if processor is not None:
@@ -616,7 +586,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, config: DiT4DiTCon
                       "files": {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()},
                       "hashes": {p.name: "sha256:" + file_sha256(p) for p in sorted(tmp.iterdir())
                                  if p.is_file() and p.name.endswith(".safetensors")}})
-        _write_json(tmp / STATE_FILE, state)  # written last: its presence marks a complete folder
+        write_json(tmp / STATE_FILE, state, sort_keys=True)  # written last: its presence marks a complete folder
         _fsync_path(tmp)
         final = root / name
         old = None
@@ -681,7 +651,7 @@ class Checkpoint:
         if not self.has_optimizer:
             raise CheckpointError(f"{self.path}: no optimiser state ({OPTIMIZER_FILE} + {OPTIMIZER_META_FILE})")
         return (_open_tensors(self.path / OPTIMIZER_FILE, "optimiser state", lazy),
-                _read_json(self.path / OPTIMIZER_META_FILE, "optimiser metadata"))
+                read_json(self.path / OPTIMIZER_META_FILE, "optimiser metadata", error=CheckpointError))
 
     def rng_state(self) -> dict[str, torch.Tensor] | None:
         p = self.path / RNG_FILE
@@ -710,7 +680,7 @@ def load_checkpoint(path: str | os.PathLike, validate: bool = True, verify_hashe
     missing = [f for f in REQUIRED_FILES if not (ck / f).is_file()]
     if missing:
         raise CheckpointError(f"{ck}: incomplete checkpoint, missing {missing} (present: {present})")
-    state = _read_json(ck / STATE_FILE, "trainer state")
+    state = read_json(ck / STATE_FILE, "trainer state", error=CheckpointError)
     if not isinstance(state, dict):
         raise CheckpointError(f"{ck / STATE_FILE}: expected a JSON object")
     if state.get("format", FORMAT) != FORMAT:
@@ -733,7 +703,7 @@ def load_checkpoint(path: str | os.PathLike, validate: bool = True, verify_hashe
                 _safetensors_header(ck / fname)
         if verify_hashes:
             verify_file_hashes(ck, state)
-    cfg_dict = _read_json(ck / CONFIG_FILE, "config")
+    cfg_dict = read_json(ck / CONFIG_FILE, "config", error=CheckpointError)
     try:
         cfg = DiT4DiTConfig.from_dict(cfg_dict).validate()
     except (ConfigError, TypeError) as e:
