@@ -1,7 +1,7 @@
 """MetaWorld (Sawyer arm, MuJoCo) as a pixel + language benchmark: env wrapper, scripted experts,
 demonstration collection into a LeRobot v3.0 dataset (`metaworld_sawyer` schema).
 
-What the policy sees (DESIGN §7): the `corner4` camera image, the hand state (the first four
+What the policy sees (docs/design.md, "Simulators"): the `corner4` camera image, the hand state (the first four
 values of MetaWorld's 39-D observation: hand x, y, z and the gripper opening in [0, 1]) and a
 language instruction — never the object or goal positions, which only the scripted experts read.
 
