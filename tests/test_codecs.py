@@ -175,7 +175,7 @@ def test_build_pca_codec_and_config_checks():
 def vae_root(tmp_path_factory):
     from diffusers import AutoencoderKLWan
 
-    from dit4dit.models.backbone import TINY_VAE
+    from backbone_fixtures import TINY_VAE
 
     torch.manual_seed(0)
     vae = AutoencoderKLWan(**{**TINY_VAE, "latents_mean": MEAN, "latents_std": STD})

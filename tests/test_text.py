@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dit4dit.config import TextConfig
-from dit4dit.models.backbone import tiny_qwen, tiny_tokenizer
+from backbone_fixtures import tiny_qwen, tiny_tokenizer
 from dit4dit.models.text import (
     COSMOS_SYSTEM_PROMPT,
     CosmosReason1TextEncoder,

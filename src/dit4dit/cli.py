@@ -104,7 +104,7 @@ def cmd_bench_inference(args: argparse.Namespace) -> dict[str, Any]:
         # No text-encoder weights available: both paths take one fixed embedding, so the naive
         # path's extra text-encoder cost is not counted (the reported speed-up is a lower bound).
         emb = torch.randn(1, cfg.text.max_length, cfg.video.text_input_dim)
-        model._text_memo["pick up the red block and place it in the bowl"] = emb[0]
+        model.remember_text_embedding("pick up the red block and place it in the bowl", emb[0])
     model.to(device)
     plain, plain_autocast = None, None
     if dtype != torch.float32 and args.plain_weights == "float32" and model.video_dit is not None:

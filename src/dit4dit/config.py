@@ -232,6 +232,61 @@ def parse_task_repeat(entry: str, field: str = "train.task_repeats") -> tuple[st
 
 
 @dataclass(frozen=True)
+class Losses:
+    """Which flow-matching losses a training step computes: `DiT4DiTConfig.losses()`, the one rule the
+    model's loss and the memory estimate both follow.
+
+    - `video`: the video DiT's loss on the future frames at `tau_v` (mode=video_only, or mode=joint
+      with lambda_video > 0, with the video DiT as feature encoder);
+    - `action`: the action DiT's loss on features at `tau_f` (mode=joint or action_only), on the
+      labelled rows only;
+    - `image`: the static image encoder's pretraining loss, denoising the current frame (mode=image_only).
+
+    `video` and `image` are the feature encoder's own generative objective (`generative`). Rows of
+    action-free video (`has_actions` False) feed that objective only: a batch holding them needs it,
+    and the action loss needs at least one labelled row (`check_rows`).
+    """
+
+    video: bool
+    action: bool
+    image: bool
+    lambda_video: float  # weight of the video loss in the total when the action loss runs too
+    mode: str  # for messages
+    encoder: str
+
+    @property
+    def generative(self) -> bool:
+        """Whether the feature encoder's own generative loss (video or image) runs."""
+        return self.video or self.image
+
+    @property
+    def names(self) -> frozenset[str]:
+        """The loss terms, as `DiT4DiT.loss` names them in its logs (besides the total "loss")."""
+        return frozenset(n for n, on in (("loss_video", self.video), ("loss_action", self.action),
+                                          ("loss_image", self.image)) if on)
+
+    def check_rows(self, num_labelled: int, num_free: int) -> None:
+        """ValueError when a batch with `num_labelled` labelled and `num_free` action-free rows
+        cannot train these losses."""
+        if self.action and num_labelled == 0:
+            raise ValueError(f"mode={self.mode} needs labelled rows, but every row of this batch is action-free "
+                             f"video (has_actions all False)")
+        if num_free and not self.generative:
+            setting = (f"encoder={self.encoder} (no video loss)" if self.encoder != "video_dit"
+                       else f"mode={self.mode} with lambda_video={self.lambda_video}")
+            raise ValueError(f"this batch holds {num_free} rows of action-free video, which only the video loss "
+                             f"uses, but {setting} has none")
+
+    def total(self, parts: dict[str, Any]) -> Any:
+        """The training objective from the terms in `parts`: L_action + lambda * L_video when both run
+        (the paper's Eq. 10), else the one term that runs."""
+        if self.action and self.video:
+            return parts["loss_action"] + self.lambda_video * parts["loss_video"]
+        (name,) = self.names
+        return parts[name]
+
+
+@dataclass(frozen=True)
 class DiT4DiTConfig:
     name: str = "custom"
     video: VideoDiTConfig = field(default_factory=VideoDiTConfig)
@@ -396,6 +451,13 @@ class DiT4DiTConfig:
         if errs:
             raise ConfigError(f"invalid config {self.name!r}:\n  - " + "\n  - ".join(errs))
         return self
+
+    def losses(self) -> Losses:
+        """Which losses a training step computes (see `Losses`)."""
+        video_dit = self.encoder == "video_dit"
+        video = video_dit and (self.mode == "video_only" or (self.mode == "joint" and self.lambda_video > 0))
+        return Losses(video=video, action=self.mode in ("joint", "action_only"), image=self.mode == "image_only",
+                      lambda_video=self.lambda_video, mode=self.mode, encoder=self.encoder)
 
 
 class ConfigError(ValueError):

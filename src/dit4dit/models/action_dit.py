@@ -1,9 +1,9 @@
-"""The action Diffusion Transformer of DiT4DiT (GR00T-N1 style, DESIGN §4).
+"""The action Diffusion Transformer of DiT4DiT (GR00T-N1 style; docs/design.md, section 4).
 
 It predicts the flow-matching velocity of a noisy action chunk, conditioned on the action flow
 time ``tau_a``, the robot state ``s`` and the video-DiT hidden states ``h`` (the "features").
 
-Conventions (DESIGN §2): ``tau_a`` in [0, 1] with 0 = data and 1 = noise; the noisy chunk is
+Conventions (docs/design.md, section 2): ``tau_a`` in [0, 1] with 0 = data and 1 = noise; the noisy chunk is
 ``a_tau = (1 - tau_a) * a0 + tau_a * z`` and the model predicts ``v = z - a0``.
 
 Layout, top to bottom::
@@ -40,7 +40,7 @@ from torch.utils.checkpoint import checkpoint
 from dit4dit.config import ActionDiTConfig
 
 # tau_a in [0, 1] is multiplied by this before the sinusoidal embedding: the sinusoid barely
-# varies over [0, 1] otherwise (DESIGN §7, measured on the prototype).
+# varies over [0, 1] otherwise (measured on the prototype).
 TIMESTEP_SCALE = 1000.0
 # Number of sinusoid channels fed to the timestep MLP (as in DiT / GR00T).
 TIMESTEP_FREQ_DIM = 256

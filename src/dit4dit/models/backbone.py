@@ -35,10 +35,8 @@ of the hash: cached text embeddings carry their own identity (`CosmosReason1Text
 which fingerprints the text-encoder files), so another text encoder is a cache miss, never a wrong
 embedding.
 
-`write_tiny_backbone(root)` writes a complete tiny folder in this layout with diffusers' and
-transformers' own `save_pretrained` (a tiny Qwen2.5-VL with a byte-level BPE tokenizer trained
-offline), and `TINY_OVERRIDES` are the preset overrides that match it: tests, smoke runs and
-benchmarks of the pretrained code path without the 2B checkpoint.
+The tests build a complete tiny folder in this layout (`tests/backbone_fixtures.py`) and run the
+pretrained code path on it without the 2B checkpoint.
 """
 
 from __future__ import annotations
@@ -48,19 +46,19 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Sequence
 
 from ..config import ConfigError, DiT4DiTConfig, VideoDiTConfig
+from ..jsonio import read_json
 from ..safetensors_header import header_bytes, read_header
+from .weights import weight_files as _weight_files
 
 __all__ = [
     "Backbone",
     "BackboneError",
     "COMPONENTS",
-    "TINY_OVERRIDES",
     "needed_components",
     "read_safetensors_header",
-    "write_tiny_backbone",
 ]
 
 MODEL_INDEX = "model_index.json"
@@ -106,30 +104,11 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, Any]:
     return read_header(path, BackboneError, _MAX_HEADER)
 
 
-def weight_files(folder: Path) -> list[Path]:
-    """The weight files of a diffusers / transformers component folder (each shard index followed by
-    its shards, else every `*.safetensors`); BackboneError if there are none or a shard is missing."""
-    folder = Path(folder)
-    indexes = sorted(folder.glob("*.safetensors.index.json"))
-    if indexes:
-        files: list[Path] = []
-        for index in indexes:
-            d = _read_json(index, "shard index")
-            names = sorted(set((d.get("weight_map") or {}).values())) if isinstance(d, dict) else []
-            if not names:
-                raise BackboneError(f"{index}: the shard index lists no weight files")
-            shards = [folder / n for n in names]
-            gone = [s.name for s in shards if not s.is_file()]
-            if gone:
-                raise BackboneError(f"{index}: weight shards missing: {', '.join(gone[:4])}")
-            files += [index, *shards]
-        return files
-    found = sorted(folder.glob("*.safetensors"))
-    if not found:
-        bins = sorted(p.name for p in folder.glob("*.bin"))
-        extra = f" (only pickle files {bins[:3]}, which are never loaded)" if bins else ""
-        raise BackboneError(f"{folder}: no safetensors weights{extra}")
-    return found
+def weight_files(folder: str | os.PathLike) -> list[Path]:
+    """The weight files of a component folder (`dit4dit.models.weights.weight_files`; each shard
+    index followed by its shards, else every `*.safetensors`); BackboneError if there are none or
+    a shard is missing."""
+    return _weight_files(folder, error=BackboneError)
 
 
 def folder_hash(folder: str | os.PathLike, tag: str = "", config_name: str = "config.json") -> str:
@@ -139,7 +118,7 @@ def folder_hash(folder: str | os.PathLike, tag: str = "", config_name: str = "co
     folder = Path(folder)
     h = hashlib.sha256()
     h.update(f"{HASH_VERSION}\n{tag}\n".encode())
-    cfg = _read_json(folder / config_name, f"{tag or 'component'} config")
+    cfg = read_json(folder / config_name, f"{tag or 'component'} config", error=BackboneError)
     if isinstance(cfg, dict):
         cfg = {k: v for k, v in cfg.items() if not k.startswith("_") or k == "_class_name"}
     h.update(json.dumps(cfg, sort_keys=True, separators=(",", ":")).encode())
@@ -164,15 +143,6 @@ def folder_hash(folder: str | os.PathLike, tag: str = "", config_name: str = "co
 # --------------------------------------------------------------------------------------------
 # The folder
 # --------------------------------------------------------------------------------------------
-
-
-def _read_json(path: Path, what: str) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise BackboneError(f"{path}: missing {what}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BackboneError(f"{path}: unreadable {what} ({e})") from e
 
 
 def _norm(v: Any) -> Any:
@@ -220,7 +190,7 @@ class Backbone:
                 f"{self.root}: not a diffusers pipeline folder ({MODEL_INDEX} missing; it holds {present}). Expected "
                 f"the Cosmos-Predict2.5 layout (revision diffusers/base/post-trained): {MODEL_INDEX}, "
                 f"{'/, '.join(COMPONENTS)}/")
-        self.index: dict[str, Any] = _read_json(index_file, "pipeline index")
+        self.index: dict[str, Any] = read_json(index_file, "pipeline index", error=BackboneError)
         if not isinstance(self.index, dict):
             raise BackboneError(f"{index_file}: expected a JSON object")
         name = str(self.index.get("_class_name", ""))
@@ -290,7 +260,7 @@ class Backbone:
         if name is None:
             raise ValueError(f"{component} has no config file")
         path = self.folder(component) / name
-        d = _read_json(path, f"{component} config")
+        d = read_json(path, f"{component} config", error=BackboneError)
         if not isinstance(d, dict):
             raise BackboneError(f"{path}: expected a JSON object")
         return d
@@ -385,135 +355,8 @@ class Backbone:
 
 
 # --------------------------------------------------------------------------------------------
-# A tiny backbone in the official layout (tests, smoke runs, benchmarks of the code path)
+# Identities and prompts of a backbone
 # --------------------------------------------------------------------------------------------
-
-TINY_TEXT_LAYERS, TINY_TEXT_HIDDEN = 3, 32
-TINY_TRANSFORMER: dict[str, Any] = dict(
-    in_channels=17, out_channels=16, num_attention_heads=2, attention_head_dim=16, num_layers=4, mlp_ratio=4.0,
-    text_embed_dim=32, adaln_lora_dim=8, max_size=(8, 16, 16), patch_size=(1, 2, 2), rope_scale=(1.0, 3.0, 3.0),
-    concat_padding_mask=True, extra_pos_embed_type=None, use_crossattn_projection=True,
-    crossattn_proj_in_channels=TINY_TEXT_LAYERS * TINY_TEXT_HIDDEN, encoder_hidden_states_channels=32,
-)
-TINY_VAE: dict[str, Any] = dict(
-    base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, attn_scales=[],
-    temperal_downsample=[False, True, True],
-    # non-trivial statistics: dividing and multiplying by std differ clearly
-    latents_mean=[0.1 * i - 0.7 for i in range(16)], latents_std=[0.4 + 0.3 * i for i in range(16)],
-)
-
-
-def _override_value(v: Any) -> str:
-    if isinstance(v, (list, tuple)):
-        return "[" + ",".join(_override_value(x) for x in v) + "]"
-    return json.dumps(v)
-
-
-# Overrides of the `cosmos-2b` preset (or any preset built on it) that match `write_tiny_backbone`:
-# 32 x 32 frames, 1 + 4 frames (2 latent frames for the causal VAE), a small action DiT.
-TINY_OVERRIDES: tuple[str, ...] = tuple(
-    [f"video.{k}={_override_value(v)}" for k, v in TINY_TRANSFORMER.items()]
-    + ["feature_blocks=2", "codec.kind=wan_vae", "text.kind=cosmos_reason1",
-       "action.num_layers=2", "action.num_attention_heads=2", "action.attention_head_dim=16",
-       f"action.cross_attention_dim={TINY_TRANSFORMER['num_attention_heads'] * TINY_TRANSFORMER['attention_head_dim']}",
-       "action.mlp_hidden=64", "action.action_horizon=4", "action.num_future_tokens=4", "action.max_seq_len=64",
-       "action.dropout=0.0", "action.max_feature_tokens=256",
-       "inputs.image_size=[32,32]", "inputs.num_cond_frames=1", "inputs.num_future_frames=4", "inputs.frame_stride=1",
-       "gradient_checkpointing=false", "repeated_diffusion_steps=2", "schema=metaworld_sawyer"]
-)
-
-_TINY_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-                  "<|image_pad|>", "<|video_pad|>"]
-
-
-def tiny_tokenizer(corpus: Sequence[str] = (), chat_template: str | None = None) -> Any:
-    """A Qwen2 tokenizer with a byte-level BPE vocabulary trained offline on `corpus` (any text
-    tokenizes: the byte alphabet is always in the vocabulary)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import Qwen2Tokenizer
-
-    from .text import COSMOS_SYSTEM_PROMPT, QWEN2_5_VL_CHAT_TEMPLATE
-
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=_TINY_SPECIALS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator(list(corpus) + [COSMOS_SYSTEM_PROMPT, "system user assistant"], trainer)
-    merges = json.loads(bpe.to_str())["model"]["merges"]
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in merges]
-    tok = Qwen2Tokenizer(vocab=bpe.get_vocab(), merges=merges, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                         additional_special_tokens=_TINY_SPECIALS[1:])
-    tok.chat_template = chat_template if chat_template is not None else QWEN2_5_VL_CHAT_TEMPLATE
-    return tok
-
-
-def tiny_qwen(tokenizer: Any, num_layers: int = TINY_TEXT_LAYERS, hidden: int = TINY_TEXT_HIDDEN, seed: int = 0) -> Any:
-    """A tiny `Qwen2_5_VLForConditionalGeneration` for `tokenizer` (weights perturbed away from the init)."""
-    import torch
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
-    ids = tokenizer.convert_tokens_to_ids
-    cfg = Qwen2_5_VLConfig(
-        text_config=dict(
-            vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=num_layers,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [1, 1, 2]},
-            bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"),
-        ),
-        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=hidden,
-                           fullatt_block_indexes=[0]),
-        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
-    )
-    g = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = Qwen2_5_VLForConditionalGeneration(cfg).eval()
-    with torch.no_grad():  # norm weights are all ones at init: make the layers differ clearly
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
-    return model
-
-
-def write_tiny_backbone(root: str | os.PathLike, *, seed: int = 0, corpus: Sequence[str] = (),
-                        text_encoder: bool = True, transformer: Mapping[str, Any] | None = None,
-                        vae: Mapping[str, Any] | None = None) -> Path:
-    """Write a complete tiny Cosmos-Predict2.5 folder (official layout, each component written by
-    its library's own `save_pretrained`) to `root`; returns `root`. Matches `TINY_OVERRIDES`.
-
-    `corpus`: text the tokenizer's BPE merges are trained on (any text tokenizes anyway).
-    `text_encoder=False` leaves out `text_encoder/` and `tokenizer/`. `transformer` / `vae`
-    override entries of `TINY_TRANSFORMER` / `TINY_VAE`.
-    """
-    import diffusers
-    import torch
-    from diffusers import AutoencoderKLWan, CosmosTransformer3DModel, UniPCMultistepScheduler
-
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        tcfg = {**TINY_TRANSFORMER, **(transformer or {})}
-        CosmosTransformer3DModel(**tcfg).save_pretrained(root / "transformer")
-        AutoencoderKLWan(**{**TINY_VAE, **(vae or {})}).save_pretrained(root / "vae")
-    UniPCMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=1.0).save_pretrained(
-        root / "scheduler")
-    index: dict[str, Any] = {
-        "_class_name": "Cosmos2_5_PredictBasePipeline",
-        "_diffusers_version": diffusers.__version__,
-        "safety_checker": [None, None],
-        "scheduler": ["diffusers", "UniPCMultistepScheduler"],
-        "transformer": ["diffusers", "CosmosTransformer3DModel"],
-        "vae": ["diffusers", "AutoencoderKLWan"],
-    }
-    if text_encoder:
-        tok = tiny_tokenizer(corpus)
-        tiny_qwen(tok, seed=seed).save_pretrained(root / "text_encoder")
-        tok.save_pretrained(root / "tokenizer")
-        index["text_encoder"] = ["transformers", "Qwen2_5_VLForConditionalGeneration"]
-        index["tokenizer"] = ["transformers", "Qwen2Tokenizer"]
-    (root / MODEL_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    return root
 
 
 def codec_identity(cfg: DiT4DiTConfig, backbone: "str | os.PathLike | Backbone | None" = None) -> str:

@@ -15,7 +15,7 @@ Three codecs share one interface (`LatentCodec`):
   Causal in time: T = 1 + 4k frames give 1 + k latent frames, the first frame is encoded on its
   own, so the conditioning frame alone can be encoded without padding the clip.
 
-Normalisation (DESIGN §3): latents are `(z - latents_mean) / latents_std`, with the *true*
+Normalisation (docs/design.md, section 3): latents are `(z - latents_mean) / latents_std`, with the *true*
 standard deviation from the VAE config. The diffusers Cosmos pipeline stores `1 / std` in an
 attribute that is also called `latents_std` and multiplies by it; code that divides by that
 attribute multiplies by std instead. We never read the pipeline attribute: the statistics come
@@ -26,7 +26,6 @@ Tensor layout everywhere: (B, C, T, H, W).
 
 from __future__ import annotations
 
-import json
 import operator
 from pathlib import Path
 
@@ -34,6 +33,9 @@ import torch
 from torch import Tensor, nn
 
 from dit4dit.config import CodecConfig
+
+from ..jsonio import read_json
+from .weights import weight_files
 
 __all__ = ["LatentCodec", "PixelCodec", "PCACodec", "WanVAECodec", "build_codec"]
 
@@ -396,23 +398,21 @@ def resolve_vae_folder(path: str | Path, subfolder: str | None = "vae") -> Path:
 
 def _looks_like_vae(config_file: Path) -> bool:
     try:
-        d = json.loads(config_file.read_text())
-    except (OSError, json.JSONDecodeError):
+        d = read_json(config_file, "VAE config")
+    except ValueError:
         return False
-    return d.get("_class_name") == "AutoencoderKLWan" or "latents_std" in d
+    return isinstance(d, dict) and (d.get("_class_name") == "AutoencoderKLWan" or "latents_std" in d)
 
 
 def _check_vae_config(folder: Path) -> Path:
     cfg_file = folder / "config.json"
-    try:
-        d = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"VAE config is not valid JSON: {cfg_file}: {e}") from e
+    d = read_json(cfg_file, "VAE config")
+    if not isinstance(d, dict):
+        raise ValueError(f"{cfg_file}: the VAE config is not a JSON object")
     name = d.get("_class_name")
     if name is not None and name != "AutoencoderKLWan":
         raise ValueError(f"{cfg_file} describes a {name}, expected an AutoencoderKLWan (Wan2.1 VAE)")
-    if not any(folder.glob("*.safetensors")):
-        raise FileNotFoundError(f"VAE folder {folder} has a config.json but no weight file (*.safetensors)")
+    weight_files(folder)  # FileNotFoundError naming the folder when it has a config.json but no weights
     return folder
 
 

@@ -1,32 +1,34 @@
 """DiT4DiT: the joint video-action model (the paper's Algorithms 1 and 2).
 
-Training step (`loss`):
-  1. encode the clip (conditioning + future frames) with the frozen codec;
-  2. video loss: future latents at `tau_v ~ U[0, 1]`, predict the velocity, MSE on future frames;
-  3. features (Algorithm 1, line 14): the clean conditioning latents and a pure-noise future
-     latent `z_hat ~ N(0, I)` presented at flow time `tau_f`; run the video DiT up to
-     `feature_blocks` and take the hidden states `h` (B, tokens, width) — in one batched forward
-     with step 2 when possible. The ground-truth future never enters this pass, so training
-     features are exactly what inference computes;
-  4. action loss: `repeated_diffusion_steps` draws of `tau_a = Beta(1.5, 1) / 0.999` and noise per
-     sample, the action DiT predicts the velocity from `h` and the state; masked MSE;
-  5. total = L_action + lambda * L_video.
+The action DiT's features come from a feature encoder (`dit4dit.models.features`): the video DiT
+(DiT4DiT), or the static image encoder of the static-image baseline (`encoder=static_image`, the
+paper's Qwen3DiT at our scale: it reads the conditioning frame(s) and the instruction only, never
+the future, and has no video loss). Both implement one interface; the model reads the same for both.
 
-Rows without actions (action-free video, `has_actions` False) feed the video loss only: they are
-never part of the feature pass, the action loss or its mask.
+Training step (`loss`, Algorithm 1):
+  1. encode the clip with the frozen codec (only the conditioning frames when the encoder never
+     reads the future) — lines 4-5;
+  2. the encoder's own generative loss: for the video DiT, future latents at `tau_v ~ U[0, 1]`,
+     the predicted velocity, MSE on the future frames (lines 6-11); for the static image encoder's
+     pretraining (`mode=image_only`), the same on the conditioning frame's own latents;
+  3. features (lines 13-15): the clean conditioning latents and a pure-noise future latent
+     `z_hat ~ N(0, I)` presented at flow time `tau_f`; the video DiT runs up to `feature_blocks`
+     and its hidden states `h` (B, tokens, width) are the features — in one batched forward with
+     step 2 when possible. The ground-truth future never enters this pass, so training features
+     are exactly what inference computes;
+  4. action loss (lines 17-22): `repeated_diffusion_steps` draws of `tau_a = Beta(1.5, 1) / 0.999`
+     and noise per sample, the action DiT predicts the velocity from `h` and the state; masked MSE;
+  5. total = L_action + lambda * L_video (line 24).
+Which of these losses run is `cfg.losses()` (`dit4dit.config.Losses`): mode=video_only and
+image_only train the encoder's loss alone, mode=action_only the action loss alone.
 
-Inference (`predict_action`): encode the conditioning frame(s) alone, the same feature pass as
-step 3, then `num_action_steps` Euler steps of the action DiT from noise (tau = 1) to the action
-chunk (tau = 0). `predict_video` integrates the video DiT instead and decodes the predicted
-future frames.
+Rows without actions (action-free video, `has_actions` False) feed the encoder's generative loss
+only: they are never part of the feature pass, the action loss or its mask.
 
-Static-image baseline (`encoder="static_image"`, the paper's Qwen3DiT at our scale): the video DiT
-is replaced by `ImageEncoder`, a transformer of the same width and depth that reads the
-conditioning frame(s) and the instruction only. The features come from it; future frames are
-never encoded, there is no video loss (`loss` returns loss_action and loss) and `predict_video`
-is an error. Its action-free pretraining objective (`mode="image_only"`, `CurrentFrameDenoiser`):
-denoise the conditioning frame's own latents by flow matching (`loss` returns loss_image and
-loss); the future frames, state and actions are never read.
+Inference (`predict_action`, Algorithm 2): encode the conditioning frame(s) alone, the same
+feature pass as step 3, then `num_action_steps` Euler steps of the action DiT from noise
+(tau = 1) to the action chunk (tau = 0). `predict_video` integrates the video DiT instead and
+decodes the predicted future frames (an error for the static-image baseline).
 
 Batch contract (what the data pipeline produces):
   video (B, 3, T, H, W) in [-1, 1], T = num_cond_frames + num_future_frames
@@ -41,7 +43,6 @@ Batch contract (what the data pipeline produces):
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 from typing import TYPE_CHECKING, Any
@@ -50,9 +51,10 @@ import torch
 from torch import nn
 
 from .. import flow
-from ..config import DiT4DiTConfig
+from ..config import DiT4DiTConfig, Losses
 from .action_dit import ActionDiT
 from .codecs import LatentCodec, build_codec
+from .features import FeatureEncoder, FeatureInputs, StaticImageFeatures, VideoDiTFeatures
 from .image_encoder import CurrentFrameDenoiser, ImageEncoder
 from .text import CosmosReason1TextEncoder, EmbeddingCache, TextEncoder, build_text_encoder
 from .video_dit import VideoDiT
@@ -63,18 +65,26 @@ if TYPE_CHECKING:
 
 
 class DiT4DiT(nn.Module):
+    """The joint model. Exactly one feature encoder is given: `video_dit` (encoder=video_dit), or
+    `image_encoder` (encoder=static_image). `text_identity`: the cache key of a frozen text encoder
+    that is not loaded (text then comes from `text_cache` alone); `backbone`: the validated folder
+    the model was built from (None without one)."""
+
     def __init__(self, cfg: DiT4DiTConfig, video_dit: VideoDiT | None, action_dit: ActionDiT, codec: LatentCodec,
                  text_encoder: TextEncoder | None, text_cache: EmbeddingCache | None = None,
-                 image_encoder: ImageEncoder | None = None):
+                 image_encoder: ImageEncoder | None = None, *, text_identity: str | None = None,
+                 backbone: "Backbone | None" = None):
         super().__init__()
         self.cfg = cfg
         static = cfg.encoder == "static_image"
         if static != (image_encoder is not None) or static == (video_dit is not None):
             raise ValueError(f"encoder={cfg.encoder!r} takes " + ("an image_encoder and no video_dit" if static
                                                                   else "a video_dit and no image_encoder"))
+        if video_dit is not None and video_dit.generated_channels != cfg.codec.generated_channels:
+            raise ValueError(f"the video DiT generates {video_dit.generated_channels} future channels, the config "
+                             f"codec.generated_channels={cfg.codec.generated_channels}: build it with "
+                             f"VideoDiT(..., generated_channels=cfg.codec.generated_channels)")
         self.video_dit = video_dit
-        if video_dit is not None:
-            video_dit.generated_channels = cfg.codec.generated_channels
         self.image_encoder = image_encoder  # the static-image baseline's feature encoder
         # Its pretraining head (mode=image_only: denoise the current frame); absent otherwise.
         self.image_head = None
@@ -85,7 +95,14 @@ class DiT4DiT(nn.Module):
         # A frozen text encoder (the 7B Cosmos-Reason1) is optional once its embeddings are cached.
         self.text_encoder = text_encoder
         self.text_cache = text_cache
-        self.feature_encoder.gradient_checkpointing = cfg.gradient_checkpointing
+        self.text_identity = text_identity
+        self.backbone = backbone
+        n_cond = codec.num_latent_frames(cfg.inputs.num_cond_frames)
+        if static:
+            self._features: FeatureEncoder = StaticImageFeatures(image_encoder, self.image_head)
+        else:
+            self._features = VideoDiTFeatures(video_dit, cfg, n_cond, codec.num_latent_frames(cfg.inputs.num_frames)
+                                              - n_cond, codec.temporal_factor == 1)
         # Inference-time memo of text embeddings per prompt (weights are fixed while serving);
         # cleared whenever the model switches mode, so training never sees a stale embedding.
         self._text_memo: dict[str, torch.Tensor] = {}
@@ -94,20 +111,18 @@ class DiT4DiT(nn.Module):
         self._compiled_action_dit = None
 
     def compile_for_inference(self, mode: str | None = None, dynamic: bool = False) -> "DiT4DiT":
-        """`torch.compile` the truncated feature pass and the action DiT used by `predict_action`.
+        """`torch.compile` the feature pass and the action DiT used by `predict_action`.
 
         `mode="reduce-overhead"` adds CUDA graphs on a GPU (static shapes). Training is unaffected.
-        Compilation happens on the first call for each input shape.
+        Compilation happens on the first call for each input shape. The compiled feature pass is
+        called as `(*feature_inputs, text)`.
         """
-        blocks, pool = self.cfg.feature_blocks, self.cfg.feature_pool
-        video = self.video_dit
+        encoder = self.feature_encoder
 
-        def feature_pass(x, timestep, condition_mask, text):
-            return video.features(x, timestep, condition_mask, text, blocks, pool)
+        def feature_pass(*inputs_and_text):
+            return encoder.feature_pass(inputs_and_text[:-1], inputs_and_text[-1])
 
-        # The static-image baseline's feature pass is its image encoder, called as (latents, text).
-        target = self.image_encoder if video is None else feature_pass
-        self._compiled_features = torch.compile(target, mode=mode, dynamic=dynamic)
+        self._compiled_features = torch.compile(feature_pass, mode=mode, dynamic=dynamic)
         self._compiled_action_dit = torch.compile(self.action_dit, mode=mode, dynamic=dynamic)
         return self
 
@@ -148,6 +163,7 @@ class DiT4DiT(nn.Module):
             bb.check_config(cfg)  # before any weight loads
             backbone = str(bb.root)
         image_encoder = None
+        generated, ckpt = cfg.codec.generated_channels, cfg.gradient_checkpointing
         if cfg.encoder == "static_image":  # the baseline: no video DiT, an image encoder trained from scratch
             video = None
             image_encoder = ImageEncoder(cfg)
@@ -156,9 +172,10 @@ class DiT4DiT(nn.Module):
         elif not load_video_weights:
             video = _empty_video_dit(cfg, video_dtype or (torch.bfloat16 if bb is not None else torch.float32))
         elif bb is not None:
-            video = VideoDiT.from_pretrained(bb.root, cfg.video, torch_dtype=video_dtype or torch.bfloat16)
+            video = VideoDiT.from_pretrained(bb.root, cfg.video, torch_dtype=video_dtype or torch.bfloat16,
+                                             generated_channels=generated, gradient_checkpointing=ckpt)
         else:
-            video = VideoDiT(cfg.video)
+            video = VideoDiT(cfg.video, generated_channels=generated, gradient_checkpointing=ckpt)
             if video_dtype is not None:
                 video.to(video_dtype)
         action = ActionDiT(cfg.action)
@@ -172,10 +189,8 @@ class DiT4DiT(nn.Module):
             identity = CosmosReason1TextEncoder.identity_for(cfg.text.path or backbone,
                                                              max_length=cfg.text.max_length)
         cache = EmbeddingCache(text_cache_dir) if text_cache_dir else None
-        model = cls(cfg, video, action, codec, text, cache, image_encoder=image_encoder)
-        model.text_identity = identity
-        model.backbone = bb
-        return model
+        return cls(cfg, video, action, codec, text, cache, image_encoder=image_encoder, text_identity=identity,
+                   backbone=bb)
 
     # ------------------------------------------------------------------ encoders
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
@@ -191,6 +206,11 @@ class DiT4DiT(nn.Module):
             return torch.stack([self._text_memo[p] for p in prompts])
         return self._encode_text(prompts)
 
+    def remember_text_embedding(self, prompt: str, embedding: torch.Tensor) -> None:
+        """Serve `prompt` with `embedding` (L, D) at inference (eval mode, no autograd) without
+        encoding it; forgotten, like every memoised embedding, when the model switches to training."""
+        self._text_memo[prompt] = embedding
+
     def _encode_text(self, prompts: list[str]) -> torch.Tensor:
         # A batch holds few distinct instructions: encode each once, then gather (gradients of a
         # trainable encoder add up over the repeats exactly as if each row were encoded).
@@ -205,7 +225,7 @@ class DiT4DiT(nn.Module):
         enc = self.text_encoder
         if enc is not None and enc.trainable:
             return enc(prompts)
-        if self.text_cache is not None and enc is None and getattr(self, "text_identity", None):
+        if self.text_cache is not None and enc is None and self.text_identity:
             try:
                 out = self.text_cache.lookup(self.text_identity, prompts)
             except KeyError as e:
@@ -238,137 +258,78 @@ class DiT4DiT(nn.Module):
     def device(self) -> torch.device:
         return next(self.action_dit.parameters()).device
 
+
     @property
-    def feature_encoder(self) -> nn.Module:
-        """The module the action DiT's features come from: the video DiT or the static image encoder."""
-        return self.video_dit if self.video_dit is not None else self.image_encoder
+    def feature_encoder(self) -> FeatureEncoder:
+        """Where the action DiT's features come from (`dit4dit.models.features`): the video DiT or
+        the static image encoder; `.module` is its trainable module."""
+        return self._features
 
     @property
     def video_dtype(self) -> torch.dtype:
         """Dtype of the latents and text fed to the feature encoder."""
-        return next(self.feature_encoder.parameters()).dtype
+        return self.feature_encoder.dtype
+
+    @property
+    def losses(self) -> Losses:
+        """Which losses a training step computes (`DiT4DiTConfig.losses`)."""
+        return self.cfg.losses()
 
     # ------------------------------------------------------------------ training
     def loss(self, batch: dict[str, Any], generator: torch.Generator | None = None
              ) -> tuple[torch.Tensor, dict[str, float]]:
-        """Dual flow-matching loss. Returns (total, {"loss", "loss_action", "loss_video"})."""
-        cfg = self.cfg
-        if cfg.mode == "image_only":
-            return self._image_denoising_loss(batch, generator)
-        if cfg.encoder == "static_image":
-            return self._static_image_loss(batch, generator)
-        if "latents" in batch:  # precomputed (`dit4dit cache-latents`): the VAE is skipped
-            latents = self._cached_latents(batch["latents"])
-        else:
-            latents = self.encode_video(batch["video"].to(self.device))
-        b = latents.shape[0]
-        n_cond = self.num_cond_latents
+        """One training step of Algorithm 1 (the dual flow-matching loss). Returns (total, logs):
+        logs hold "loss" and each term that runs (`losses.names`: "loss_action", "loss_video",
+        "loss_image")."""
+        cfg, which, encoder = self.cfg, self.losses, self.feature_encoder
+        latents = self._batch_latents(batch, encoder.reads_future)  # lines 4-5: z_t^0 (and z_{t+1}^0)
+        b, n_cond, dev = latents.shape[0], self.num_cond_latents, latents.device
         text = self.encode_text(list(batch["instruction"]))
-        dev = latents.device
-        rows = _Rows.of(batch, b, dev)
+        # Action-free rows feed the encoder's own loss only; the image loss reads every row in batch order.
+        rows = _Rows.of(batch, b, dev) if which.action or which.video else _Rows.every(b)
+        which.check_rows(rows.num_labelled, rows.num_free)
 
-        need_action = cfg.mode != "video_only"
-        need_video = cfg.mode == "video_only" or (cfg.mode == "joint" and cfg.lambda_video > 0)
-        if need_action and rows.num_labelled == 0:
-            raise ValueError(f"mode={cfg.mode} needs labelled rows, but every row of this batch is action-free "
-                             f"video (has_actions all False)")
-        if rows.num_free and not need_video:
-            raise ValueError(f"this batch holds {rows.num_free} rows of action-free video, which only the video "
-                             f"loss uses, but mode={cfg.mode} with lambda_video={cfg.lambda_video} has none")
+        # Lines 6-8: the encoder's generative loss draws its flow time (tau_v) and noise (z) for its
+        # rows: every action-free row, then the first share of the labelled rows.
+        loss_in = None
+        if which.generative:
+            n_lab = (max(1, math.ceil(cfg.video_loss_fraction * rows.num_labelled)) if which.action
+                     else rows.num_labelled)
+            grows = rows.video_rows(n_lab)
+            fm = batch.get("future_mask") if encoder.reads_future else None
+            loss_in = encoder.loss_inputs(rows.take(latents, grows), rows.take(text, grows), generator,
+                                          None if fm is None else rows.take(fm.to(dev), grows))
+        # Lines 13-14: tau_f and the pure-noise future z_hat for the labelled rows (the true future
+        # is never read).
+        feature_in = text_a = None
+        if which.action:
+            text_a = rows.take(text, rows.labelled)
+            tau_f = encoder.sample_tau_f(text_a.shape[0], generator, dev)
+            feature_in = self._feature_inputs(rows.take(latents, rows.labelled)[:, :, :n_cond], text_a, tau_f,
+                                              generator)
+        # Lines 9-11 and 15: the forward passes (one batched forward where the encoder can).
+        encoder_loss, features = encoder.loss_and_features(loss_in, feature_in, text_a,
+                                                           detach_features=cfg.feature_grad == "detached")
         parts: dict[str, torch.Tensor] = {}
-
-        # Video-loss rows (tau_v): every action-free row, then the first share of the labelled rows.
-        if need_video:
-            n_lab = max(1, math.ceil(cfg.video_loss_fraction * rows.num_labelled)) if need_action else rows.num_labelled
-            vrows = rows.video_rows(n_lab)
-            latents_v, text_v = rows.take(latents, vrows), rows.take(text, vrows)
-            nv = latents_v.shape[0]
-            tau_v = flow.sample_tau_v(nv, generator=generator, device=dev)
-            noise_v = torch.randn(latents_v.shape, generator=generator, device=dev, dtype=latents.dtype)
-            xv, tsv, cmv = self.video_dit.video2world_inputs(latents_v, noise_v, tau_v, n_cond)
-        # Feature rows (tau_f): the labelled rows; the future frames are never read (Algorithm 1, line 14).
-        if need_action:
-            arows = rows.labelled
-            text_a = rows.take(text, arows)
-            na = text_a.shape[0]
-            tau_f = flow.sample_tau_f(na, cfg.tau_f, cfg.tau_f_buckets, generator=generator, device=dev)
-            xf, tsf, cmf = self._feature_inputs(rows.take(latents, arows)[:, :, :n_cond], text_a, tau_f, generator)
-
-        features = velocity = None
-        shared = need_video and need_action and cfg.share_video_passes and cfg.feature_grad == "end_to_end"
-        if shared:
-            features, velocity = self.video_dit.features_and_velocity(
-                torch.cat([xv, xf]), torch.cat([tsv, tsf]), torch.cat([cmv, cmf]), torch.cat([text_v, text_a]),
-                num_blocks=cfg.feature_blocks, num_velocity=nv, pool=cfg.feature_pool)
-        else:
-            if need_video:
-                velocity = self.video_dit(xv, tsv, cmv, text_v)
-            if need_action:
-                grad = contextlib.nullcontext() if cfg.feature_grad == "end_to_end" else torch.no_grad()
-                with grad:
-                    features = self.video_dit.features(xf, tsf, cmf, text_a, cfg.feature_blocks, cfg.feature_pool)
-        if features is not None and cfg.feature_grad == "detached":
-            features = features.detach()
-
-        if need_video:
-            g = self.video_dit.generated_channels or latents.shape[1]  # channels the future frames carry
-            velocity = velocity[:, :g, n_cond:]
-            target = flow.target_velocity(latents_v[:, :g, n_cond:], noise_v[:, :g, n_cond:])
-            fm = batch.get("future_mask")
-            fm = None if fm is None else rows.take(fm.to(dev), vrows)
-            parts["loss_video"] = flow.masked_mse(velocity, target, self._future_latent_mask(fm, velocity))
-        if need_action:
-            labelled = {k: rows.take(batch[k].to(dev), arows) for k in ("actions", "action_mask", "state")}
+        if encoder_loss is not None:
+            parts[encoder.loss_name] = encoder_loss
+        # Lines 17-22: the action flow-matching loss on h and the state.
+        if which.action:
+            labelled = {k: rows.take(batch[k].to(dev), rows.labelled) for k in ("actions", "action_mask", "state")}
             parts["loss_action"] = self._action_loss(features.float(), labelled, generator)
-
-        if cfg.mode == "video_only":
-            total = parts["loss_video"]
-        elif cfg.mode == "action_only" or not need_video:
-            total = parts["loss_action"]
-        else:
-            total = parts["loss_action"] + cfg.lambda_video * parts["loss_video"]
+        total = which.total(parts)  # line 24
         logs = {k: float(v.detach()) for k, v in parts.items()}
         logs["loss"] = float(total.detach())
         return total, logs
 
-    def _static_image_loss(self, batch: dict[str, Any], generator: torch.Generator | None
-                           ) -> tuple[torch.Tensor, dict[str, float]]:
-        """The static-image baseline: features of the conditioning frame(s) and the instruction only,
-        action loss only."""
-        n_cond = self.num_cond_latents
-        if _Rows.of(batch, len(batch["instruction"]), self.device).num_free:
-            raise ValueError("encoder=static_image trains on labelled rows only; this batch holds action-free video")
-        if "latents" in batch:
-            cond = self._cached_latents(batch["latents"])[:, :, :n_cond]
-        else:
-            cond = self.encode_video(batch["video"][:, :, : self.cfg.inputs.num_cond_frames].to(self.device))
-        text = self.encode_text(list(batch["instruction"])).to(self.video_dtype)
-        features = self.image_encoder(cond, text)
-        loss = self._action_loss(features.float(), batch, generator)
-        value = float(loss.detach())
-        return loss, {"loss_action": value, "loss": value}
-
-    def _image_denoising_loss(self, batch: dict[str, Any], generator: torch.Generator | None
-                              ) -> tuple[torch.Tensor, dict[str, float]]:
-        """The static image encoder's pretraining objective (`mode=image_only`, `CurrentFrameDenoiser`):
-        flow matching on the conditioning frame's own latents. Only the conditioning frames are
-        encoded; the future frames of the clip are never read, and neither are state nor actions
-        (every row counts, labelled or action-free)."""
-        n_cond = self.num_cond_latents
-        if "latents" in batch:
-            x0 = self._cached_latents(batch["latents"])[:, :, :n_cond]
-        else:
-            x0 = self.encode_video(batch["video"][:, :, : self.cfg.inputs.num_cond_frames].to(self.device))
-        x0 = x0.to(self.video_dtype)
-        text = self.encode_text(list(batch["instruction"])).to(self.video_dtype)
-        tau = flow.sample_tau_v(x0.shape[0], generator=generator, device=x0.device)
-        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        noisy = flow.interpolate(x0, noise, tau)
-        tokens = self.image_encoder(noisy, text, extra_cond=self.image_head.time_embedding(tau))
-        velocity = self.image_head(tokens, x0.shape)
-        loss = flow.masked_mse(velocity.float(), flow.target_velocity(x0, noise).float())
-        value = float(loss.detach())
-        return loss, {"loss_image": value, "loss": value}
+    def _batch_latents(self, batch: dict[str, Any], future: bool) -> torch.Tensor:
+        """The batch's normalised latents: of the whole clip (`future`), else of the conditioning
+        frames only (the future frames are then never encoded)."""
+        if "latents" in batch:  # precomputed (`dit4dit cache-latents`): the VAE is skipped
+            latents = self._cached_latents(batch["latents"])
+            return latents if future else latents[:, :, : self.num_cond_latents]
+        video = batch["video"] if future else batch["video"][:, :, : self.cfg.inputs.num_cond_frames]
+        return self.encode_video(video.to(self.device))
 
     def _cached_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Normalised clip latents from a latent cache, checked against what `encode_video` gives."""
@@ -382,52 +343,12 @@ class DiT4DiT(nn.Module):
                              f"latent cache for this config")
         return latents.to(device=self.device, dtype=self.video_dtype)
 
-    def _feature_inputs(self, cond: torch.Tensor, text: torch.Tensor, tau_f: torch.Tensor,
-                        generator: torch.Generator | None):
-        """Video DiT input of the feature pass, the same in training and at inference.
-
-        The conditioning latents `cond` (B, C, Tc, h, w) stay clean; the future latents are pure
-        noise `z_hat ~ N(0, I)` presented at flow time `tau_f` (B,) (the paper's Algorithm 1, line
-        14, and Algorithm 2). Nothing of the true future is read.
-
-        `feature_denoise_steps = k > 1` (the denoising-steps ablation, the paper's Fig. 8b): a
-        k-step Euler schedule runs from `tau_f` towards 0, `tau_i = tau_f * (1 - i / k)`; the video
-        DiT integrates the first k - 1 steps (no gradient) and the features are taken at the k-th
-        point, `tau_f / k`. With `tau_f` = 0.995 and k = 3 the points are 0.995, 0.663 and 0.332.
-        """
-        b, c, _, h, w = cond.shape
-        future = torch.randn((b, c, self.num_future_latents, h, w), generator=generator, device=cond.device,
-                             dtype=cond.dtype)
-        tau = tau_f.to(device=cond.device, dtype=torch.float32)
-        k = self.cfg.feature_denoise_steps
-        if k > 1:
-            future = self._denoise_future(cond, future, text, tau, k)
-            tau = tau * (1.0 / k)
-        return self.video_dit.assemble(cond, future, tau)
-
-    @torch.no_grad()
-    def _denoise_future(self, cond: torch.Tensor, future: torch.Tensor, text: torch.Tensor,
-                        tau_start: torch.Tensor, k: int) -> torch.Tensor:
-        """The first `k - 1` Euler steps of the video DiT on the schedule `tau_start * (1 - i / k)`,
-        i = 0..k (from `tau_start` to 0); returns the future latents at point k - 1."""
-        n_cond = cond.shape[2]
-        for i in range(k - 1):
-            t = tau_start * (1.0 - i / k)
-            t_next = tau_start * (1.0 - (i + 1) / k)
-            x, ts, cm = self.video_dit.assemble(cond, future, t)
-            v = self.video_dit(x, ts, cm, text)[:, :, n_cond:]
-            future = future - (t - t_next).view(-1, 1, 1, 1, 1).to(future.dtype) * v
-        return future
-
-    def _future_latent_mask(self, fm: torch.Tensor | None, velocity: torch.Tensor) -> torch.Tensor | None:
-        """Per-latent-frame mask of real (not end-of-episode padding) future frames (`fm`: the video
-        rows' future_mask), where the codec maps frames to latent frames one to one; None otherwise
-        (padding repeats the last frame)."""
-        if fm is None or self.codec.temporal_factor != 1:
-            return None
-        nv, c, h, w = velocity.shape[0], velocity.shape[1], velocity.shape[3], velocity.shape[4]
-        m = fm.to(velocity.device).bool().view(nv, 1, -1, 1, 1)
-        return m.expand(nv, c, m.shape[2], h, w)
+    def _feature_inputs(self, cond: torch.Tensor, text: torch.Tensor, tau_f: torch.Tensor | None,
+                        generator: torch.Generator | None) -> FeatureInputs:
+        """Input of the feature pass, the same in training and at inference (Algorithm 1, line 14;
+        Algorithm 2): for the video DiT, the clean conditioning latents `cond` and a pure-noise
+        future at flow time `tau_f` (`VideoDiTFeatures.feature_inputs`)."""
+        return self.feature_encoder.feature_inputs(cond, text, tau_f, generator)
 
     def _action_loss(self, features: torch.Tensor, batch: dict[str, Any], generator) -> torch.Tensor:
         cfg = self.cfg
@@ -449,18 +370,15 @@ class DiT4DiT(nn.Module):
     @torch.no_grad()
     def extract_features(self, cond_video: torch.Tensor, text: torch.Tensor,
                          generator: torch.Generator | None = None) -> torch.Tensor:
-        """Features (B, tokens, width) for conditioning frames (B, 3, Tc, H, W): one future noise
-        latent, optional denoising steps, one truncated pass at `tau_f` (`_feature_inputs`)."""
-        cfg = self.cfg
+        """Features (B, tokens, width) for conditioning frames (B, 3, Tc, H, W) at `tau_f`: for the
+        video DiT one future noise latent, optional denoising steps, one truncated pass
+        (`_feature_inputs`); for the static image encoder one pass on the frames."""
         cond = self.encode_video(cond_video)
-        if self.image_encoder is not None:  # static-image baseline: no future, no flow time
-            encoder = self.image_encoder if self._compiled_features is None else self._compiled_features
-            return encoder(cond, text)
-        tau_f = torch.full((cond.shape[0],), cfg.tau_f, device=cond.device)
-        x, ts, cm = self._feature_inputs(cond, text, tau_f, generator)
+        tau_f = torch.full((cond.shape[0],), self.cfg.tau_f, device=cond.device)
+        inputs = self._feature_inputs(cond, text, tau_f, generator)
         if self._compiled_features is not None:
-            return self._compiled_features(x, ts, cm, text)
-        return self.video_dit.features(x, ts, cm, text, cfg.feature_blocks, cfg.feature_pool)
+            return self._compiled_features(*inputs, text)
+        return self.feature_encoder.feature_pass(inputs, text)
 
     @torch.no_grad()
     def predict_action(self, cond_video: torch.Tensor, state: torch.Tensor, instruction: list[str] | None = None,
@@ -468,7 +386,10 @@ class DiT4DiT(nn.Module):
                        num_steps: int | None = None, prefix: torch.Tensor | None = None,
                        prefix_weights: torch.Tensor | None = None,
                        max_guidance: float = rtc.DEFAULT_MAX_GUIDANCE) -> torch.Tensor:
-        """Normalised action chunk (B, H, action_dim) from conditioning frames and state.
+        """Normalised action chunk (B, H, action_dim) from conditioning frames and state (Algorithm 2,
+        action branch): encode the conditioning frames, one feature pass at `tau_f` on a fresh noise
+        future (`extract_features`), then `num_steps` Euler steps of the action DiT from
+        `a ~ N(0, I)` at tau = 1 to the chunk at tau = 0, conditioned on the features and the state.
 
         Real-time chunking (``dit4dit.models.rtc``): ``prefix`` (B, H, action_dim), normalised
         actions the chunk must continue, and ``prefix_weights`` (H,) or broadcastable to the chunk
@@ -482,7 +403,7 @@ class DiT4DiT(nn.Module):
             text = self.encode_text(list(instruction))
         cond_video = cond_video.to(self.device)
         state = state.to(self.device).float()
-        feats = self.extract_features(cond_video, text.to(self.video_dtype), generator).float()
+        feats = self.extract_features(cond_video, text.to(self.video_dtype), generator).float()  # h_t^{tau_f}
         b = feats.shape[0]
         noise = torch.randn((b, self.cfg.action.action_horizon, self.cfg.action.action_dim), generator=generator,
                             device=feats.device)
@@ -552,13 +473,13 @@ def _empty_video_dit(cfg: DiT4DiTConfig, dtype: torch.dtype) -> VideoDiT:
     """The video DiT of `cfg` with uninitialised weights in `dtype` on the CPU: built on the meta
     device (no init compute), then given storage. Every tensor of the module is in its
     state_dict, so loading a state_dict fills it completely (checked here)."""
+    kw = dict(generated_channels=cfg.codec.generated_channels, gradient_checkpointing=cfg.gradient_checkpointing)
     with torch.device("meta"):
-        video = VideoDiT(cfg.video)
+        video = VideoDiT(cfg.video, **kw)
     names = set(video.state_dict())
     extra = [n for n, _ in video.named_buffers() if n not in names]
     if extra:  # non-persistent buffers would stay garbage: build it the ordinary way
-        video = VideoDiT(cfg.video)
-        return video.to(dtype)
+        return VideoDiT(cfg.video, **kw).to(dtype)
     video.to(dtype)
     return video.to_empty(device="cpu")
 
@@ -612,6 +533,11 @@ class _Rows:
         self.free = free
         self.num_labelled = num_labelled
         self.num_free = 0 if free is None else int(free.numel())
+
+    @classmethod
+    def every(cls, b: int) -> "_Rows":
+        """Every row, in batch order, counted as labelled (`has_actions` not read)."""
+        return cls(slice(0, b), None, b)
 
     @classmethod
     def of(cls, batch: dict[str, Any], b: int, device: torch.device) -> "_Rows":

@@ -124,7 +124,7 @@ class ImageEncoder(nn.Module):
                               v.adaln_lora_dim)
             for _ in range(v.num_layers))
         self.norm_out = nn.LayerNorm(self.width)
-        self.gradient_checkpointing = False
+        self.gradient_checkpointing = cfg.gradient_checkpointing  # a public switch, also settable later
 
     def patchify(self, latents: torch.Tensor) -> torch.Tensor:
         """(B, C, T, h, w) -> (B, T * h/ph * w/pw, C * ph * pw), tokens ordered t, h, w (as in Cosmos)."""

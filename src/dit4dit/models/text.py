@@ -32,6 +32,9 @@ from torch import Tensor, nn
 
 from dit4dit.config import TextConfig
 
+from ..jsonio import read_json
+from .weights import weight_files
+
 __all__ = [
     "TextEncoder",
     "TinyTextEncoder",
@@ -198,19 +201,14 @@ def _has_tokenizer(folder: Path) -> bool:
     return folder.is_dir() and any((folder / f).is_file() for f in _TOKENIZER_FILES)
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"invalid JSON in {path}: {e}") from e
-
-
 def _is_qwen25vl_config(path: Path) -> bool:
     if not path.is_file():
         return False
     try:
-        d = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        d = read_json(path, "config")
+    except ValueError:
+        return False
+    if not isinstance(d, dict):
         return False
     return d.get("model_type") == "qwen2_5_vl" or "Qwen2_5_VLForConditionalGeneration" in (d.get("architectures") or [])
 
@@ -251,7 +249,7 @@ def resolve_text_encoder_folders(path: str | Path, subfolder: str | None = None)
     if not cfg_file.is_file():
         raise FileNotFoundError(f"text-encoder config not found: {cfg_file}")
     if not _is_qwen25vl_config(cfg_file):
-        d = _read_json(cfg_file)
+        d = read_json(cfg_file, "text-encoder config")
         raise ValueError(
             f"{cfg_file} is not a Qwen2.5-VL config (model_type={d.get('model_type')!r}); Cosmos-Predict2.5 uses "
             f"Cosmos-Reason1-7B (Qwen2_5_VLForConditionalGeneration)"
@@ -265,24 +263,9 @@ def resolve_text_encoder_folders(path: str | Path, subfolder: str | None = None)
 
 
 def _weight_files(model_dir: Path) -> list[Path]:
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        names = sorted(set(_read_json(index).get("weight_map", {}).values()))
-        files = [model_dir / n for n in names]
-        missing = [str(f) for f in files if not f.is_file()]
-        if missing:
-            raise FileNotFoundError(f"weight shards listed in {index} are missing: {missing[:4]}")
-        return files
-    single = model_dir / "model.safetensors"
-    if single.is_file():
-        return [single]
-    found = sorted(model_dir.glob("*.safetensors"))
-    if found:
-        return found
-    raise FileNotFoundError(
-        f"no safetensors weights in {model_dir} (expected model.safetensors or model.safetensors.index.json; "
-        f"pickle .bin checkpoints are not loaded)"
-    )
+    """The safetensors files holding the tensors (shard indexes left out); FileNotFoundError naming
+    the folder or shard when there are none or one is missing."""
+    return [f for f in weight_files(model_dir) if f.name.endswith(".safetensors")]
 
 
 def _text_model_key(key: str) -> str | None:
@@ -530,7 +513,7 @@ def _find_chat_template(*folders: Path) -> str:
             return jinja.read_text()
         legacy = folder / "chat_template.json"  # the processor's legacy file (Qwen2.5-VL releases)
         if legacy.is_file():
-            tpl = _read_json(legacy).get("chat_template")
+            tpl = read_json(legacy, "chat template").get("chat_template")
             if isinstance(tpl, str):
                 return tpl
     warnings.warn(

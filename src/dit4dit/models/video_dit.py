@@ -47,24 +47,29 @@ class _Stream:
 
 
 class VideoDiT(nn.Module):
-    def __init__(self, cfg: VideoDiTConfig, transformer: nn.Module | None = None):
+    def __init__(self, cfg: VideoDiTConfig, transformer: nn.Module | None = None, *,
+                 generated_channels: int | None = None, gradient_checkpointing: bool = False):
+        """`generated_channels`: the leading latent channels generated for future frames (None =
+        all); the rest stay zero in future frames (`CodecConfig.generated_channels`).
+        `gradient_checkpointing`: recompute each block's activations in the backward pass (a
+        public switch, also settable later)."""
         super().__init__()
         from diffusers import CosmosTransformer3DModel
 
         self.cfg = cfg
         self.transformer = transformer if transformer is not None else CosmosTransformer3DModel(**cfg.diffusers_kwargs())
-        self.gradient_checkpointing = False
-        # Leading latent channels generated for future frames (None = all); the rest stay zero in
-        # future frames (`CodecConfig.generated_channels`). Set by the model that owns this DiT.
-        self.generated_channels: int | None = None
+        self.gradient_checkpointing = gradient_checkpointing
+        self.generated_channels = generated_channels
 
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, cfg: VideoDiTConfig, subfolder: str | None = "transformer",
-                        torch_dtype: torch.dtype = torch.bfloat16) -> "VideoDiT":
+                        torch_dtype: torch.dtype = torch.bfloat16, generated_channels: int | None = None,
+                        gradient_checkpointing: bool = False) -> "VideoDiT":
         """Load a local diffusers checkpoint folder (`<path>/<subfolder>/config.json` + safetensors).
 
         The checkpoint's architecture must match `cfg` (apart from the fields that are ours only).
+        `generated_channels` and `gradient_checkpointing` as in the constructor.
         """
         from diffusers import CosmosTransformer3DModel
 
@@ -79,7 +84,8 @@ class VideoDiT(nn.Module):
         if mismatch:
             lines = ", ".join(f"{k}: preset {a!r} vs checkpoint {b!r}" for k, (a, b) in sorted(mismatch.items()))
             raise ValueError(f"transformer at {folder} does not match the preset: {lines}")
-        return cls(cfg, transformer)
+        return cls(cfg, transformer, generated_channels=generated_channels,
+                   gradient_checkpointing=gradient_checkpointing)
 
     # ------------------------------------------------------------------ inputs
     def video2world_inputs(self, latents: torch.Tensor, noise: torch.Tensor, tau: torch.Tensor,

@@ -148,13 +148,16 @@ def estimate_training_memory(cfg: DiT4DiTConfig, batch: int | None = None, *, ba
         counts["video_dit"] = counts["video_dit_feature_path"] = counts["image_encoder"]
 
     # ---- which parts run with gradients -------------------------------------------------------
-    need_video = cfg.mode == "video_only" or (cfg.mode == "joint" and cfg.lambda_video > 0)
-    need_action = cfg.mode != "video_only"
-    nv = (max(1, math.ceil(cfg.video_loss_fraction * b)) if need_action else b) if need_video else 0
+    # The rule the model's loss follows (`cfg.losses()`): nv rows of the encoder's own generative loss
+    # (the video loss, or the image encoder's denoising loss) through every block and the head, nf
+    # feature rows through the first L_f blocks.
+    which = cfg.losses()
+    need_action = which.action
+    nv = (max(1, math.ceil(cfg.video_loss_fraction * b)) if need_action else b) if which.generative else 0
     nf = b if need_action else 0
     feat_grad = need_action and cfg.feature_grad == "end_to_end"
     K, L_f = v.num_layers, (v.num_layers if static else cfg.feature_blocks)
-    if need_video:
+    if which.generative:
         video_grad_params = counts["video_dit"]
     elif feat_grad:
         video_grad_params = counts["video_dit_feature_path"]
@@ -200,7 +203,7 @@ def estimate_training_memory(cfg: DiT4DiTConfig, batch: int | None = None, *, ba
     scale = 1.0 if bf16 else 2.0  # the constants are bf16 measurements; float32 roughly doubles them
     block_row = scale * (BLOCK_TOKEN_BYTES * n_tok * d + BLOCK_TEXT_BYTES * l_txt * d)
     ckpt_row = scale * CKPT_TOKEN_BYTES * n_tok * d
-    shared = need_video and need_action and cfg.share_video_passes and cfg.feature_grad == "end_to_end"
+    shared = which.video and need_action and cfg.share_video_passes and cfg.feature_grad == "end_to_end"
     if shared:
         embed_rows = nv + nf
         block_rows = (nv + nf) * L_f + nv * (K - L_f)
