@@ -403,6 +403,26 @@ def test_flipped_bit_in_weights_is_refused(trained_run, tmp_path):
     assert meta2["weights_fingerprint"] != meta["weights_fingerprint"]
 
 
+def test_policy_from_checkpoint_records_its_source(trained_run, tmp_path):
+    from dit4dit.policy import Policy
+    from dit4dit.train import checkpoint as ckpt
+
+    _, _, run = trained_run
+    policy = Policy.from_checkpoint(run)  # a run folder: its newest checkpoint, EMA weights
+    src = policy.source
+    assert src.path.name == "step_000002" and src.step == 2 and src.weights.name == "ema.safetensors"
+    assert src.run_name == f"{run.name}/step_000002" and src.in_run and src.hashes_verified
+    assert src.recorded_sha256 == ckpt.file_sha256(src.weights)
+    assert policy.processor is not None and not policy.model.training
+    raw = Policy.from_checkpoint(run / "checkpoints" / "step_000001", use_ema=False, verify_hashes=False, seed=None)
+    assert raw.source.weights.name == "model.safetensors" and raw.source.step == 1 and raw.seed is None
+    assert not raw.source.hashes_verified
+    bare = _copy_run(run, tmp_path / "bare")
+    (bare / "checkpoints" / "step_000002" / "processor.json").unlink()
+    with pytest.raises(ckpt.CheckpointError, match="no processor.json"):
+        Policy.from_checkpoint(bare)
+
+
 def test_resume_falls_back_to_the_newest_intact_checkpoint(trained_run, tmp_path, caplog):
     from test_train import tiny_cfg
 

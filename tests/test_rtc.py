@@ -93,9 +93,9 @@ def test_sampling_under_no_grad_still_guides():
 # ------------------------------------------------------------------------------ the policy
 @pytest.fixture(scope="module")
 def policy():
-    from dit4dit.serve.server import random_policy
+    from dit4dit.policy import Policy
 
-    return random_policy("toy_reach")
+    return Policy.random("toy_reach")
 
 
 def _obs(policy):

@@ -105,11 +105,9 @@ def _evaluate_toy(run_dir: Path, episodes: int, replan_every: int, seed: int, me
     from .eval.report import save_gif
     from .eval.toy import evaluate
     from .policy import Policy
-    from .train.checkpoint import load_policy
 
-    model, processor, _ = load_policy(run_dir, "cpu")
-    r = evaluate(Policy(model, processor), episodes, replan_every=replan_every, seed=seed, record=4,
-                 progress=progress)
+    policy = Policy.from_checkpoint(run_dir, device="cpu")
+    r = evaluate(policy, episodes, replan_every=replan_every, seed=seed, record=4, progress=progress)
     r["videos"] = [save_gif(v, media / f"rollout_{i}.gif").name for i, v in enumerate(r.pop("videos"))]
     return r
 
@@ -168,7 +166,7 @@ def run_demo(out: str | Path, *, env: str = "metaworld", episodes: int | str | N
     reuses) the training run. ``eval_max_steps`` shortens evaluation episodes (MetaWorld; default
     its 500-step limit)."""
     from .eval.report import plot_curves
-    from .train.checkpoint import load_policy
+    from .policy import Policy
     from .train.trainer import Trainer
 
     if env not in SUITES:
@@ -244,9 +242,9 @@ def run_demo(out: str | Path, *, env: str = "metaworld", episodes: int | str | N
     timings["eval_s"] = time.perf_counter() - t0
 
     # 4. pictures
-    model, processor, _ = load_policy(run_dir, "cpu")
+    policy = Policy.from_checkpoint(run_dir, device="cpu")
     curves = plot_curves(run_dir / "metrics.jsonl", media / "training_curves.png")
-    strip = _prediction_strip(model, processor, data_dir, media / "predicted_vs_real.png", seed)
+    strip = _prediction_strip(policy.model, policy.processor, data_dir, media / "predicted_vs_real.png", seed)
     timings["total_s"] = time.perf_counter() - t_start
 
     gifs = results.pop("videos", [])

@@ -231,7 +231,7 @@ def paired_bootstrap(diffs: dict[int, "np.ndarray"], resamples: int = 10_000, le
 def compare_arms(out: "Path", cells: Sequence["Cell"], seeds: Sequence[int], resamples: int = 10_000
                  ) -> list[dict[str, Any]]:
     """The paired differences of :data:`COMPARISONS` at every demonstration count both arms have."""
-    from .runner import _read_json, run_dir
+    from .common import read_record, run_dir
 
     by_key = {(c.arm, c.x): c for c in cells if c.group == "prior"}
     rows = []
@@ -240,7 +240,7 @@ def compare_arms(out: "Path", cells: Sequence["Cell"], seeds: Sequence[int], res
             outcomes: dict[str, dict[int, dict[str, list[int]]]] = {a: {}, b: {}}
             for arm in (a, b):
                 for s in seeds:
-                    r = _read_json(run_dir(out, by_key[(arm, x)], s) / "result.json")
+                    r = read_record(run_dir(out, by_key[(arm, x)], s) / "result.json")
                     o = episode_outcomes(r["eval"]) if r else None
                     if o is not None:
                         outcomes[arm][s] = o
@@ -260,12 +260,12 @@ def curve_plot(rows: Sequence[dict[str, Any]], path: "Path") -> "Path | None":
     Wilson 95% interval as error bars; arms at a single count are single points."""
     import numpy as np
 
-    from .report import _plt
+    from .common import pyplot
 
     rows = [r for r in rows if r["group"] == "prior" and r["success_mean"] is not None and r.get("arm")]
     if not rows:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.6, 3.8), dpi=120)
     colours = {"video_prior": "#2b4f9e", "scratch": "#7f7f7f", "static_prior": "#d6603b", "decoupled": "#3b9e5a",
                "cotrain": "#9e3b8f"}
@@ -389,8 +389,9 @@ def _cpu_model() -> str | None:
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m dit4dit.analyze.prior probe --out FILE`: run :func:`probe_all`, write its JSON."""
     import argparse
-    import json
     import sys
+
+    from ..jsonio import write_json
 
     p = argparse.ArgumentParser(prog="python -m dit4dit.analyze.prior",
                                 description="probe which MetaWorld v3 scripted experts succeed (the video-prior "
@@ -400,11 +401,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="JSON file to write")
     args = p.parse_args(argv)
     result = probe_all(args.episodes, log=lambda m: print(f"[probe] {m}", file=sys.stderr, flush=True))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, out)
+    write_json(args.out, result)
     print(f"{len(result['pretrain_tasks'])} pretraining tasks: {', '.join(result['pretrain_tasks'])}")
     return 0
 

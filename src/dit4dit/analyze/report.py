@@ -8,7 +8,6 @@ ablation, and the t-SNE of the feature analysis coloured by episode phase.
 
 from __future__ import annotations
 
-import json
 import shlex
 from pathlib import Path
 from typing import Any, Sequence
@@ -16,6 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..eval.stats import wilson_interval
+from .common import pyplot, read_record, run_dir, write_record
 from .grid import Cell
 
 PHASE_COLOURS = ("#3b6fd6", "#e8b90c", "#d63b3b")  # early blue, middle yellow, late red (as the paper)
@@ -38,11 +38,9 @@ def _mean_feature_score(runs: Sequence[dict[str, Any]], key: str) -> float | Non
 
 def aggregate(out: Path, cells: Sequence[Cell], seeds: Sequence[int]) -> list[dict[str, Any]]:
     """One row per cell from the runs' ``result.json`` files (cells without results included)."""
-    from .runner import _read_json, run_dir
-
     rows = []
     for cell in cells:
-        runs = [r for s in seeds if (r := _read_json(run_dir(out, cell, s) / "result.json")) is not None]
+        runs = [r for s in seeds if (r := read_record(run_dir(out, cell, s) / "result.json")) is not None]
         rates = [float(r["eval"]["success_rate"]) for r in runs]
         succ = sum(int(r["eval"]["successes"]) for r in runs)
         eps = sum(int(r["eval"]["episodes"]) for r in runs)
@@ -215,20 +213,11 @@ def markdown(plan: dict[str, Any], rows: list[dict[str, Any]], plots: dict[str, 
 # --------------------------------------------------------------------------------------------
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def bar_plot(rows: list[dict[str, Any]], title: str, path: Path) -> Path | None:
     rows = [r for r in rows if r["success_mean"] is not None]
     if not rows:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(rows) + 1.5), 3.4), dpi=120)
     xs = np.arange(len(rows))
     means = np.array([r["success_mean"] for r in rows]) * 100
@@ -258,7 +247,7 @@ def curve_plot(rows: list[dict[str, Any]], path: Path, xlabel: str = "demonstrat
     rows = sorted([r for r in rows if r["success_mean"] is not None and r["x"] is not None], key=lambda r: r["x"])
     if len(rows) < 2:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.4), dpi=120)
     x = np.array([r["x"] for r in rows], dtype=float)
     y = np.array([r["success_mean"] for r in rows]) * 100
@@ -288,7 +277,7 @@ def tsne_plot(panels: list[tuple[str, dict[str, Any]]], path: Path) -> Path | No
         return None
     from .features import PHASES
 
-    plt = _plt()
+    plt = pyplot()
     n = len(panels)
     cols = min(n, 3)
     rows = (n + cols - 1) // cols
@@ -347,8 +336,6 @@ def full_data_point(rows: list[dict[str, Any]], dataset: str | None) -> dict[str
 
 def write_report(out: Path, plan: dict[str, Any], cells: Sequence[Cell], seeds: Sequence[int]) -> dict[str, Any]:
     """Aggregate, plot, and write ``results.json`` + ``results.md`` in ``out``; returns the aggregate."""
-    from .runner import _read_json, run_dir
-
     out = Path(out)
     rows = aggregate(out, cells, seeds)
     plot_dir = out / "plots"
@@ -370,7 +357,7 @@ def write_report(out: Path, plan: dict[str, Any], cells: Sequence[Cell], seeds: 
     panels = []
     for cell in cells:  # the first seed that has a feature analysis
         for s in seeds:
-            f = _read_json(run_dir(out, cell, s) / "features.json")
+            f = read_record(run_dir(out, cell, s) / "features.json")
             if f is not None:
                 panels.append((f"{cell.key} (seed {s})", f["result"]))
                 break
@@ -385,6 +372,6 @@ def write_report(out: Path, plan: dict[str, Any], cells: Sequence[Cell], seeds: 
             plots["prior_curve"] = str(p.relative_to(out))
         report["comparisons"] = prior.compare_arms(out, cells, seeds)
         extra = prior.markdown_section(plan, report["comparisons"], plots)
-    (out / "results.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    write_record(out / "results.json", report)
     (out / "results.md").write_text(markdown(plan, rows, plots, full["x"] if full is not None else None, extra))
     return report

@@ -33,7 +33,6 @@ trained anew (their old first stage, evaluation and features are moved aside).
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -41,6 +40,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ..config import DiT4DiTConfig, get_preset, override
+from .common import pretrain_dir, read_record, run_dir, write_record  # noqa: F401 - run_dir, pretrain_dir: public
 from .grid import ABLATIONS, VARIANTS, AnalysisError, Cell, ablation_cells, variant_cells
 from .prior import ARMS, DEMOS, DEMOS_DE, FEATURE_ARMS, PRETRAIN, PRETRAIN_COMMON, prior_cells
 
@@ -137,15 +137,6 @@ class Study:
 def pretrain_names(cells: Sequence[Cell]) -> list[str]:
     """The shared pretraining runs the cells start from, in order."""
     return list(dict.fromkeys(c.init for c in cells if c.init))
-
-
-def pretrain_dir(out: str | Path, name: str) -> Path:
-    """The folder of a shared pretraining run; its trainer run folder is ``train/`` inside."""
-    return Path(out) / "pretrain" / name
-
-
-def run_dir(out: str | Path, cell: Cell, seed: int) -> Path:
-    return Path(out) / "runs" / cell.group / cell.name / f"seed_{seed}"
 
 
 def stage_dirs(root: Path, cell: Cell, configs: Sequence[DiT4DiTConfig]) -> list[Path]:
@@ -247,20 +238,6 @@ def _normalise(r: dict) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-
-
 def _config_mismatch(saved: list[dict], configs: list[DiT4DiTConfig], ignore=MAY_DIFFER) -> list[str]:
     """Differences (beyond `ignore`) between stored stage configs and the requested ones."""
     from ..train.checkpoint import config_differences
@@ -290,7 +267,7 @@ def _train_stage(cfg: DiT4DiTConfig, dataset: str, folder: Path, study: Study, p
     step = ckpt.parse_step(latest.name) if latest is not None else 0
     if latest is not None and step == cfg.train.steps:
         log(f"{what}: trained already (step {step})")
-        summary = _read_json(folder / "summary.json") or {}
+        summary = read_record(folder / "summary.json") or {}
         return {**summary, "reused": True}
     if latest is not None and step > cfg.train.steps:
         raise AnalysisError(f"{folder} holds a checkpoint at step {step}, beyond the requested {cfg.train.steps} "
@@ -325,11 +302,11 @@ def run_settings(study: Study, cell: Cell, seed: int) -> tuple[list[DiT4DiTConfi
 
 def _cached(path: Path, settings: dict[str, Any], step: int | None, compute: Callable[[], Any]) -> Any:
     """The result stored at `path` for these settings and checkpoint step, else `compute()` (stored)."""
-    stored = _read_json(path)
+    stored = read_record(path)
     if stored is not None and stored.get("settings") == settings and stored.get("checkpoint_step") == step:
         return stored["result"]
     result = compute()
-    _write_json(path, {"settings": settings, "checkpoint_step": step, "result": result})
+    write_record(path, {"settings": settings, "checkpoint_step": step, "result": result})
     return result
 
 
@@ -367,7 +344,7 @@ def run_one(study: Study, cell: Cell, seed: int, evaluator: Evaluator, *, progre
     import torch
 
     from ..policy import Policy
-    from ..train.checkpoint import latest_checkpoint, load_policy, parse_step
+    from ..train.checkpoint import latest_checkpoint, parse_step
     from .features import extract_phase_features, phase_analysis
 
     root = run_dir(study.out, cell, seed)
@@ -380,21 +357,21 @@ def run_one(study: Study, cell: Cell, seed: int, evaluator: Evaluator, *, progre
         return result
 
     # 1. what the folder holds already
-    stored = _read_json(root / "configs.json")
+    stored = read_record(root / "configs.json")
     diffs = _config_mismatch(stored, configs) if stored is not None else []
     if diffs:
         raise AnalysisError(f"{root} holds runs of another config ({'; '.join(diffs[:5])}); use another --out, "
                             f"or delete that folder to rerun it")
-    done = _read_json(root / "result.json")
+    done = read_record(root / "result.json")
     if (done is not None and done.get("settings") == settings
             and not _config_mismatch(done.get("configs", []), configs, ignore=MAY_DIFFER - {"train.steps"})):
         log(f"{what}: done already (success {done['eval']['success_rate']:.0%}), skipped")
         return finish(done)
-    _write_json(root / "configs.json", [c.to_dict() for c in configs])
+    write_record(root / "configs.json", [c.to_dict() for c in configs])
     twin = (twins or {}).get(key)
     if twin is not None and settings["features"] in (None, twin["settings"]["features"]):
         result = _twin_result(twin, cell, settings)
-        _write_json(root / "result.json", result)
+        write_record(root / "result.json", result)
         log(f"{what}: the same configs as {result['same_as']}: its result is reused")
         return finish(result)
 
@@ -407,11 +384,13 @@ def run_one(study: Study, cell: Cell, seed: int, evaluator: Evaluator, *, progre
     t1 = time.perf_counter()
     checkpoint = latest_checkpoint(final)
     step = parse_step(checkpoint.name) if checkpoint is not None else None
-    model, processor, _ = load_policy(final, study.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    policy = Policy.from_checkpoint(final, device=study.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+                                    seed=study.eval_seed)
+    model, processor = policy.model, policy.processor
 
     def evaluate() -> dict:
         log(f"{what}: evaluating {study.eval_episodes} episodes per task")
-        return evaluator(Policy(model, processor, seed=study.eval_seed))
+        return evaluator(policy)
 
     evaluation = _cached(root / "eval.json", settings["eval"], step, evaluate)
     t2 = time.perf_counter()
@@ -437,7 +416,7 @@ def run_one(study: Study, cell: Cell, seed: int, evaluator: Evaluator, *, progre
                                                          "wall_time_s", "device", "reused")} for st in stages],
         "timing": {"train_s": round(t1 - t0, 2), "eval_s": round(t2 - t1, 2), "features_s": round(t3 - t2, 2)},
     }
-    _write_json(root / "result.json", result)
+    write_record(root / "result.json", result)
     sil = feats.get("silhouette_phase") if feats else None
     log(f"{what}: success {evaluation['success_rate']:.0%} ({evaluation['successes']}/{evaluation['episodes']})"
         + (f", phase silhouette {sil:.3f}" if sil is not None else ""))
@@ -447,7 +426,7 @@ def run_one(study: Study, cell: Cell, seed: int, evaluator: Evaluator, *, progre
 def _check_pretrain_record(root: Path, first: Path, record: dict[str, Any], log: Log, what: str) -> None:
     """A run whose first stage started from another state of its pretraining run (it trained
     further since) is trained anew: its first stage, evaluation and features are moved aside."""
-    stored = _read_json(root / "pretrain.json")
+    stored = read_record(root / "pretrain.json")
     if stored is not None and stored != record and ckpt_exists(first):
         stale = root / f"stale-{time.strftime('%Y%m%d-%H%M%S')}"
         stale.mkdir(parents=True, exist_ok=True)
@@ -455,22 +434,22 @@ def _check_pretrain_record(root: Path, first: Path, record: dict[str, Any], log:
             if p.exists():
                 p.rename(stale / p.name)
         log(f"{what}: its pretraining run changed; the old training moved to {stale.name}, training anew")
-    _write_json(root / "pretrain.json", record)
+    write_record(root / "pretrain.json", record)
 
 
 def _pretrain_one(study: Study, name: str, progress: bool, log: Log) -> dict[str, Any]:
     """Train (or resume, or skip) the shared pretraining run `name`; returns its summary."""
     cfg = study.pretrain_config(name)
     root = pretrain_dir(study.out, name)
-    stored = _read_json(root / "config.json")
+    stored = read_record(root / "config.json")
     diffs = _config_mismatch([stored], [cfg]) if stored is not None else []
     if diffs:
         raise AnalysisError(f"{root} holds a pretraining run of another config ({'; '.join(diffs[:5])}); use "
                             f"another --out, or delete that folder to rerun it")
-    _write_json(root / "config.json", cfg.to_dict())
+    write_record(root / "config.json", cfg.to_dict())
     summary = _train_stage(cfg, str(study.pretrain_dataset), root / "train", study, progress, log,
                            f"pretraining {name} ({PRETRAIN[name][0]})")
-    _write_json(root / "summary.json", {k: v for k, v in summary.items() if k in (
+    write_record(root / "summary.json", {k: v for k, v in summary.items() if k in (
         "step", "final_loss", "last_metrics", "samples_per_s", "wall_time_s", "device", "reused")})
     return summary
 
@@ -539,7 +518,6 @@ def run_analysis(study: Study, *, evaluator: Evaluator | None = None, progress: 
     built-in evaluation only); a cell whose configs equal an earlier cell's still waits for
     that cell's result instead of training again.
     """
-    from ..envs import toy  # noqa: F401  (registers the toy_reach schema)
     from .report import write_report
 
     if threads:
@@ -580,7 +558,7 @@ def run_analysis(study: Study, *, evaluator: Evaluator | None = None, progress: 
     if evaluator is None and train:
         evaluator, tasks = make_evaluator(base, study.dataset, study, threads)
     elif not train and not tasks:  # report only: keep what the last run evaluated
-        tasks = (_read_json(out / "plan.json") or {}).get("eval_tasks", [])
+        tasks = (read_record(out / "plan.json") or {}).get("eval_tasks", [])
     plan = {**{k: (list(v) if isinstance(v, tuple) else v) for k, v in study.__dict__.items()},
             "eval_tasks": tasks, "train_steps": base.train.steps,
             "cells": [{"group": c.group, "name": c.name, "label": c.label, "x": c.x,
@@ -589,7 +567,7 @@ def run_analysis(study: Study, *, evaluator: Evaluator | None = None, progress: 
                              "folder": str(pretrain_dir(out, n) / "train"),
                              "steps": study.pretrain_config(n).train.steps} for n in pretrain}}
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / "plan.json", plan)
+    write_record(out / "plan.json", plan)
 
     runs = [(c, s) for c in cells for s in study.seeds]
     total = len(runs)

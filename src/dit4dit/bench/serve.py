@@ -141,11 +141,12 @@ def bench_serve(*, checkpoint: str | None = None, backbone: str | None = None, d
                 fuzz: int = 0, fuzz_seed: int = 0,
                 progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Benchmark the server; returns the JSON result. ``policy``: serve this object in-process."""
-    from ..serve.server import TINY_SERVE_OVERRIDES, PolicyServer, random_policy
+    from ..policy import TINY_RANDOM_OVERRIDES, Policy
+    from ..serve.server import PolicyServer
 
     log = progress or (lambda _m: None)
     load_start = _loadavg()
-    overrides = list(overrides) if overrides else list(TINY_SERVE_OVERRIDES)
+    overrides = list(overrides) if overrides else list(TINY_RANDOM_OVERRIDES)
     proc = None
     st = None
     tmp = None
@@ -161,7 +162,7 @@ def bench_serve(*, checkpoint: str | None = None, backbone: str | None = None, d
 
                 policy, extra = load_served_policy(checkpoint, backbone=backbone, device=device)
             else:
-                policy = random_policy(schema, preset=preset, overrides=overrides, device=device)
+                policy = Policy.random(schema, preset=preset, overrides=overrides, device=device)
                 extra = {"model_version": f"random-weights/{preset}/{schema}"}
         st = PolicyServer(policy, "127.0.0.1", 0, metadata=extra).start_in_thread()
         port = st.port

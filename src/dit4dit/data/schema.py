@@ -619,3 +619,13 @@ register_schema(EmbodimentSchema(
     fps=30.0,
     description="Unitree G1 upper body: two 7-DoF arms + two Dex1 grippers (16-D); head (ego) camera.",
 ))
+
+register_schema(EmbodimentSchema(
+    name="toy_reach",
+    # the built-in pixel reaching task (dit4dit.envs.toy): agent position, velocity action, one camera
+    state=(Part("observation.state", 0, 2, names=("x", "y")),),
+    action=(Part("action", 0, 2, names=("dx", "dy")),),
+    cameras=(Camera("observation.images.image"),),
+    layout="single",
+    image_size=(64, 64),
+))

@@ -2,7 +2,8 @@
 
 The loop below is what a real deployment runs on the robot's computer: read the head camera and
 the 16 joint positions, ask the policy server for a chunk, execute it at the control rate with
-safety limits. :class:`MockG1Robot` stands in for the robot SDK (``unitree_sdk2py`` on a real
+safety limits (the client episode loop of :mod:`dit4dit.serve.rollout`, with :class:`G1Episode`
+as its robot-specific half). :class:`MockG1Robot` stands in for the robot SDK (``unitree_sdk2py`` on a real
 G1), so the loop can be exercised anywhere; replace it with a class offering the same three
 methods (``observe``, ``command``, ``stop``) to drive the real robot.
 
@@ -25,7 +26,8 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from ..serve.executor import ActionChunkExecutor, FrameHistory
+from ..serve.executor import FrameHistory
+from ..serve.rollout import ClientEpisode, chunk_executor, resize_image, run_episode
 
 G1_DIM = 16
 CAMERA_KEY = "observation.images.cam_left_high"
@@ -99,11 +101,60 @@ class SafetyFilter:
         return out
 
 
+class G1Episode(ClientEpisode):
+    """The G1 control loop's half of :func:`~dit4dit.serve.rollout.run_episode`: read the head
+    camera and the joint positions, send the frames, state and prompt, execute each action through
+    the safety filter, at ``control_hz`` when ``realtime``."""
+
+    def __init__(self, robot: Any, prompt: str, camera: str, camera_size: Any, history: FrameHistory,
+                 safety: SafetyFilter, *, control_hz: float = 30.0, realtime: bool = False,
+                 on_step: Callable[[int, np.ndarray], None] | None = None) -> None:
+        self.robot, self.prompt, self.camera, self.size = robot, prompt, camera, camera_size
+        self.history, self.safety, self.realtime, self.on_step = history, safety, realtime, on_step
+        self.period = 1.0 / control_hz
+        self.raw: dict[str, Any] = {}
+        self.steps_done = 0
+        self.late = 0
+        self._t_next = 0.0
+
+    def reset(self) -> None:
+        self.history.reset()
+        self.steps_done = self.late = 0
+        self._t_next = time.perf_counter()
+
+    def observe(self) -> dict[str, Any]:
+        self.raw = raw = self.robot.observe()
+        img = raw[CAMERA_KEY]
+        if self.size is not None and tuple(img.shape[:2]) != tuple(self.size):
+            img = resize_image(img, self.size)
+        self.history.push(img)
+        return raw
+
+    def request(self, raw: dict[str, Any]) -> dict[str, Any]:
+        return {self.camera: self.history.frames(), STATE_KEY: raw[STATE_KEY], "prompt": self.prompt}
+
+    def act(self, action: np.ndarray) -> tuple[bool, bool]:
+        target = self.safety(action, self.raw[STATE_KEY])
+        self.robot.command(target)
+        if self.on_step:
+            self.on_step(self.steps_done, target)
+        self.steps_done += 1
+        self._t_next += self.period
+        if self.realtime:
+            delay = self._t_next - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            else:
+                self.late += 1
+        return False, False
+
+
 def run_g1(policy: Any, robot: Any, prompt: str, *, steps: int = 90, control_hz: float = 30.0,
            execute_steps: int | None = 8, ensemble_decay: float | None = None, realtime: bool = False,
            safety: SafetyFilter | None = None, metadata: Mapping[str, Any] | None = None,
            on_step: Callable[[int, np.ndarray], None] | None = None) -> dict[str, Any]:
-    """The control loop: ``steps`` control steps at ``control_hz`` (sleeping only if ``realtime``)."""
+    """The control loop: ``steps`` control steps at ``control_hz`` (sleeping only if ``realtime``).
+    Any error (a server error, a non-finite or malformed action) stops the robot and re-raises."""
     meta = dict(metadata or (policy.get_server_metadata() if hasattr(policy, "get_server_metadata") else {}))
     dim = meta.get("action_dim")
     if dim is not None and int(dim) != G1_DIM:
@@ -111,46 +162,20 @@ def run_g1(policy: Any, robot: Any, prompt: str, *, steps: int = 90, control_hz:
     cams = list(meta.get("cameras") or [CAMERA_KEY])
     size = (meta.get("camera_sizes") or {}).get(cams[0])
     history = FrameHistory(int(meta.get("num_cond_frames") or 1), int(meta.get("frame_stride") or 1))
-    executor = ActionChunkExecutor(policy, execute_steps, ensemble_decay=ensemble_decay)
+    executor = chunk_executor(policy, execute_steps, ensemble_decay=ensemble_decay)
     safety = safety or SafetyFilter()
-    period = 1.0 / control_hz
-    latencies = []
-    late = 0
-    t_next = time.perf_counter()
+    episode = G1Episode(robot, prompt, cams[0], size, history, safety, control_hz=control_hz, realtime=realtime,
+                        on_step=on_step)
     try:
-        for i in range(steps):
-            raw = robot.observe()
-            img = raw[CAMERA_KEY]
-            if size is not None and tuple(img.shape[:2]) != tuple(size):
-                from ..eval.libero import resize_image
-
-                img = resize_image(img, size)
-            history.push(img)
-            obs = None
-            if executor.needs_query():
-                obs = {cams[0]: history.frames(), STATE_KEY: raw[STATE_KEY], "prompt": prompt}
-            t0 = time.perf_counter()
-            action = executor.act(obs)
-            if obs is not None:
-                latencies.append((time.perf_counter() - t0) * 1e3)
-            target = safety(action, raw[STATE_KEY])
-            robot.command(target)
-            if on_step:
-                on_step(i, target)
-            t_next += period
-            if realtime:
-                delay = t_next - time.perf_counter()
-                if delay > 0:
-                    time.sleep(delay)
-                else:
-                    late += 1
+        r = run_episode(episode, executor, steps)
     except BaseException:
         robot.stop()
         raise
-    return {"steps": steps, "queries": executor.num_queries, "clipped_steps": safety.clipped,
-            "late_steps": late if realtime else None,
-            "query_latency_ms_p50": float(np.median(latencies)) if latencies else None,
-            "query_latency_ms_max": float(np.max(latencies)) if latencies else None}
+    lat = r.query_ms
+    return {"steps": r.steps, "queries": r.queries, "clipped_steps": safety.clipped,
+            "late_steps": episode.late if realtime else None,
+            "query_latency_ms_p50": float(np.median(lat)) if lat else None,
+            "query_latency_ms_max": float(np.max(lat)) if lat else None}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,7 +17,6 @@ initial states.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -27,6 +26,8 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
+
+from ..jsonio import write_json
 
 SUITE_MAX_STEPS = {"libero_spatial": 220, "libero_object": 280, "libero_goal": 300, "libero_10": 520,
                    "libero_90": 400}
@@ -333,13 +334,6 @@ def rollout_expert(env: Any, *, max_steps: int, record: bool, rng_seed: int, act
     return ExpertRollout(success, steps, expert.phase, data, time.perf_counter() - t0)
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    tmp.replace(path)
-
-
 def collect(suite: str, episodes_per_task: int, out: str | Path, *, tasks: str | Sequence[int] | None = None,
             image_size: int = 128, seed: int = 0, max_steps: int | None = None, max_attempts: int | None = None,
             action_noise: float = 0.0, overwrite: bool = False,
@@ -432,10 +426,10 @@ def collect(suite: str, episodes_per_task: int, out: str | Path, *, tasks: str |
                 "state": "eef_pos (3) + axis_angle(eef_quat) (3) + gripper_qpos (2)",
                 "actions": "OSC_POSE delta (6) + gripper (-1 open, +1 close)"}
     meta = out_path / "meta"
-    _write_json(meta / "libero.json", {"settings": settings, "tasks": per_task, "episodes": episodes_meta,
-                                       "attempts": attempts_log})
-    _write_json(meta / CAPTURE_FILE, {"env": "libero", "cameras": {IMAGE: "agentview", WRIST_IMAGE:
-                                                                   "robot0_eye_in_hand"}})
+    write_json(meta / "libero.json", {"settings": settings, "tasks": per_task, "episodes": episodes_meta,
+                                       "attempts": attempts_log}, default=str)
+    write_json(meta / CAPTURE_FILE, {"env": "libero", "cameras": {IMAGE: "agentview", WRIST_IMAGE:
+                                                                   "robot0_eye_in_hand"}}, default=str)
     frames = sum(st["frames"] for st in stats.values())
     attempts = sum(st["attempts"] for st in stats.values())
     successes = sum(st["successes"] for st in stats.values())
@@ -511,5 +505,5 @@ def measure_expert(suite: str, trials: int, *, tasks: str | Sequence[int] | None
         finally:
             env.close()
         if out:
-            _write_json(Path(out), summary(done=False))
+            write_json(Path(out), summary(done=False), default=str)
     return summary(done=True)

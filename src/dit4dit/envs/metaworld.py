@@ -1,7 +1,7 @@
 """MetaWorld (Sawyer arm, MuJoCo) as a pixel + language benchmark: env wrapper, scripted experts,
 demonstration collection into a LeRobot v3.0 dataset (`metaworld_sawyer` schema).
 
-What the policy sees (DESIGN §7): the `corner4` camera image, the hand state (the first four
+What the policy sees (docs/design.md, "Simulators"): the `corner4` camera image, the hand state (the first four
 values of MetaWorld's 39-D observation: hand x, y, z and the gripper opening in [0, 1]) and a
 language instruction — never the object or goal positions, which only the scripted experts read.
 
@@ -29,7 +29,6 @@ upside-down frames are flipped on both axes.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import subprocess
 import sys
@@ -40,6 +39,8 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
+
+from ..jsonio import write_json
 
 IMAGE_KEY = "observation.images.image"
 STATE_KEY = "observation.state"
@@ -626,12 +627,6 @@ def layout_for_attempt(attempt: int, seed: int = 0) -> int:
     return train_layout(seed + attempt)
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    tmp.replace(path)
-
-
 def episode_counts(tasks: Sequence[str], episodes: int | str | Mapping[str, int]) -> dict[str, int]:
     """Successful episodes wanted per task: ``episodes`` is one count for every task, a mapping
     task -> count, or a string ``"N"`` / ``"80,push=200"`` / ``"push=200,button=80,drawer=80"``
@@ -759,8 +754,8 @@ def collect(tasks: str | Sequence[str], episodes_per_task: int | str | Mapping[s
                 "train_per_seed": TRAIN_PER_SEED,
                 "gripper": "binary (-1 open, +1 close)" if gripper == "binary" else "continuous (expert effort)"}
     meta = Path(out).expanduser() / "meta"
-    _write_json(meta / "metaworld.json", {"settings": settings, "episodes": episodes_meta})
-    _write_json(meta / CAPTURE_FILE, {"env": "metaworld", "cameras": {IMAGE_KEY: camera}})
+    write_json(meta / "metaworld.json", {"settings": settings, "episodes": episodes_meta})
+    write_json(meta / CAPTURE_FILE, {"env": "metaworld", "cameras": {IMAGE_KEY: camera}})
     incomplete = [t for t, s in per_task.items() if s["kept"] < wanted[t]]
     return {
         "dataset": str(Path(out).expanduser()),

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..data.schema import Camera, EmbodimentSchema, Part, register_schema
+from ..data.schema import get_schema
 
 COLORS = {"red": (220, 40, 40), "blue": (40, 80, 230)}
 TASKS = {name: f"move to the {name} square" for name in COLORS}
@@ -76,14 +76,7 @@ class ToyReachEnv:
         return img
 
 
-SCHEMA = register_schema(EmbodimentSchema(
-    name="toy_reach",
-    state=(Part("observation.state", 0, 2, names=("x", "y")),),
-    action=(Part("action", 0, 2, names=("dx", "dy")),),
-    cameras=(Camera(IMAGE_KEY),),
-    layout="single",
-    image_size=(64, 64),
-), overwrite=True)
+SCHEMA = get_schema("toy_reach")  # registered with the built-in embodiments (dit4dit.data.schema)
 
 
 def features(size: int) -> dict[str, dict]:

