@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .common import Subparsers, import_envs
+from .common import Subparsers
 from .output import emit
 
 HELP = "train and evaluate the paper's baselines and ablations (cells x seeds, resumable); write results.md"
@@ -201,7 +201,6 @@ def cmd_analyze(args: argparse.Namespace) -> dict[str, Any]:
 
     study = study_from_args(args)
     if args.dry_run:
-        import_envs()  # the toy_reach schema
         plan = study_plan(study)
         emit(args, plan, format_plan)
         return plan

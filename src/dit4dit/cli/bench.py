@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from typing import Any, Callable
 
-from .common import Subparsers, add_preset_args, import_envs, set_threads, set_threads_if_given, subcommand_table
+from .common import Subparsers, add_preset_args, set_threads, set_threads_if_given, subcommand_table
 from .output import emit, log, write_result
 
 
@@ -104,7 +104,6 @@ def register_data(bsub: Subparsers) -> None:
 def cmd_bench_data(args: argparse.Namespace) -> dict[str, Any]:
     from ..bench.data import bench_data
 
-    import_envs()
     size = args.image_size[0] if len(args.image_size) == 1 else tuple(args.image_size)
     cache = True if args.frame_cache == "auto" else args.frame_cache
     r = bench_data(args.path, args.schema, size, args.batch, args.workers, args.batches, frame_cache=cache)
@@ -172,7 +171,6 @@ def register_serve(bsub: Subparsers) -> None:
 def cmd_bench_serve(args: argparse.Namespace) -> dict[str, Any]:
     from ..bench.serve import bench_serve
 
-    import_envs()
     r = bench_serve(checkpoint=args.checkpoint, backbone=args.backbone, device=args.device, clients=args.clients,
                     requests=args.requests, warmup=args.warmup, in_process=args.in_process, schema=args.schema,
                     preset=args.preset, overrides=args.overrides, threads=args.threads, fuzz=args.fuzz,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .common import Subparsers, import_envs
+from .common import Subparsers
 from .output import emit
 
 
@@ -24,7 +24,6 @@ def register(sub: Subparsers) -> None:
 def cmd_cache_frames(args: argparse.Namespace) -> dict[str, Any]:
     from ..data.inspect import cache_frames
 
-    import_envs()
     if len(args.image_size) not in (1, 2):
         raise SystemExit("--image-size takes H W (or one N)")
     size = args.image_size[0] if len(args.image_size) == 1 else tuple(args.image_size)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .common import Subparsers, import_envs, set_threads_if_given
+from .common import Subparsers, set_threads_if_given
 from .output import emit
 
 
@@ -36,7 +36,6 @@ def cmd_cache_latents(args: argparse.Namespace) -> dict[str, Any]:
     from ..models.backbone import Backbone, codec_identity
     from ..models.codecs import build_codec
 
-    import_envs()
     set_threads_if_given(args.threads)
     cfg = get_preset(args.preset, list(args.overrides) + ([f"schema={args.schema}"] if args.schema else []))
     backbone = None

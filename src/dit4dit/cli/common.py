@@ -53,11 +53,6 @@ def set_threads_if_given(n: int | None) -> None:
         torch.set_num_threads(n)
 
 
-def import_envs() -> None:
-    """Environments register their schemas on import (e.g. `toy_reach`)."""
-    from ..envs import toy  # noqa: F401
-
-
 def serve_token(args: argparse.Namespace) -> str | None:
     """The shared secret of `serve` and of the evaluation clients: `--token-file`, `--token` or
     $DIT4DIT_SERVE_TOKEN, in that order; None when none is given. An empty one is an error, never

@@ -216,10 +216,8 @@ def cmd_eval_toy(args: argparse.Namespace) -> dict[str, Any]:
     from ..eval.report import save_gif
     from ..eval.toy import evaluate
     from ..policy import Policy
-    from ..train.checkpoint import load_policy
 
-    model, processor, _ = load_policy(args.checkpoint, args.device, require_processor=True)
-    r = evaluate(Policy(model, processor), args.episodes, replan_every=args.replan_every, seed=args.seed,
+    r = evaluate(Policy.from_checkpoint(args.checkpoint, device=args.device), args.episodes, replan_every=args.replan_every, seed=args.seed,
                  record=4 if args.out else 0, progress=progress_bar(args.episodes * 2, "eval toy"))
     videos = r.pop("videos")
     if args.out:

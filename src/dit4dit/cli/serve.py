@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from .common import Subparsers, import_envs, serve_token, set_threads_if_given
+from .common import Subparsers, serve_token, set_threads_if_given
 from .output import log
 
 
@@ -54,12 +54,12 @@ def cmd_serve(args: argparse.Namespace) -> Any:
 
     from ..config import ConfigError
     from ..data.processor import ProcessorError
-    from ..serve.server import TINY_SERVE_OVERRIDES, PolicyServer, load_served_policy, random_policy
+    from ..policy import TINY_RANDOM_OVERRIDES, Policy
+    from ..serve.server import PolicyServer, load_served_policy
     from ..train.checkpoint import CheckpointError
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    import_envs()
     set_threads_if_given(args.threads)
     token = serve_token(args)
     try:
@@ -72,9 +72,9 @@ def cmd_serve(args: argparse.Namespace) -> Any:
                                                video_dtype=dtype, seed=args.seed,
                                                verify_hashes=not args.skip_weight_hash)
         else:
-            overrides = args.overrides or list(TINY_SERVE_OVERRIDES)
+            overrides = args.overrides or list(TINY_RANDOM_OVERRIDES)
             log(f"building a random-weight {args.preset} model for {args.random_weights} ...")
-            policy = random_policy(args.random_weights, preset=args.preset, overrides=overrides, seed=args.seed,
+            policy = Policy.random(args.random_weights, preset=args.preset, overrides=overrides, seed=args.seed,
                                    device=args.device)
             extra = {"model_version": f"random-weights/{args.preset}/{args.random_weights}", "device": args.device}
         server = PolicyServer(policy, args.host, args.port, token=token, max_size=int(args.max_message_mb * 2**20),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .common import Subparsers, import_envs
+from .common import Subparsers
 from .output import emit
 
 
@@ -21,7 +21,6 @@ def register(sub: Subparsers) -> None:
 def cmd_stats(args: argparse.Namespace) -> dict[str, Any]:
     from ..data.inspect import compute_stats
 
-    import_envs()
     r = compute_stats(args.path, args.schema, args.out)
     emit(args, r)
     return r

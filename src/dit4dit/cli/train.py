@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .common import Subparsers, import_envs, set_threads_if_given
+from .common import Subparsers, set_threads_if_given
 from .output import emit
 
 
@@ -73,7 +73,6 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     from ..config import get_preset
     from ..train.trainer import Trainer
 
-    import_envs()
     set_threads_if_given(args.threads)
     cfg = get_preset(args.preset, list(args.overrides) + train_data_overrides(args))
     trainer = Trainer(cfg, args.dataset, args.out, backbone=args.backbone, resume=args.resume, progress=True,

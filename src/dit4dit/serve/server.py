@@ -65,7 +65,7 @@ from .. import __version__
 from ..data.validation import MAX_ERROR_CHARS, clip_text
 from ..filehash import file_sha256
 from ..jsonio import to_jsonable
-from ..policy import TINY_RANDOM_OVERRIDES, CheckpointSource, Policy
+from ..policy import CheckpointSource, Policy
 from .msgpack_numpy import DecodeLimits, WireFormatError, packb, unpackb
 
 log = logging.getLogger("dit4dit.serve")
@@ -593,8 +593,3 @@ def checkpoint_metadata(source: CheckpointSource, *, device: Any = "cpu") -> dic
         "weights_fingerprint": fingerprint,
         "device": str(device),
     }
-
-
-# The names the command line imports from here (the policy layer builds random-weights policies).
-TINY_SERVE_OVERRIDES = TINY_RANDOM_OVERRIDES
-random_policy = Policy.random
