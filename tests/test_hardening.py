@@ -313,10 +313,11 @@ def test_idle_clients_cannot_hold_the_slots(tiny_policy):
 
 
 def test_idle_timeout_and_per_host_limit(tiny_policy):
-    with PolicyServer(tiny_policy, "127.0.0.1", 0, idle_timeout=0.5, max_clients_per_host=2).start_in_thread() as st:
+    IDLE = 1.5  # long enough that a reconnect and a reply on a loaded 2-core machine fit inside it
+    with PolicyServer(tiny_policy, "127.0.0.1", 0, idle_timeout=IDLE, max_clients_per_host=2).start_in_thread() as st:
         c = _client(st)
         obs = dummy_observation(c.get_server_metadata())
-        time.sleep(1.2)
+        time.sleep(IDLE + 1.5)
         assert st.server.stats["idle_closed"] == 1 and st.server.active_clients == 0
         assert c.infer(obs)["actions"].ndim == 2  # the client reconnects on its next call
         d = _client(st)
@@ -324,10 +325,10 @@ def test_idle_timeout_and_per_host_limit(tiny_policy):
             _client(st)
         c.close()
         d.close()
-    with PolicyServer(tiny_policy, "127.0.0.1", 0, idle_timeout=0.5).start_in_thread() as st:
+    with PolicyServer(tiny_policy, "127.0.0.1", 0, idle_timeout=IDLE).start_in_thread() as st:
         ws = _raw_ws(st)
         ws.send(b"\x81\xa1")  # an incomplete message, then nothing: cut off like an idle client
-        time.sleep(1.2)
+        time.sleep(IDLE + 1.5)
         assert st.server.stats["idle_closed"] == 1
 
 
