@@ -269,9 +269,10 @@ def choose_grasp(candidates: list[tuple[float, np.ndarray, float]], centre: np.n
     centre, grasp height)``: the first (the default) if the open hand, and the column it descends
     through from ``rise`` above, meets none of the obstacle ``boxes``; else, of the clear ones, the
     one that keeps the hand nearest the robot's ``base`` at the grasp and over the ``target`` (a
-    stretched arm stalls); else the one that meets the fewest. ``fingers``: the yaw of the closing
-    axis before the turn."""
-    if not boxes:
+    stretched arm stalls); the default when none is clear (the check is a model of the hand: it
+    changes a grasp only for one it finds clear). ``fingers``: the yaw of the closing axis before
+    the turn."""
+    if not boxes or len(candidates) == 1:
         return candidates[0]
     local = hand_points(rise=rise)
     best, best_key = candidates[0], None
@@ -279,14 +280,14 @@ def choose_grasp(candidates: list[tuple[float, np.ndarray, float]], centre: np.n
         turn, shift, z = cand
         rot = _rz(fingers + turn - np.pi / 2)  # hand frame y (the closing axis) along the finger axis
         hand = np.array([centre[0] + shift[0], centre[1] + shift[1], z])
-        hits = hand_collisions(local @ rot.T + hand, boxes)
-        if hits == 0 and i == 0:
+        if hand_collisions(local @ rot.T + hand, boxes):
+            continue
+        if i == 0:
             return cand
         reach = 0.0 if base is None else max(float(np.linalg.norm((hand - base)[:2])),
                                               float(np.linalg.norm((np.asarray(target) + shift - base)[:2])))
-        key = (hits, round(reach, 3))
-        if best_key is None or key < best_key:
-            best, best_key = cand, key
+        if best_key is None or reach < best_key:
+            best, best_key = cand, reach
     return best
 
 
@@ -307,7 +308,8 @@ class PickPlaceExpert:
     the grasp is checked against the collision boxes of the fixtures and the other objects (the
     open hand and the column it descends through): where the default grasp is blocked (a bowl in
     an open drawer, a bowl beside the cabinet) another turn of the hand, rim side or off-centre
-    point is taken, the clear one that keeps the hand nearest the robot. ``rng`` perturbs the
+    point is taken (the clear one that keeps the hand nearest the robot); where none is clear, or
+    for an elongated object (whose turn is fixed by its shape), the default stays. ``rng`` perturbs the
     grasp point a little (diverse demonstrations); ``None`` = deterministic.
     """
 
@@ -404,7 +406,6 @@ class PickPlaceExpert:
                 side = float(np.dot(near - pos, along))
                 shift = -np.sign(side) * reach * along if abs(side) > 1e-6 else np.zeros(3)
             candidates += [(turn, shift, grasp_z)]
-            candidates += [(turn, v, grasp_z) for v in (np.zeros(3), reach * along, -reach * along)]
         else:
             candidates += [(turn, np.zeros(3), grasp_z) for turn in self._turns()]
         if candidates:
