@@ -307,9 +307,9 @@ class PickPlaceExpert:
     taken by its rim; a tall one high enough that the palm clears its top. Before the first step
     the grasp is checked against the collision boxes of the fixtures and the other objects (the
     open hand and the column it descends through): where the default grasp is blocked (a bowl in
-    an open drawer, a bowl beside the cabinet) another turn of the hand, rim side or off-centre
-    point is taken (the clear one that keeps the hand nearest the robot); where none is clear, or
-    for an elongated object (whose turn is fixed by its shape), the default stays. ``rng`` perturbs the
+    an open drawer, a bowl beside the cabinet) another turn of the hand, rim side or rim inset is
+    taken (the clear one that keeps the hand nearest the robot); where none is clear, or for an
+    elongated object (whose turn is fixed by its shape), the default stays. ``rng`` perturbs the
     grasp point a little (diverse demonstrations); ``None`` = deterministic.
     """
 
