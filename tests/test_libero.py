@@ -87,6 +87,48 @@ def test_plan_expert_supports_pick_and_place_only():
     assert X.plan_expert(shelf).target == "wooden_cabinet_1_top_region"
 
 
+def test_grasp_height_keeps_the_palm_above_a_tall_object():
+    # a can (7.6 cm): 3 cm up; a flat box (1.8 cm): half way up; a 15.7 cm bottle: 4 cm under its top
+    assert X.grasp_height(0.0, 0.0, 0.076, 0.04) == pytest.approx(0.036)
+    assert X.grasp_height(0.0, 0.0, 0.018, 0.04) == pytest.approx(0.009)
+    assert X.grasp_height(0.0, 0.0, 0.157, 0.04) == pytest.approx(0.117)
+    assert X.grasp_height(0.05, 0.0, 0.06, 0.04) == pytest.approx(0.05)  # never below the origin
+
+
+def _wall(centre, half):
+    return (np.asarray(centre, float), np.eye(3), np.asarray(half, float))
+
+
+def test_hand_points_span_the_fingers_and_the_palm():
+    pts = X.hand_points(opening=0.08)
+    assert pts[:, 2].min() == pytest.approx(-0.013) and pts[:, 2].max() == pytest.approx(0.126)
+    assert np.abs(pts[:, 1]).max() == pytest.approx(0.105)  # the palm is long along the closing axis
+    assert X.hand_points(rise=0.1)[:, 2].max() == pytest.approx(0.226)
+    # a box between the open fingers is not hit, one under a finger is
+    assert X.hand_collisions(pts, [_wall([0, 0, 0], [0.01, 0.01, 0.01])]) == 0
+    assert X.hand_collisions(pts, [_wall([0, 0.037, 0], [0.01, 0.01, 0.01])]) > 0
+
+
+def test_choose_grasp_keeps_a_clear_default_and_avoids_a_wall():
+    centre = np.array([0.0, 0.0, 0.0])
+    fingers = np.pi / 2  # the fingers close along the world y axis
+    default = (0.0, np.array([0.0, 0.05, 0.0]), 0.03)  # rim grasp on the +y side
+    turned = (-np.pi / 2, np.array([-0.05, 0.0, 0.0]), 0.03)  # fingers along x, on the -x side
+    far = (-np.pi / 2, np.array([0.05, 0.0, 0.0]), 0.03)  # fingers along x, on the +x side
+    cands = [default, turned, far]
+    base, target = np.array([-0.6, 0.0, 0.0]), np.array([0.0, 0.2, 0.0])
+    assert X.choose_grasp(cands, centre, fingers, [], base=base, target=target, rise=0.1) is default
+    # a wall 10 cm off on +y, nothing elsewhere: the default stays
+    wall_far = _wall([0, 0.3, 0.05], [0.2, 0.01, 0.1])
+    assert X.choose_grasp(cands, centre, fingers, [wall_far], base=base, target=target, rise=0.1) is default
+    # a wall where the default's outer finger and palm go: the clear grasp nearest the robot's base
+    wall = _wall([0, 0.11, 0.05], [0.2, 0.01, 0.1])
+    assert X.choose_grasp(cands, centre, fingers, [wall], base=base, target=target, rise=0.1) is turned
+    # nothing clear: the default stays
+    box = _wall([0, 0, 0.1], [0.3, 0.3, 0.01])
+    assert X.choose_grasp(cands, centre, fingers, [box], base=base, target=target, rise=0.1) is default
+
+
 def test_features_follow_the_public_layout_and_the_schema(tmp_path):
     from dit4dit.data.lerobot import LeRobotDataset
     from dit4dit.data.schema import get_schema

@@ -179,6 +179,118 @@ def _rz(a: float) -> np.ndarray:
     return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
 
 
+# The Panda hand in its own frame (x across the fingers, y along the closing axis, z up from the
+# grasp point between the finger pads), measured from robosuite's collision geoms: the fingers
+# reach 13 mm below the grasp point and 49 mm above it, the hand (palm) sits above them and is
+# about 21 cm long along the closing axis.
+_FINGER_BOX = (np.array([-0.012, 0.019, -0.013]), np.array([0.012, 0.055, 0.049]))
+_PALM_BOX = (np.array([-0.035, -0.105, 0.049]), np.array([0.035, 0.105, 0.126]))
+
+
+def _box_points(lo: np.ndarray, hi: np.ndarray, n: tuple[int, int, int]) -> np.ndarray:
+    axes = [np.linspace(lo[i], hi[i], n[i]) for i in range(3)]
+    return np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3)
+
+
+def hand_points(opening: float = 0.08, rise: float = 0.0) -> np.ndarray:
+    """Sample points (N, 3) of the open hand in its own frame; ``rise`` extends them upward (the
+    volume the hand sweeps while descending that far onto the grasp)."""
+    lo, hi = _FINGER_BOX
+    shift = np.array([0.0, opening / 2 - 0.5 * (lo[1] + hi[1]), 0.0])
+    lo, hi = lo + shift, hi + shift
+    top = np.array([0.0, 0.0, rise])
+    left = _box_points(lo, hi + top, (3, 3, 6 + int(rise / 0.02)))
+    right = left * np.array([1.0, -1.0, 1.0])
+    palm = _box_points(_PALM_BOX[0], _PALM_BOX[1] + top, (4, 11, 4 + int(rise / 0.02)))
+    return np.concatenate([left, right, palm])
+
+
+def obstacle_boxes(env: Any, exclude: str, floor_z: float) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Oriented boxes (centre, rotation, half sizes) of the collision geoms of everything but the
+    robot and the object ``exclude``, leaving out what lies wholly below ``floor_z`` (the surface
+    the object stands on)."""
+    inner = getattr(env, "env", env)
+    m, d = inner.sim.model, inner.sim.data
+    root = int(inner.obj_body_id[exclude])
+    mine = {root}
+    for b in range(int(m.nbody)):
+        p = b
+        while p > 0 and p not in mine:
+            p = int(m.body_parentid[p])
+        if p in mine:
+            mine.add(b)
+    boxes = []
+    signs = np.array([[sx, sy, sz] for sx in (-1, 1) for sy in (-1, 1) for sz in (-1, 1)], dtype=np.float64)
+    for g in range(int(m.ngeom)):
+        b = int(m.geom_bodyid[g])
+        if b == 0 or b in mine or not (int(m.geom_contype[g]) or int(m.geom_conaffinity[g])):
+            continue
+        name = m.body_id2name(b) or ""
+        if name.startswith(("robot", "gripper", "mount")):
+            continue
+        aabb = np.asarray(m.geom_aabb[g], dtype=np.float64)
+        rot = np.asarray(d.geom_xmat[g], dtype=np.float64).reshape(3, 3)
+        centre = np.asarray(d.geom_xpos[g], dtype=np.float64) + rot @ aabb[:3]
+        top = float(((signs * aabb[3:]) @ rot.T)[:, 2].max() + centre[2])
+        if top < floor_z:
+            continue
+        boxes.append((centre, rot, aabb[3:].copy()))
+    return boxes
+
+
+def _robot_base(inner: Any) -> np.ndarray | None:
+    m = inner.sim.model
+    try:
+        return np.asarray(inner.sim.data.body_xpos[m.body_name2id("robot0_base")], dtype=np.float64)
+    except (ValueError, KeyError):
+        return None
+
+
+def hand_collisions(points_world: np.ndarray, boxes: list, margin: float = 0.005) -> int:
+    """How many of the hand's sample points lie inside an obstacle box grown by ``margin``."""
+    hit = np.zeros(len(points_world), dtype=bool)
+    for centre, rot, half in boxes:
+        local = (points_world - centre) @ rot
+        hit |= np.all(np.abs(local) < half + margin, axis=1)
+    return int(hit.sum())
+
+
+def grasp_height(origin_z: float, zmin: float, zmax: float, top_reach: float) -> float:
+    """Height of the grasp point: 3 cm up the object (half way up a flat one), not below its
+    origin, and no lower than ``top_reach`` under its top, so the hand above the fingers stays
+    clear of a tall object (a bottle pushed by the palm topples)."""
+    return max(origin_z, zmin + min(0.03, 0.5 * (zmax - zmin)), zmax - top_reach)
+
+
+def choose_grasp(candidates: list[tuple[float, np.ndarray, float]], centre: np.ndarray, fingers: float,
+                 boxes: list, *, base: np.ndarray | None, target: np.ndarray,
+                 rise: float) -> tuple[float, np.ndarray, float]:
+    """Of the candidate grasps ``(turn of the hand about the vertical, shift from the object's
+    centre, grasp height)``: the first (the default) if the open hand, and the column it descends
+    through from ``rise`` above, meets none of the obstacle ``boxes``; else, of the clear ones, the
+    one that keeps the hand nearest the robot's ``base`` at the grasp and over the ``target`` (a
+    stretched arm stalls); the default when none is clear (the check is a model of the hand: it
+    changes a grasp only for one it finds clear). ``fingers``: the yaw of the closing axis before
+    the turn."""
+    if not boxes or len(candidates) == 1:
+        return candidates[0]
+    local = hand_points(rise=rise)
+    best, best_key = candidates[0], None
+    for i, cand in enumerate(candidates):
+        turn, shift, z = cand
+        rot = _rz(fingers + turn - np.pi / 2)  # hand frame y (the closing axis) along the finger axis
+        hand = np.array([centre[0] + shift[0], centre[1] + shift[1], z])
+        if hand_collisions(local @ rot.T + hand, boxes):
+            continue
+        if i == 0:
+            return cand
+        reach = 0.0 if base is None else max(float(np.linalg.norm((hand - base)[:2])),
+                                              float(np.linalg.norm((np.asarray(target) + shift - base)[:2])))
+        if best_key is None or reach < best_key:
+            best, best_key = cand, reach
+    return best
+
+
 @dataclass
 class ExpertStep:
     action: np.ndarray
@@ -192,8 +304,13 @@ class PickPlaceExpert:
     heights are relative to the objects' bounding boxes (floor and table scenes alike). The hand
     keeps its initial (top-down) orientation, turned about the vertical so the fingers close
     across an elongated object's narrow side; an object wider than the open gripper (a bowl) is
-    taken by its rim. ``rng`` perturbs the grasp point a little (diverse demonstrations);
-    ``None`` = deterministic.
+    taken by its rim; a tall one high enough that the palm clears its top. Before the first step
+    the grasp is checked against the collision boxes of the fixtures and the other objects (the
+    open hand and the column it descends through): where the default grasp is blocked (a bowl in
+    an open drawer, a bowl beside the cabinet) another turn of the hand, rim side or rim inset is
+    taken (the clear one that keeps the hand nearest the robot); where none is clear, or for an
+    elongated object (whose turn is fixed by its shape), the default stays. ``rng`` perturbs the
+    grasp point a little (diverse demonstrations); ``None`` = deterministic.
     """
 
     HOVER = 0.10  # above the grasp point while aligning
@@ -201,6 +318,8 @@ class PickPlaceExpert:
     GAIN = 12.0  # position action per metre of error (clipped to 1)
     ROT_GAIN = 2.0
     CLEARANCE = 0.03  # object bottom above the target's top when released
+    TOP_REACH = 0.04  # grasp no lower than this under the object's top (the palm stays above it)
+    RIM_INSETS = (0.004, 0.015, 0.025)  # rim grasp: grasp point this far inside the wall
 
     def __init__(self, obj: str, target: str, *, relation: str = "in",
                  rng: np.random.Generator | None = None) -> None:
@@ -258,28 +377,62 @@ class PickPlaceExpert:
         fingers = finger_axis_yaw(env)
         yaw, narrow, wide = object_footprint(env, self.obj)
         near = self._nearest_other(env)
-        grasp_z = max(pos[2], zmin + min(0.03, 0.5 * (zmax - zmin)))
+        # low on the object, but high enough that the hand above the fingers clears its top (a tall
+        # bottle pushed by the palm topples)
+        grasp_z = grasp_height(float(pos[2]), zmin, zmax, self.TOP_REACH)
+        candidates: list[tuple[float, np.ndarray, float]] = []  # (hand turn about vertical, shift, z)
         if fingers is not None and narrow > self.MAX_OPENING:
             # too wide to close around: one finger inside the rim, one outside, along the finger axis
             self.rim = True
-            axis = np.array([np.cos(fingers), np.sin(fingers), 0.0])
-            r = 0.5 * narrow - 0.004  # on the wall
-            sides = [axis * r, -axis * r]
-            if near is not None:  # the side away from the nearest neighbour
-                sides.sort(key=lambda v: -float(np.linalg.norm((pos + v - near)[:2])))
-            self.shift = sides[0]
             grasp_z = zmax - 0.02
+            for inset in self.RIM_INSETS:  # the first is the default: the outer finger just off the wall
+                r = 0.5 * narrow - inset
+                for turn in self._turns():
+                    a = fingers + turn
+                    axis = np.array([np.cos(a), np.sin(a), 0.0])
+                    sides = [axis * r, -axis * r]
+                    if near is not None:  # the side away from the nearest neighbour
+                        sides.sort(key=lambda v: -float(np.linalg.norm((pos + v - near)[:2])))
+                    candidates += [(turn, v, grasp_z) for v in sides]
         elif fingers is not None and wide > 1.15 * narrow:
             # turn about the vertical so the fingers close across the object's narrow side
-            self.target_rot = _rz(_wrap_half_pi(yaw - fingers)) @ hand_rot
+            turn = _wrap_half_pi(yaw - fingers)
             # and grasp off-centre along the long side, away from the nearest other object
             # (the hand is wide across the fingers: a close neighbour blocks the descent)
             along = np.array([-np.sin(yaw), np.cos(yaw), 0.0])
+            reach = max(0.0, wide / 2 - 0.025)
+            shift = np.zeros(3)
             if near is not None:
                 side = float(np.dot(near - pos, along))
-                reach = max(0.0, wide / 2 - 0.025)
-                self.shift = -np.sign(side) * reach * along if abs(side) > 1e-6 else np.zeros(3)
+                shift = -np.sign(side) * reach * along if abs(side) > 1e-6 else np.zeros(3)
+            candidates += [(turn, shift, grasp_z)]
+        else:
+            candidates += [(turn, np.zeros(3), grasp_z) for turn in self._turns()]
+        if candidates:
+            turn, shift, grasp_z = self._clear_candidate(env, candidates, pos, fingers, zmin)
+            self.target_rot = _rz(turn) @ hand_rot
+            self.shift = shift
         self.grasp_height = grasp_z - pos[2]
+
+    @staticmethod
+    def _turns() -> list[float]:
+        """Turns of the hand about the vertical, no turn first (the fingers are symmetric under a
+        half turn, so [-pi/2, pi/2) covers every closing direction)."""
+        steps = np.deg2rad(np.arange(15, 91, 15))
+        out = [0.0]
+        for s in steps:
+            out += [float(s), float(-s)] if s < np.pi / 2 else [float(-s)]
+        return out
+
+    def _clear_candidate(self, env: Any, candidates: list, pos: np.ndarray, fingers: float | None,
+                         zmin: float) -> tuple[float, np.ndarray, float]:
+        inner = getattr(env, "env", env)
+        if fingers is None or not hasattr(inner, "sim"):
+            return candidates[0]
+        boxes = obstacle_boxes(env, self.obj, floor_z=zmin + 0.005)
+        centre = pos + self.jitter * np.array([1.0, 1.0, 0.0])
+        return choose_grasp(candidates, centre, fingers, boxes, base=_robot_base(inner),
+                            target=self._pos(env, self.target), rise=self.HOVER)
 
     # -- control ------------------------------------------------------------------------------
     def _move(self, eef: np.ndarray, goal: np.ndarray, hand_rot: np.ndarray, grip: float) -> np.ndarray:
