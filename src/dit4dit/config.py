@@ -93,6 +93,10 @@ class ActionDiTConfig:
     # states carry no absolute position: RoPE only).
     feature_pos_embed: bool = True
     max_feature_tokens: int = 4096
+    # The repeated tau_a draws of a sample share its cross-attention K/V (projected once per sample).
+    # False repeats the features for every draw instead: the same numbers at the cost of a model
+    # without the sharing (the plain step of `bench train`).
+    share_feature_kv: bool = True
 
     @property
     def width(self) -> int:

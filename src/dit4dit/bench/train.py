@@ -5,7 +5,7 @@
   `repeated_diffusion_steps` draws, fused AdamW on CUDA, the config's activation checkpointing
   and precision.
 - plain: the same model and data with the two video passes run separately and the K/V projected
-  for every repeated draw (`share_video_passes=False`, features repeated row by row), unfused
+  for every repeated draw (`share_video_passes=False`, `action.share_feature_kv=False`), unfused
   AdamW.
 
 Both are measured in one process on synthetic batches (the real loss, backward, clipping, AdamW,
@@ -53,42 +53,15 @@ def peak_tflops(device_name: str, precision: str) -> float | None:
     return None
 
 
-def plain_loss(model: torch.nn.Module, batch: dict, generator: torch.Generator):
-    """The plain step's loss: separate video passes (from the config) and per-draw K/V (here)."""
-    from ..models.action_dit import ActionDiT
-
-    action_dit: ActionDiT = model.action_dit
-    forward = action_dit.forward
-
-    def per_draw_forward(noisy, tau_a, state, features, feature_mask=None, repeats=1):
-        if repeats > 1:  # what a model without the shared K/V does: repeat the features row by row
-            features = features.repeat_interleave(repeats, 0)
-            feature_mask = None if feature_mask is None else feature_mask.repeat_interleave(repeats, 0)
-        return forward(noisy, tau_a, state, features, feature_mask)
-
-    action_dit.forward = per_draw_forward
-    try:
-        return model.loss(batch, generator)
-    finally:
-        del action_dit.forward
-
-
 def count_step_flops(model: torch.nn.Module, batch: dict, generator: torch.Generator) -> float:
     """Model FLOPs of one forward + backward of the loss on ``batch`` (checkpointing off)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    parts = [m for m in (model.video_dit, model.image_encoder, model.action_dit)
-             if m is not None and hasattr(m, "gradient_checkpointing")]
-    saved = [m.gradient_checkpointing for m in parts]
-    for m in parts:
-        m.gradient_checkpointing = False
     try:
-        with FlopCounterMode(display=False) as counter:
+        with model.gradient_checkpointing_disabled(), FlopCounterMode(display=False) as counter:
             loss, _ = model.loss(batch, generator)
             loss.backward()
     finally:
-        for m, flag in zip(parts, saved):
-            m.gradient_checkpointing = flag
         model.zero_grad(set_to_none=True)
     return float(counter.get_total_flops())
 
@@ -114,8 +87,7 @@ class _Step:
             ema = EMA([(n, p) for g in optimizer.param_groups for n, p in zip(g["param_names"], g["params"])],
                       tc.ema_decay)
         generator = torch.Generator(device=dev).manual_seed(tc.seed)
-        loss_fn = plain_loss if plain else None
-        self.runner = StepRunner(wrap(LossModule(model, loss_fn), model, "single", DistInfo(device=dev)), optimizer,
+        self.runner = StepRunner(wrap(LossModule(model), model, "single", DistInfo(device=dev)), optimizer,
                                  scheduler, ema, generator, dev, precision, tc.grad_clip, tc.grad_accum)
         samples = SyntheticSamples(cfg, num_samples=tc.batch_size, seed=tc.seed)
         fixed = collate([samples[i] for i in range(tc.batch_size)])
@@ -146,7 +118,7 @@ class _Step:
             "step_time_mean_s": float(np.mean(self.times)) if self.times else float("nan"),
             "samples_per_s": tc.batch_size * tc.grad_accum / med if med > 0 else float("nan"),
             "share_video_passes": self.cfg.share_video_passes,
-            "shared_action_kv": not self.plain,
+            "shared_action_kv": self.cfg.action.share_feature_kv,
             "fused_adam": self.fused,
             "params": self.counts,
         }
@@ -199,7 +171,7 @@ def bench_train(cfg: DiT4DiTConfig, device: str | torch.device | None = None, st
     label = device_name(dev)
     if cfg.mode == "video_only":  # compared with the video part of a joint step instead of a plain step
         plain = False
-    plain_cfg = override(cfg, ["share_video_passes=false", "train.fused_adam=false"])
+    plain_cfg = override(cfg, ["share_video_passes=false", "action.share_feature_kv=false", "train.fused_adam=false"])
     # Side by side: on CPU both steps are built and timed alternately, so load drift hits both
     # alike; on a GPU one 2B model with its optimizer state fills most of the memory, so they run
     # one after the other (each with its own peak memory).

@@ -288,6 +288,10 @@ class ActionDiT(nn.Module):
             (B, H, action_dim) predicted velocity ``noise - a0``.
         """
         self._check_inputs(noisy_actions, tau_a, state, features, feature_mask, repeats)
+        if repeats > 1 and not self.cfg.share_feature_kv:  # one copy of the features per draw
+            features = features.repeat_interleave(repeats, 0)
+            feature_mask = None if feature_mask is None else feature_mask.repeat_interleave(repeats, 0)
+            repeats = 1
         dtype = self.proj_out.weight.dtype
         noisy_actions, state, features = noisy_actions.to(dtype), state.to(dtype), features.to(dtype)
         b, horizon, _ = noisy_actions.shape

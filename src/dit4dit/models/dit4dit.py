@@ -43,9 +43,10 @@ Batch contract (what the data pipeline produces):
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 from torch import nn
@@ -205,6 +206,20 @@ class DiT4DiT(nn.Module):
                     self._text_memo[p] = e
             return torch.stack([self._text_memo[p] for p in prompts])
         return self._encode_text(prompts)
+
+    @contextlib.contextmanager
+    def gradient_checkpointing_disabled(self) -> Iterator[None]:
+        """Run the block without activation recomputation (e.g. to count a step's FLOPs once)."""
+        parts = [m for m in (self.video_dit, self.image_encoder, self.action_dit)
+                 if m is not None and hasattr(m, "gradient_checkpointing")]
+        saved = [m.gradient_checkpointing for m in parts]
+        for m in parts:
+            m.gradient_checkpointing = False
+        try:
+            yield
+        finally:
+            for m, flag in zip(parts, saved):
+                m.gradient_checkpointing = flag
 
     def remember_text_embedding(self, prompt: str, embedding: torch.Tensor) -> None:
         """Serve `prompt` with `embedding` (L, D) at inference (eval mode, no autograd) without
