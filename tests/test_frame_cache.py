@@ -217,12 +217,18 @@ def _ids(batch):
     return list(zip(batch["episode_index"].tolist(), batch["frame_index"].tolist()))
 
 
-def test_ring_slots_are_reused_and_released(v30_root, tmp_path, monkeypatch):
+def _cached_and_plain(root, tmp_path, monkeypatch):
+    """The dataset's training samples through a fresh frame cache, and by decoding. The ring-slot
+    threshold is lowered so that these small batches travel through ring slots and by value."""
     monkeypatch.setattr(samples_mod, "_RING_MIN_BYTES", 1024)
-    ds = LeRobotDataset(v30_root)
+    ds = LeRobotDataset(root)
     proc = _processor(ds)
     out = build_frame_cache(ds, proc, out_dir=tmp_path / "c", progress=False)
-    cached, plain = TrainingSamples(ds, processor=proc, frame_cache=out), TrainingSamples(ds, processor=proc)
+    return TrainingSamples(ds, processor=proc, frame_cache=out), TrainingSamples(ds, processor=proc)
+
+
+def test_ring_slots_are_reused_and_released(v30_root, tmp_path, monkeypatch):
+    cached, plain = _cached_and_plain(v30_root, tmp_path, monkeypatch)
     ring_count = len(samples_mod._RINGS)
     held = [collate(cached.__getitems__([i, i + 1, i + 2])) for i in range(0, 18, 2)]  # more than the slots
     ring = samples_mod._lease_of(held[0]["video"]).ring
@@ -245,12 +251,7 @@ def test_ring_slots_are_reused_and_released(v30_root, tmp_path, monkeypatch):
 
 
 def test_loader_workers_with_cache_match_decoding(v30_root, tmp_path, monkeypatch):
-    # small thresholds so these small batches travel through ring slots and by value
-    monkeypatch.setattr(samples_mod, "_RING_MIN_BYTES", 1024)
-    ds = LeRobotDataset(v30_root)
-    proc = _processor(ds)
-    out = build_frame_cache(ds, proc, out_dir=tmp_path / "c", progress=False)
-    cached, plain = TrainingSamples(ds, processor=proc, frame_cache=out), TrainingSamples(ds, processor=proc)
+    cached, plain = _cached_and_plain(v30_root, tmp_path, monkeypatch)
     ref = list(make_loader(plain, 4, num_workers=0, seed=3).batches(14))  # 5 batches an epoch
     loader = make_loader(cached, 4, num_workers=2, seed=3)
     try:
@@ -287,11 +288,7 @@ class _PerItem(torch.utils.data.Dataset):
 
 
 def test_per_item_workers_match(v30_root, tmp_path, monkeypatch):
-    monkeypatch.setattr(samples_mod, "_RING_MIN_BYTES", 1024)
-    ds = LeRobotDataset(v30_root)
-    proc = _processor(ds)
-    out = build_frame_cache(ds, proc, out_dir=tmp_path / "c", progress=False)
-    for samples in (TrainingSamples(ds, processor=proc, frame_cache=out), TrainingSamples(ds, processor=proc)):
+    for samples in _cached_and_plain(v30_root, tmp_path, monkeypatch):
         ref = list(make_loader(samples, 4, num_workers=0, seed=5).batches(7))
         loader = make_loader(_PerItem(samples), 4, num_workers=2, seed=5)
         try:

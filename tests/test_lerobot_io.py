@@ -48,32 +48,25 @@ V21_LENGTHS = [20, 15, 22]
 # fixtures (built once per module; tests that damage a dataset work on a copy)
 
 
+def _two_videos_and_png(make, folder: Path, lengths: list[int], **kw) -> Path:
+    """``make`` a dataset in ``folder`` of episodes of ``lengths`` frames with two video cameras (main,
+    wrist) and one image key stored as PNG."""
+    return make(folder / "ds", episodes=len(lengths), length=lengths, cameras=(DEFAULT_CAMERA, WRIST),
+                image_keys=(PNG_KEY,), **kw)
+
+
 @pytest.fixture(scope="module")
 def v30(tmp_path_factory) -> Path:
     # tiny size limits: several data files and several multi-episode video files per camera
-    return make_v30_dataset(
-        tmp_path_factory.mktemp("v30") / "ds",
-        episodes=len(V3_LENGTHS),
-        length=V3_LENGTHS,
-        cameras=(DEFAULT_CAMERA, WRIST),
-        image_keys=(PNG_KEY,),
-        video_files_size_mb=0.003,
-        data_files_size_mb=0.001,
-    )
+    return _two_videos_and_png(make_v30_dataset, tmp_path_factory.mktemp("v30"), V3_LENGTHS,
+                               video_files_size_mb=0.003, data_files_size_mb=0.001)
 
 
 @pytest.fixture(scope="module")
 def v21(tmp_path_factory) -> Path:
-    return make_v21_dataset(
-        tmp_path_factory.mktemp("v21") / "ds",
-        episodes=len(V21_LENGTHS),
-        length=V21_LENGTHS,
-        cameras=(DEFAULT_CAMERA, WRIST),
-        image_keys=(PNG_KEY,),
-        image_storage="files",
-        gop=6,
-        chunks_size=2,  # episodes spread over chunk-000 and chunk-001
-    )
+    return _two_videos_and_png(make_v21_dataset, tmp_path_factory.mktemp("v21"), V21_LENGTHS,
+                               image_storage="files", gop=6,
+                               chunks_size=2)  # episodes spread over chunk-000 and chunk-001
 
 
 @pytest.fixture(scope="module")

@@ -8,13 +8,14 @@ real LeRobot folders (v3.0 and v2.1) built by ``tests/lerobot_fixtures.py``.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
 from dit4dit.config import InputConfig
+from dit4dit.data.lerobot import Episode
 from dit4dit.data.loader import batch_order, make_loader
 from dit4dit.data.normalize import NormalizationError, Normalizer
 from dit4dit.data.processor import Processor, ProcessorError
@@ -29,14 +30,6 @@ CAM0, CAM1 = "observation.images.image", "observation.images.wrist_image"
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Ep:
-    index: int
-    length: int
-    tasks: tuple[str, ...]
-    data_start: int
-
-
 class FakeDataset:
     """Frame (ep, t) of camera c is a uniform image (R, G, B) = (ep * 20 + c, t, 100 + c)."""
 
@@ -45,7 +38,7 @@ class FakeDataset:
         self.size = size
         self.episodes, start = [], 0
         for i, n in enumerate(lengths):
-            self.episodes.append(_Ep(i, n, (f"task {i}",), start))
+            self.episodes.append(Episode(i, n, (f"task {i}",), start))
             start += n
         self.num_frames = start
         self.num_episodes = len(lengths)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
 import torch
 
+from dit4dit.data.lerobot import Episode
 from dit4dit.data.normalize import NormalizationError, Normalizer, StreamingStats, compute_dataset_stats
 from dit4dit.data.schema import (
     SCHEMAS,
@@ -27,20 +27,12 @@ from dit4dit.data.schema import (
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Ep:
-    index: int
-    length: int
-    tasks: tuple[str, ...]
-    data_start: int
-
-
 class _NumericDataset:
     def __init__(self, arrays_per_episode, cameras=("observation.images.image",), size=(8, 8)):
         self.episodes, self._data, start = [], [], 0
         for i, d in enumerate(arrays_per_episode):
             n = len(next(iter(d.values())))
-            self.episodes.append(_Ep(i, n, ("task",), start))
+            self.episodes.append(Episode(i, n, ("task",), start))
             self._data.append(d)
             start += n
         self.features = {}

@@ -18,6 +18,14 @@ def get_bench_subparsers(sub: Subparsers) -> Subparsers:
     return subcommand_table(sub, "bench", help="benchmarks that write JSON", dest="bench_command")
 
 
+def _report(args: argparse.Namespace, result: dict[str, Any],
+            human: Callable[[dict[str, Any]], str] | None = None) -> dict[str, Any]:
+    """Write ``result`` to ``--out`` (when given), print it (JSON, or ``human``'s text) and return it."""
+    write_result(args.out, result)
+    emit(args, result, human)
+    return result
+
+
 # ------------------------------------------------------------------------------------------ inference
 def register_inference(bsub: Subparsers) -> None:
     p = bsub.add_parser("inference", help="policy-step latency: ours vs the naive path, side by side")
@@ -73,7 +81,6 @@ def cmd_bench_inference(args: argparse.Namespace) -> dict[str, Any]:
     result = bench_inference(model, batch=args.batch, warmup=args.warmup, iters=args.iters, seed=args.seed,
                              progress=log, plain_model=plain, plain_autocast=plain_autocast)
     result["compiled"] = args.compile or "no"
-    write_result(args.out, result)
 
     def human(r):
         naive = (f", naive {r['naive']['median_ms']:.1f} ms, speed-up x{r['speedup_median']:.2f}" if r["naive"]
@@ -81,8 +88,7 @@ def cmd_bench_inference(args: argparse.Namespace) -> dict[str, Any]:
         return (f"{r['preset']} on {r['device']} ({r['precision']}): ours {r['ours']['median_ms']:.1f} ms "
                 f"({r['ours']['hz']:.1f} Hz){naive}; breakdown {r['breakdown_ms']}")
 
-    emit(args, result, human)
-    return result
+    return _report(args, result, human)
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -107,9 +113,7 @@ def cmd_bench_data(args: argparse.Namespace) -> dict[str, Any]:
     size = args.image_size[0] if len(args.image_size) == 1 else tuple(args.image_size)
     cache = True if args.frame_cache == "auto" else args.frame_cache
     r = bench_data(args.path, args.schema, size, args.batch, args.workers, args.batches, frame_cache=cache)
-    write_result(args.out, r)
-    emit(args, r)
-    return r
+    return _report(args, r)
 
 
 # ------------------------------------------------------------------------------------------ train
@@ -139,9 +143,7 @@ def cmd_bench_train(args: argparse.Namespace) -> dict[str, Any]:
     cfg = get_preset(args.preset, args.overrides)
     r = bench_train(cfg, device=args.device, steps=args.steps, batch=args.batch, backbone=args.backbone,
                     plain=not args.no_plain, peak=args.peak_tflops)
-    write_result(args.out, r)
-    emit(args, r)
-    return r
+    return _report(args, r)
 
 
 # ------------------------------------------------------------------------------------------ serve
@@ -175,7 +177,6 @@ def cmd_bench_serve(args: argparse.Namespace) -> dict[str, Any]:
                     requests=args.requests, warmup=args.warmup, in_process=args.in_process, schema=args.schema,
                     preset=args.preset, overrides=args.overrides, threads=args.threads, fuzz=args.fuzz,
                     fuzz_seed=args.fuzz_seed, progress=log)
-    write_result(args.out, r)
 
     def human(r):
         if "fuzz" in r:
@@ -184,8 +185,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> dict[str, Any]:
                          f" {x['throughput_rps']:.1f} replies/s, server inference p50 {x['server_infer_ms_p50']:.1f} ms,"
                          f" errors {x['errors']}" for x in r["runs"])
 
-    emit(args, r, human)
-    return r
+    return _report(args, r, human)
 
 
 BENCHMARKS: tuple[Callable[[Subparsers], None], ...] = (register_inference, register_data, register_train,

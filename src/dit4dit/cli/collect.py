@@ -15,6 +15,16 @@ def get_collect_subparsers(sub: Subparsers) -> Subparsers:
                             dest="env")
 
 
+def _collected(r: dict[str, Any], timing: str, task_lines: list[str], incomplete_prefix: str) -> str:
+    """The text form of a simulator collection: what was written where and how fast (``timing``), one
+    line a task, then the tasks left short of episodes (named after ``incomplete_prefix``)."""
+    lines = [f"wrote {r['episodes']} episodes ({r['frames']} frames) to {r['dataset']} in {r['seconds']:.0f} s "
+             f"({timing})", *task_lines]
+    if r["incomplete_tasks"]:
+        lines.append(f"  fewer episodes than asked for: {incomplete_prefix}{r['incomplete_tasks']}")
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------------------ toy
 def register_toy(csub: Subparsers) -> None:
     """`dit4dit collect toy`: the built-in toy_reach task."""
@@ -78,15 +88,12 @@ def cmd_collect_metaworld(args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError(str(e)) from e
 
     def human(r):
-        lines = [f"wrote {r['episodes']} episodes ({r['frames']} frames) to {r['dataset']} in {r['seconds']:.0f} s "
-                 f"({r['frames_per_s']:.0f} frames/s; env step {r['ms_per_env_step']:.1f} ms, "
-                 f"render {r['ms_per_render']:.1f} ms)"]
-        for t, s in r["tasks"].items():
-            lines.append(f"  {t:<28} kept {s['kept']:>3}  expert success {s['successes']}/{s['attempts']} "
-                         f"= {s['expert_success_rate']:.0%}  mean length {s['mean_length'] or 0:.0f}")
-        if r["incomplete_tasks"]:
-            lines.append(f"  fewer episodes than asked for: {r['incomplete_tasks']}")
-        return "\n".join(lines)
+        timing = (f"{r['frames_per_s']:.0f} frames/s; env step {r['ms_per_env_step']:.1f} ms, "
+                  f"render {r['ms_per_render']:.1f} ms")
+        tasks = [f"  {t:<28} kept {s['kept']:>3}  expert success {s['successes']}/{s['attempts']} "
+                 f"= {s['expert_success_rate']:.0%}  mean length {s['mean_length'] or 0:.0f}"
+                 for t, s in r["tasks"].items()]
+        return _collected(r, timing, tasks, "")
 
     emit(args, r, human)
     return r
@@ -148,15 +155,10 @@ def cmd_collect_libero(args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError(str(e)) from e
 
     def human(r):
-        lines = [f"wrote {r['episodes']} episodes ({r['frames']} frames) to {r['dataset']} in {r['seconds']:.0f} s "
-                 f"(env step {r['ms_per_env_step']:.0f} ms with rendering)"]
-        for t in r["tasks"].values():
-            lines.append(f"  {t['task_id']:>2} kept {t['kept']:>3}  expert success {t['successes']}/{t['attempts']} "
-                         f"= {t['expert_success_rate']:.0%} [{t['ci95'][0]:.2f}, {t['ci95'][1]:.2f}]  "
-                         f"{t['instruction']}")
-        if r["incomplete_tasks"]:
-            lines.append(f"  fewer episodes than asked for: tasks {r['incomplete_tasks']}")
-        return "\n".join(lines)
+        tasks = [f"  {t['task_id']:>2} kept {t['kept']:>3}  expert success {t['successes']}/{t['attempts']} "
+                 f"= {t['expert_success_rate']:.0%} [{t['ci95'][0]:.2f}, {t['ci95'][1]:.2f}]  {t['instruction']}"
+                 for t in r["tasks"].values()]
+        return _collected(r, f"env step {r['ms_per_env_step']:.0f} ms with rendering", tasks, "tasks ")
 
     emit(args, r, human)
     return r

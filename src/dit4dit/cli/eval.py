@@ -47,6 +47,29 @@ def _int_list(text: str | None) -> list[int] | None:
     return None if not text else [int(x) for x in text.split(",") if x.strip()]
 
 
+def _name_list(text: str | None) -> list[str] | None:
+    return [t.strip() for t in text.split(",") if t.strip()] if text else None
+
+
+def _run_client(args: argparse.Namespace, main_eval: Callable[..., dict[str, Any]], not_installed: type[Exception],
+                parse_tasks: Callable[[str | None], list | None], *where: Any, **options: Any) -> dict[str, Any]:
+    """Run a simulator client's ``main_eval(args.server, *where, ...)`` with the options every client
+    shares (token, trials, tasks parsed by ``parse_tasks``, seed, replanning, ensembling, videos, max steps,
+    resume, progress) plus its own ``options``; a missing simulator, an existing run or a bad value
+    becomes a ConfigError. Prints and returns the result."""
+    from ..config import ConfigError
+
+    try:
+        r = main_eval(args.server, *where, token=serve_token(args), trials=args.trials,
+                      tasks=parse_tasks(args.tasks), seed=args.seed, replan=args.replan,
+                      ensemble_decay=args.ensemble_decay, videos=args.videos, max_steps=args.max_steps,
+                      resume=args.resume, progress=_trial_progress(), command=sys.argv, **options)
+    except (not_installed, FileExistsError, ValueError) as e:
+        raise ConfigError(str(e)) from e
+    emit(args, r, _eval_human)
+    return r
+
+
 # ------------------------------------------------------------------------------------------ libero
 def register_libero(esub: Subparsers) -> None:
     from ..eval.libero import DEFAULT_REPLAN, DEFAULT_SEED, DEFAULT_TRIALS, ENV_RESOLUTION, SUITE_MAX_STEPS
@@ -71,19 +94,10 @@ def register_libero(esub: Subparsers) -> None:
 
 
 def cmd_eval_libero(args: argparse.Namespace) -> dict[str, Any]:
-    from ..config import ConfigError
     from ..eval.libero import LiberoNotInstalled, main_eval
 
-    try:
-        r = main_eval(args.server, args.suite, args.out, token=serve_token(args), trials=args.trials,
-                      tasks=_int_list(args.tasks), seed=args.seed, replan=args.replan,
-                      ensemble_decay=args.ensemble_decay, videos=args.videos, resolution=args.resolution,
-                      max_steps=args.max_steps, resume=args.resume, progress=_trial_progress(),
-                      command=sys.argv)
-    except (LiberoNotInstalled, FileExistsError, ValueError) as e:
-        raise ConfigError(str(e)) from e
-    emit(args, r, _eval_human)
-    return r
+    return _run_client(args, main_eval, LiberoNotInstalled, _int_list, args.suite, args.out,
+                       resolution=args.resolution)
 
 
 # ------------------------------------------------------------------------------------------ robocasa-gr1
@@ -111,20 +125,10 @@ def register_robocasa_gr1(esub: Subparsers) -> None:
 
 
 def cmd_eval_robocasa_gr1(args: argparse.Namespace) -> dict[str, Any]:
-    from ..config import ConfigError
     from ..eval.robocasa_gr1 import RoboCasaNotInstalled, main_eval
 
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
-    try:
-        r = main_eval(args.server, args.out, token=serve_token(args), trials=args.trials, tasks=tasks,
-                      seed=args.seed, replan=args.replan, ensemble_decay=args.ensemble_decay, videos=args.videos,
-                      max_steps=args.max_steps, strip_prefix=args.strip_language_prefix,
-                      env_id_template=args.env_id_template, resume=args.resume, progress=_trial_progress(),
-                      command=sys.argv)
-    except (RoboCasaNotInstalled, FileExistsError, ValueError) as e:
-        raise ConfigError(str(e)) from e
-    emit(args, r, _eval_human)
-    return r
+    return _run_client(args, main_eval, RoboCasaNotInstalled, _name_list, args.out,
+                       strip_prefix=args.strip_language_prefix, env_id_template=args.env_id_template)
 
 
 # ------------------------------------------------------------------------------------------ metaworld

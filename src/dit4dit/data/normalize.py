@@ -416,10 +416,7 @@ class Normalizer:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Normalizer":
-        if d.get("format") != cls.FORMAT:
-            raise NormalizationError(f"not a normaliser description (format {d.get('format')!r})")
-        if d.get("version") != 1:
-            raise NormalizationError(f"unsupported normaliser version {d.get('version')!r}")
+        check_description(d, cls.FORMAT, "normaliser", NormalizationError)
         return cls(d["vectors"], mode=d["mode"], eps=d.get("eps", 1e-6))
 
     def save(self, path: str | Path) -> Path:
@@ -430,6 +427,15 @@ class Normalizer:
     @classmethod
     def load(cls, path: str | Path) -> "Normalizer":
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def check_description(d: Mapping[str, Any], fmt: str, what: str, error: type[Exception]) -> None:
+    """Raise ``error`` unless ``d`` is a version-1 description in format ``fmt`` (``what`` names the kind
+    of object in the message): the check every ``from_dict`` of a saved data component starts with."""
+    if d.get("format") != fmt:
+        raise error(f"not a {what} description (format {d.get('format')!r})")
+    if d.get("version") != 1:
+        raise error(f"unsupported {what} version {d.get('version')!r}")
 
 
 def _plain(x: Any) -> Any:

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import InputConfig, _from_dict as _config_from_dict
-from .normalize import NormalizationError, Normalizer
+from .normalize import NormalizationError, Normalizer, check_description
 from .schema import Camera, EmbodimentSchema, SchemaError, feature_width
 from .validation import describe_keys, describe_value
 
@@ -447,10 +447,7 @@ class Processor:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Processor":
-        if d.get("format") != cls.FORMAT:
-            raise ProcessorError(f"not a processor description (format {d.get('format')!r})")
-        if d.get("version") != 1:
-            raise ProcessorError(f"unsupported processor version {d.get('version')!r}")
+        check_description(d, cls.FORMAT, "processor", ProcessorError)
         schema = EmbodimentSchema.from_dict(d["schema"])
         normalizer = Normalizer.from_dict(d["normalizer"])
         inputs = _config_from_dict(InputConfig, dict(d["inputs"]), "inputs")

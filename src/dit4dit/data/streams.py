@@ -17,6 +17,7 @@ action-free video one for co-training (:func:`concat_batches`).
 from __future__ import annotations
 
 import random
+from operator import attrgetter
 from typing import Any, Callable, Iterator, Protocol
 
 import numpy as np
@@ -170,25 +171,12 @@ class MixedBatchStream:
         self.labelled = labelled
         self.free = free
 
-    @property
-    def loader(self) -> DataLoader:
-        return self.labelled.loader
-
-    @property
-    def epoch(self) -> int:
-        return self.labelled.epoch
-
-    @property
-    def batch(self) -> int:
-        return self.labelled.batch
-
-    @property
-    def batches_per_epoch(self) -> int:
-        return self.labelled.batches_per_epoch
-
-    @property
-    def num_samples(self) -> int:
-        return self.labelled.num_samples
+    # read-only views of the labelled stream: its DataLoader, position (epoch, batch) and epoch size
+    loader = property(attrgetter("labelled.loader"))
+    epoch = property(attrgetter("labelled.epoch"))
+    batch = property(attrgetter("labelled.batch"))
+    batches_per_epoch = property(attrgetter("labelled.batches_per_epoch"))
+    num_samples = property(attrgetter("labelled.num_samples"))
 
     def set_position(self, epoch: int, batch: int) -> None:
         self.labelled.set_position(epoch, batch)

@@ -50,17 +50,8 @@ from ..envs.libero import (  # noqa: F401 - re-exported: the simulator adapter l
 )
 from ..serve.executor import FrameHistory
 from ..serve.rollout import ClientEpisode, Rollout, chunk_executor, resize_image, run_episode as run_client_episode
-from .episodes import (
-    BenchmarkClient,
-    EpisodeLog,
-    client_info,
-    finish_run,
-    now,
-    run_trials,
-    server_metadata,
-    summarize,
-    write_manifest,
-)
+from .episodes import BenchmarkClient, EpisodeLog, client_info, finish_run, now
+from .episodes import run_trials, server_metadata, summarize, write_manifest
 
 NUM_STEPS_WAIT = 10
 DUMMY_ACTION = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1.0)

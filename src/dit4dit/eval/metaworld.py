@@ -143,6 +143,32 @@ def _start_episode(policy: Any, spec: dict[str, Any]) -> tuple[Any, Any, int, in
     return env, old_seed, int(spec["num_cond_frames"]), int(spec.get("frame_stride", 1))
 
 
+def _reset_env(
+    env: Any, spec: dict[str, Any], nc: int, stride: int
+) -> tuple[dict[str, Any], _FrameHistory, list | None]:
+    """Reset ``env`` to the spec's layout: the first observation, its frame history and the list of
+    recorded frames (None unless ``spec["record"]``)."""
+    obs = env.reset(spec["layout"])
+    return obs, _FrameHistory(obs, nc, stride), ([obs[IMAGE_KEY]] if spec["record"] else None)
+
+
+def _step_env(
+    env: Any, action: np.ndarray, history: _FrameHistory, frames: list | None
+) -> tuple[dict[str, Any], bool, bool]:
+    """Execute one action; the new frame joins the history (and the recording): (obs, success, done)."""
+    obs, success, done = env.step(action)
+    history.append(obs[IMAGE_KEY])
+    if frames is not None:
+        frames.append(obs[IMAGE_KEY])
+    return obs, success, done
+
+
+def _env_ms_per_step(env: Any, t_env0: dict[str, float]) -> float:
+    """Milliseconds of simulation and rendering per step since the timing snapshot ``t_env0``."""
+    spent = env.timing["step_s"] - t_env0["step_s"] + env.timing["render_s"] - t_env0["render_s"]
+    return 1e3 * spent / max(1, env.steps)
+
+
 def run_episode(policy: Any, spec: dict[str, Any]) -> dict[str, Any]:
     """One closed-loop episode (see the module docstring); ``spec`` from :func:`_specs`."""
     if spec.get("execution"):
@@ -153,9 +179,7 @@ def run_episode(policy: Any, spec: dict[str, Any]) -> dict[str, Any]:
     start = time.perf_counter()
     infer_s, calls = 0.0, 0
     try:
-        obs = env.reset(spec["layout"])
-        history = _FrameHistory(obs, nc, stride)
-        frames = [obs[IMAGE_KEY]] if spec["record"] else None
+        obs, history, frames = _reset_env(env, spec, nc, stride)
         success = done = False
         while not (success or done):
             query = history.query(obs)
@@ -169,10 +193,7 @@ def run_episode(policy: Any, spec: dict[str, Any]) -> dict[str, Any]:
                 raise MetaWorldError(f"the policy returned actions of shape {chunk.shape}; expected (H, 4)")
             n = len(chunk) if replan is None else min(replan, len(chunk))
             for a in chunk[:n, :4]:
-                obs, success, done = env.step(a)
-                history.append(obs[IMAGE_KEY])
-                if frames is not None:
-                    frames.append(obs[IMAGE_KEY])
+                obs, success, done = _step_env(env, a, history, frames)
                 if success or done:
                     break
     finally:
@@ -182,8 +203,7 @@ def run_episode(policy: Any, spec: dict[str, Any]) -> dict[str, Any]:
         "task": spec["task"], "episode": spec["episode"], "layout": spec["layout"], "success": bool(success),
         "steps": env.steps, "policy_calls": calls, "infer_ms": 1e3 * infer_s / max(1, calls),
         "wall_s": time.perf_counter() - start,
-        "env_ms_per_step": 1e3 * (env.timing["step_s"] - t_env0["step_s"] + env.timing["render_s"]
-                                  - t_env0["render_s"]) / max(1, env.steps),
+        "env_ms_per_step": _env_ms_per_step(env, t_env0),
         "frames": np.stack(frames) if frames is not None else None,
     }
 
@@ -220,9 +240,7 @@ def run_latency_episode(policy: Any, spec: dict[str, Any]) -> dict[str, Any]:
     boundaries: list[int] = []
     holds = 0
     try:
-        obs = env.reset(spec["layout"])
-        history = _FrameHistory(obs, nc, stride)
-        frames = [obs[IMAGE_KEY]] if spec["record"] else None
+        obs, history, frames = _reset_env(env, spec, nc, stride)
         success = done = False
         while not (success or done):
             query = history.query(obs)
@@ -238,10 +256,7 @@ def run_latency_episode(policy: Any, spec: dict[str, Any]) -> dict[str, Any]:
                 if executor.last_step["switched"]:
                     boundaries.append(len(executed))
             executed.append(a)
-            obs, success, done = env.step(a)
-            history.append(obs[IMAGE_KEY])
-            if frames is not None:
-                frames.append(obs[IMAGE_KEY])
+            obs, success, done = _step_env(env, a, history, frames)
     finally:
         if old_seed is not None:
             policy.seed = old_seed
@@ -252,8 +267,7 @@ def run_latency_episode(policy: Any, spec: dict[str, Any]) -> dict[str, Any]:
         "task": spec["task"], "episode": spec["episode"], "layout": spec["layout"], "success": bool(success),
         "steps": env.steps, "policy_calls": executor.num_queries, "hold_steps": holds,
         "infer_ms": 1e3 * infer_s / max(1, executor.num_queries), "wall_s": time.perf_counter() - start,
-        "env_ms_per_step": 1e3 * (env.timing["step_s"] - t_env0["step_s"] + env.timing["render_s"]
-                                  - t_env0["render_s"]) / max(1, env.steps),
+        "env_ms_per_step": _env_ms_per_step(env, t_env0),
         "action_change_sum": float(change.sum()), "action_change_count": int(len(change)),
         "boundary_change_sum": float(sum(at_bounds)), "boundary_count": len(at_bounds),
         "frames": np.stack(frames) if frames is not None else None,

@@ -33,17 +33,8 @@ import numpy as np
 
 from ..serve.executor import FrameHistory
 from ..serve.rollout import ClientEpisode, Rollout, chunk_executor, resize_image, run_episode as run_client_episode
-from .episodes import (
-    BenchmarkClient,
-    EpisodeLog,
-    client_info,
-    finish_run,
-    now,
-    run_trials,
-    server_metadata,
-    summarize,
-    write_manifest,
-)
+from .episodes import BenchmarkClient, EpisodeLog, client_info, finish_run, now
+from .episodes import run_trials, server_metadata, summarize, write_manifest
 
 GR1_TASKS = (
     "PnPCupToDrawerClose",
