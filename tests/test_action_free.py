@@ -129,6 +129,11 @@ def test_lerobot_dataset_without_actions(tmp_path):
     assert len(samples) == 24 and samples[13]["instruction"] == "watch"
     run = train(tiny_cfg("mode=video_only"), root, tmp_path / "run", progress=False)
     assert run["step"] == 2 and np.isfinite(run["final_loss"])
+    # schema=auto takes the dataset's cameras without a state or action to infer
+    run = train(tiny_cfg("mode=video_only", "schema=auto"), root, tmp_path / "auto", progress=False)
+    assert run["step"] == 2 and np.isfinite(run["final_loss"])
+    saved = json.loads((tmp_path / "auto" / "config.json").read_text())
+    assert saved["inputs"]["cameras"] == ["observation.images.front"]
 
 
 # ------------------------------------------------------------------------------------------

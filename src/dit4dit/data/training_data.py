@@ -26,7 +26,7 @@ from torch.utils.data import ConcatDataset, Dataset
 from ..config import DiT4DiTConfig
 from ..jsonio import read_json
 from .samples import collate as default_collate
-from .schema import AUTO, EmbodimentSchema, SchemaError, infer_schema, resolve_schema, schema_name
+from .schema import AUTO, VISUAL_DTYPES, Camera, EmbodimentSchema, Part, SchemaError, infer_schema, resolve_schema, schema_name
 
 # The messages below are the training run's (start-up decisions), so they go to its logger.
 _log = logging.getLogger("dit4dit.train")
@@ -85,6 +85,10 @@ class DatasetFolder:
             ds._validate_videos()  # what LeRobotDataset(check_videos=True) runs on open
             self._videos_checked = True
         return ds
+
+    def camera_keys(self) -> list[str]:
+        """The dataset's camera keys (features of dtype video or image), sorted as `infer_schema` sorts them."""
+        return sorted(k for k, f in self.dataset().features.items() if f.get("dtype") in VISUAL_DTYPES)
 
     def schema(self, name: str | EmbodimentSchema) -> EmbodimentSchema:
         """``resolve_schema(name, dataset)``; ``auto`` is inferred from the dataset once."""
@@ -178,7 +182,10 @@ def resolve_auto_cameras(cfg: DiT4DiTConfig, folder: DatasetFolder | None) -> Di
     if not folder.is_lerobot:
         raise SchemaError(f"schema=auto reads the state, action and cameras from a LeRobot dataset's "
                           f"meta/info.json; {folder.path} has none (name a schema: --set schema=NAME or PATH.json)")
-    cams = folder.schema(AUTO).cameras
+    # the cameras alone: a dataset of action-free video (cameras only) has no state or action to infer
+    cams = [Camera(k) for k in folder.camera_keys()]
+    if not cams:
+        raise SchemaError(f"schema=auto: {folder.path} has no camera (no feature of dtype video or image)")
     if any(c.matches(n) for n in cfg.inputs.cameras for c in cams):
         return cfg
     if cfg.inputs.camera_layout == "single" and len(cams) != 1:
@@ -220,7 +227,14 @@ def video_only_processor(cfg: DiT4DiTConfig, folder: DatasetFolder) -> Any:
     from .action_free import placeholder_processor
 
     if cfg.schema == AUTO and folder.is_lerobot:
-        schema = folder.schema(AUTO)
+        try:
+            schema = folder.schema(AUTO)
+        except SchemaError:  # cameras only: the placeholder's state and action are nominal (one value each)
+            cams = folder.camera_keys()
+            schema = EmbodimentSchema(name=AUTO, state=(Part("state", 0, 1),), action=(Part("action", 0, 1),),
+                                      cameras=tuple(Camera(c) for c in cams),
+                                      layout="single" if len(cams) == 1 else "side_by_side",
+                                      description="the cameras of an action-free dataset (no state, no action)")
     else:
         schema = resolve_schema(cfg.schema, None)
     _log.info("video-only run on action-free video (%s): no state or action statistics; the processor's "
