@@ -20,7 +20,7 @@ from dit4dit.data.processor import Processor
 from dit4dit.data.schema import get_schema
 from dit4dit.eval import libero as L
 from dit4dit.eval import robocasa_gr1 as R
-from dit4dit.eval.stats import wilson_interval
+from dit4dit.stats import wilson_interval
 from dit4dit.serve.server import PolicyServer, policy_metadata
 
 pytestmark = pytest.mark.timeout(120)

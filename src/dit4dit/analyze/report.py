@@ -1,7 +1,7 @@
 """Aggregate the runs of a study: ``results.json``, ``results.md`` and ``plots/``.
 
 Per cell: the success rate of each seed, their mean (and standard deviation), and a 95% Wilson
-interval over all evaluation episodes of all seeds pooled (``dit4dit.eval.stats``). Plots: one
+interval over all evaluation episodes of all seeds pooled (``dit4dit.stats``). Plots: one
 bar chart per group (the baselines, each ablation), the sample-efficiency curve of the `demos`
 ablation, and the t-SNE of the feature analysis coloured by episode phase.
 """
@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..eval.stats import wilson_interval
+from ..stats import wilson_interval
 from .common import pyplot, read_record, run_dir, write_record
 from .grid import Cell
 

@@ -28,6 +28,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from ..jsonio import write_json
+from ..stats import wilson_interval
 
 SUITE_MAX_STEPS = {"libero_spatial": 220, "libero_object": 280, "libero_goal": 300, "libero_10": 520,
                    "libero_90": 400}
@@ -414,7 +415,7 @@ def collect(suite: str, episodes_per_task: int, out: str | Path, *, tasks: str |
     seconds = time.perf_counter() - t_start
     per_task = {}
     for tid, st in stats.items():
-        lo, hi = _wilson(st["successes"], st["attempts"])
+        lo, hi = wilson_interval(st["successes"], st["attempts"])
         per_task[str(tid)] = {**st, "expert_success_rate": st["successes"] / max(1, st["attempts"]),
                               "ci95": [lo, hi]}
     settings = {"suite": suite, "tasks": ids, "episodes_per_task": episodes_per_task, "image_size": image_size,
@@ -435,19 +436,8 @@ def collect(suite: str, episodes_per_task: int, out: str | Path, *, tasks: str |
     successes = sum(st["successes"] for st in stats.values())
     return {"dataset": str(out_path), "suite": suite, "episodes": done, "frames": frames, "tasks": per_task,
             "incomplete_tasks": [tid for tid, st in stats.items() if st["kept"] < episodes_per_task],
-            "expert_success_rate": successes / max(1, attempts), "ci95": list(_wilson(successes, attempts)),
+            "expert_success_rate": successes / max(1, attempts), "ci95": list(wilson_interval(successes, attempts)),
             "seconds": seconds, "ms_per_env_step": 1e3 * env_seconds / max(1, env_steps), "settings": settings}
-
-
-def _wilson(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """Wilson score 95% interval of a success rate (envs sits below eval, so its own copy)."""
-    if n <= 0:
-        return 0.0, 1.0
-    p = successes / n
-    den = 1.0 + z * z / n
-    centre = (p + z * z / (2 * n)) / den
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def measure_expert(suite: str, trials: int, *, tasks: str | Sequence[int] | None = None, seed: int = 0,
@@ -474,7 +464,7 @@ def measure_expert(suite: str, trials: int, *, tasks: str | Sequence[int] | None
         return {"suite": suite, "trials_per_task": trials, "seed": seed, "max_steps": steps_limit,
                 "action_noise": action_noise, "tasks_requested": ids, "complete": done, "tasks": per_task,
                 "unsupported": unsupported, "expert_success_rate": k / n if n else None,
-                "ci95": list(_wilson(k, n)), "seconds": time.perf_counter() - t0}
+                "ci95": list(wilson_interval(k, n)), "seconds": time.perf_counter() - t0}
     for tid in ids:
         env = s.make_env(tid, 64, seed, cameras=False)
         try:
@@ -495,7 +485,7 @@ def measure_expert(suite: str, trials: int, *, tasks: str | Sequence[int] | None
                     lengths.append(r.steps)
                 else:
                     phases[r.phase] = phases.get(r.phase, 0) + 1
-            lo, hi = _wilson(wins, trials)
+            lo, hi = wilson_interval(wins, trials)
             per_task[str(tid)] = {"task_id": tid, "instruction": s.task_description(tid), "successes": wins,
                                   "attempts": trials, "expert_success_rate": wins / trials, "ci95": [lo, hi],
                                   "mean_length": float(np.mean(lengths)) if lengths else None,

@@ -29,7 +29,7 @@ import numpy as np
 from ..jsonio import write_json
 from ..serve.executor import ActionChunkExecutor
 from ..serve.rollout import ClientEpisode, Rollout, chunk_executor, run_episode
-from .stats import wilson_interval
+from ..stats import wilson_interval
 
 EPISODES_FILE = "episodes.jsonl"
 RESULTS_FILE = "results.json"

@@ -45,7 +45,7 @@ from ..envs.metaworld import (
     JobRunner,
 )
 from ..jsonio import write_json
-from .stats import wilson_interval
+from ..stats import wilson_interval
 
 DEFAULT_IMAGE_SIZE = 64
 

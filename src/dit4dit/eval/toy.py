@@ -7,7 +7,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..envs.toy import TASKS, ToyReachEnv
-from .stats import wilson_interval
+from ..stats import wilson_interval
 
 EVAL_SEED_OFFSET = 1_000_000  # evaluation layouts never overlap the collection seeds
 
