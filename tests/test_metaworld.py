@@ -173,6 +173,43 @@ def test_evaluate_oracle_chunked(tmp_path):
     assert json.loads((tmp_path / "results.json").read_text())["episodes"] == 1
 
 
+class SeeingPolicy:
+    """Actions that depend on every pixel it is shown; keeps the frames it was shown."""
+
+    def __init__(self):
+        self.seen = []
+
+    def infer(self, obs):
+        image = obs[mw.IMAGE_KEY]
+        self.seen.append(image.copy())
+        rng = np.random.default_rng(int(image.astype(np.int64).sum()))
+        return {"actions": rng.uniform(-1, 1, (4, 4)).astype(np.float32)}
+
+
+def test_evaluation_renders_only_the_frames_the_policy_sees(tmp_path, monkeypatch):
+    """Rendering is most of a step's cost: without a recording only the frame of each query is
+    rendered, and the episode is the same as when every frame is (same frames, same outcome)."""
+    render, renders = mw.MetaWorldEnv.render, []
+
+    def counted(env):
+        renders.append(1)
+        return render(env)
+
+    monkeypatch.setattr(mw.MetaWorldEnv, "render", counted)
+    runs = []
+    for record in (True, False):
+        policy, before = SeeingPolicy(), len(renders)
+        r = evaluate(policy, TASK, episodes=1, replan_every=3, max_steps=30, seed=2,
+                     out=tmp_path / str(record) if record else None, record_videos=1 if record else 0)
+        runs.append((policy.seen, r["per_task"][TASK], len(renders) - before))
+    (seen_all, task_all, renders_all), (seen_lazy, task_lazy, renders_lazy) = runs
+    assert len(seen_all) == len(seen_lazy) == 10 and all(np.array_equal(a, b) for a, b in zip(seen_all, seen_lazy))
+    assert task_all["successes"] == task_lazy["successes"] and task_all["layouts"] == task_lazy["layouts"]
+    # every step's frame and the reset's / the frame of each query, plus at most the one after the
+    # last chunk and the one a new env renders when it is made
+    assert renders_all >= 31 and renders_lazy <= len(seen_lazy) + 2
+
+
 class CapturedOracle(mw.OracleExpertPolicy):
     """The oracle, declaring that its training frames came from the zoomed view."""
 

@@ -349,7 +349,8 @@ class MetaWorldEnv:
     ``reset(layout)`` selects a layout number (see the module docstring) and returns
     ``{"observation.images.image": uint8 (H, W, 3), "observation.state": float32 (4,),
     "prompt": str}``; ``step(action)`` returns ``(obs, success, done)`` with ``done`` once
-    ``max_steps`` steps have run. ``last_info`` keeps MetaWorld's info dict, ``raw_obs`` the full
+    ``max_steps`` steps have run (``step(action, observe=False)`` skips the rendering and returns
+    None for obs). ``last_info`` keeps MetaWorld's info dict, ``raw_obs`` the full
     39-D observation (for the scripted expert only). Timing: ``timing`` accumulates the seconds
     spent in physics and in rendering.
     """
@@ -402,7 +403,10 @@ class MetaWorldEnv:
         self.last_info = {}
         return self.observation()
 
-    def step(self, action: np.ndarray) -> tuple[dict[str, Any], bool, bool]:
+    def step(self, action: np.ndarray, observe: bool = True) -> tuple[dict[str, Any] | None, bool, bool]:
+        """Execute one action: ``(obs, success, done)``. With ``observe=False`` nothing is rendered
+        and ``obs`` is None (rendering is most of a step's cost and never changes the simulation;
+        :meth:`observation` renders the current state when it is wanted)."""
         if self.steps >= self.max_steps:
             raise MetaWorldError(f"episode over ({self.max_steps} steps): call reset()")
         a = np.clip(np.asarray(action, dtype=np.float64).reshape(-1), -1.0, 1.0)
@@ -416,7 +420,7 @@ class MetaWorldEnv:
         self.last_info = info
         self.steps += 1
         self.success = bool(info.get("success", 0.0))
-        return self.observation(), self.success, self.steps >= self.max_steps
+        return (self.observation() if observe else None), self.success, self.steps >= self.max_steps
 
     # ---- what the learner sees ---------------------------------------------------------------
     def state(self) -> np.ndarray:

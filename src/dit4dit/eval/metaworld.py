@@ -153,13 +153,15 @@ def _reset_env(
 
 
 def _step_env(
-    env: Any, action: np.ndarray, history: _FrameHistory, frames: list | None
-) -> tuple[dict[str, Any], bool, bool]:
-    """Execute one action; the new frame joins the history (and the recording): (obs, success, done)."""
-    obs, success, done = env.step(action)
-    history.append(obs[IMAGE_KEY])
-    if frames is not None:
-        frames.append(obs[IMAGE_KEY])
+    env: Any, action: np.ndarray, history: _FrameHistory, frames: list | None, observe: bool = True
+) -> tuple[dict[str, Any] | None, bool, bool]:
+    """Execute one action; the new frame joins the history (and the recording): (obs, success, done).
+    With ``observe=False`` (a step whose frame nobody looks at) nothing is rendered and obs is None."""
+    obs, success, done = env.step(action, observe=observe)
+    if obs is not None:
+        history.append(obs[IMAGE_KEY])
+        if frames is not None:
+            frames.append(obs[IMAGE_KEY])
     return obs, success, done
 
 
@@ -180,6 +182,9 @@ def run_episode(policy: Any, spec: dict[str, Any]) -> dict[str, Any]:
     infer_s, calls = 0.0, 0
     try:
         obs, history, frames = _reset_env(env, spec, nc, stride)
+        # Every frame is wanted when recording or conditioning on past frames; otherwise only the
+        # frame the next query shows (the same episode: rendering never changes the simulation).
+        every_frame = frames is not None or nc > 1
         success = done = False
         while not (success or done):
             query = history.query(obs)
@@ -192,8 +197,8 @@ def run_episode(policy: Any, spec: dict[str, Any]) -> dict[str, Any]:
             if chunk.ndim != 2 or chunk.shape[-1] < 4 or len(chunk) == 0:
                 raise MetaWorldError(f"the policy returned actions of shape {chunk.shape}; expected (H, 4)")
             n = len(chunk) if replan is None else min(replan, len(chunk))
-            for a in chunk[:n, :4]:
-                obs, success, done = _step_env(env, a, history, frames)
+            for i, a in enumerate(chunk[:n, :4]):
+                obs, success, done = _step_env(env, a, history, frames, observe=every_frame or i == n - 1)
                 if success or done:
                     break
     finally:
