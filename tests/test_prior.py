@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -297,6 +298,21 @@ def test_prior_study_pilot_end_to_end_resume_and_report(toy_data, tmp_path, monk
     assert sum("trained already" in m for m in logs) == 2 and sum("done already" in m for m in logs) == 16
     monkeypatch.undo()
 
+    # a fresh machine: only the runs' result.json files are carried over (a study spanning sessions
+    # commits them); the pretraining runs are rebuilt by the same command, byte for byte the same
+    # weights, so no cell trains or evaluates again
+    shutil.move(out, tmp_path / "first_machine")
+    for f in (tmp_path / "first_machine").glob("runs/**/result.json"):
+        (out / f.parent.relative_to(tmp_path / "first_machine")).mkdir(parents=True)
+        shutil.copy(f, out / f.relative_to(tmp_path / "first_machine"))
+    monkeypatch.setattr("dit4dit.analyze.runner._train_stages", no_training)
+    logs.clear()
+    run_analysis(study, progress=False, log=logs.append, evaluator=lambda p: pytest.fail("evaluated again"))
+    assert sum("training to step 2" in m for m in logs) == 2 and sum("done already" in m for m in logs) == 16
+    monkeypatch.undo()
+    shutil.rmtree(out)
+    shutil.move(tmp_path / "first_machine", out)
+
     # the video prior trains further: the cells that start from it train anew, the others stay
     small = Study(**{**study.__dict__, "pretrain_steps": 3, "arms": ("video_prior", "scratch"), "demos": (1,),
                      "seeds": (0,)})
@@ -308,3 +324,26 @@ def test_prior_study_pilot_end_to_end_resume_and_report(toy_data, tmp_path, monk
     assert list((runs / "video_prior_1" / "seed_0").glob("stale-*/train"))
     init = json.loads((runs / "video_prior_1" / "seed_0" / "train" / "init.json").read_text())
     assert init["step"] == 3
+
+
+def test_tensor_content_hash_ignores_the_header_order(tmp_path):
+    """A prior rebuilt by the same command holds the same tensors, but the safetensors writer orders
+    its header differently from run to run: the identity runs compare is the content's."""
+    from safetensors.torch import save_file
+
+    from dit4dit.filehash import file_sha256
+    from dit4dit.safetensors_header import tensors_sha256
+
+    a = tmp_path / "a.safetensors"
+    save_file({"w": torch.arange(6.0).reshape(2, 3), "b": torch.ones(3)}, str(a), metadata={"x": "1", "y": "2"})
+    raw = a.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    reordered = json.dumps({k: header[k] for k in reversed(list(header))}, separators=(",", ":")).encode()
+    reordered += b" " * (n - len(reordered))  # same length: the data offsets stay valid
+    b = tmp_path / "b.safetensors"
+    b.write_bytes(raw[:8] + reordered + raw[8 + n:])
+    assert file_sha256(a) != file_sha256(b) and tensors_sha256(a) == tensors_sha256(b)
+    c = tmp_path / "c.safetensors"
+    c.write_bytes(raw[:-1] + bytes([raw[-1] ^ 1]))  # one bit of one tensor
+    assert tensors_sha256(c) != tensors_sha256(a)

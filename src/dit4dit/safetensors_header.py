@@ -3,6 +3,7 @@ size, so truncation and garbage are reported with the file's name before any ten
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -54,3 +55,23 @@ def read_header(path: str | os.PathLike, error: type[Exception], max_header: int
         raise error(f"{path}: corrupted or truncated safetensors file (the header describes {end} bytes of "
                     f"tensor data, the file holds {data_len})")
     return header
+
+
+def tensors_sha256(path: str | os.PathLike, error: type[Exception] = ValueError,
+                   max_header: int = 100 << 20) -> str:
+    """sha256 (hex) of what a safetensors file holds: every tensor's name, dtype, shape and bytes in
+    name order, then the metadata in key order. Equal for equal contents, unlike the file's own
+    hash: the writer orders the header's metadata differently from one run to the next."""
+    path = Path(path)
+    header = read_header(path, error, max_header)
+    h = hashlib.sha256()
+    start = 8 + len(header_bytes(path, error, max_header)[0])
+    with open(path, "rb") as f:
+        for name in sorted(k for k in header if k != "__metadata__"):
+            entry = header[name]
+            a, b = (int(x) for x in entry["data_offsets"])
+            h.update(json.dumps([name, entry.get("dtype"), entry.get("shape"), b - a]).encode())
+            f.seek(start + a)
+            h.update(f.read(b - a))
+    h.update(json.dumps(header.get("__metadata__") or {}, sort_keys=True).encode())
+    return h.hexdigest()

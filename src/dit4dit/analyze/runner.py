@@ -40,7 +40,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ..config import DiT4DiTConfig, get_preset, override
-from .common import pretrain_dir, read_record, run_dir, write_record  # noqa: F401 - run_dir, pretrain_dir: public
+from ..safetensors_header import tensors_sha256
+from .common import data_identity, pretrain_dir, read_record, run_dir, write_record  # noqa: F401 - run_dir, pretrain_dir: public
 from .grid import ABLATIONS, VARIANTS, AnalysisError, Cell, ablation_cells, variant_cells
 from .prior import ARMS, DEMOS, DEMOS_DE, FEATURE_ARMS, PRETRAIN, PRETRAIN_COMMON, prior_cells
 
@@ -292,12 +293,27 @@ def run_settings(study: Study, cell: Cell, seed: int) -> tuple[list[DiT4DiTConfi
     """(stage configs, evaluation / feature / dataset settings, twin key) of one cell x seed."""
     configs = stage_configs(study, cell, seed)
     settings = {"eval": study.eval_settings(), "features": study.feature_settings() if study.wants_features(cell)
-                else None, "dataset": str(Path(study.dataset).resolve())}
+                else None, "dataset": data_identity(study.dataset)}
     if cell.init:  # the shared pretraining run the first stage starts from (a new one retrains the cell)
         settings["pretrain"] = json.loads(json.dumps({  # as stored (lists, not tuples), so equal records compare equal
             "name": cell.init, "config": study.pretrain_config(cell.init).to_dict(),
-            "dataset": str(Path(study.pretrain_dataset).resolve())}, default=str))
+            "dataset": data_identity(study.pretrain_dataset),
+            "weights": pretrain_weights(study, cell.init)}, default=str))
     return configs, settings, _twin_key(configs, settings)
+
+
+def pretrain_weights(study: Study, name: str) -> dict[str, Any] | None:
+    """The identity of a shared pretraining run's newest checkpoint: its step and the content hash
+    of each of its tensor files (:func:`~dit4dit.safetensors_header.tensors_sha256`); None before it
+    has one. Stored with every run that starts from it: a run is reused only when its prior holds
+    the same tensors, e.g. one rebuilt by the same command on another machine."""
+    from ..train.checkpoint import latest_checkpoint, parse_step
+
+    ckpt = latest_checkpoint(pretrain_dir(study.out, name) / "train")
+    if ckpt is None:
+        return None
+    return {"step": parse_step(ckpt.name),
+            "tensors_sha256": {p.name: tensors_sha256(p, AnalysisError) for p in sorted(ckpt.glob("*.safetensors"))}}
 
 
 def _cached(path: Path, settings: dict[str, Any], step: int | None, compute: Callable[[], Any]) -> Any:
