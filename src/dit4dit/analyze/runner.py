@@ -16,7 +16,9 @@ Layout of the output folder::
         config.json  train/              # a pretraining run shared by every cell and seed that --init from it
       results.json  results.md  plots/   # the aggregate (report.py)
 
-Resumable: a run whose ``result.json`` exists for the same configs and settings is skipped; a
+Runs go seed by seed (every cell at seed 0, then every cell at seed 1, ...), so a study cut short
+has every cell at the same seeds. Resumable: a run whose ``result.json`` exists for the same configs
+and settings (its data and prior compared by content, :func:`run_settings`) is skipped; a
 stage whose newest checkpoint is at ``train.steps`` is not trained again, one with an older
 checkpoint resumes from it (so raising ``--steps`` continues runs; a later stage whose earlier
 stage trained further is moved aside to ``<stage>.stale-<time>`` and trained anew); evaluation
@@ -585,7 +587,8 @@ def run_analysis(study: Study, *, evaluator: Evaluator | None = None, progress: 
     out.mkdir(parents=True, exist_ok=True)
     write_record(out / "plan.json", plan)
 
-    runs = [(c, s) for c in cells for s in study.seeds]
+    # seed by seed: a study cut short (or spanning sessions) has every cell at the same seeds so far
+    runs = [(c, s) for s in study.seeds for c in cells]
     total = len(runs)
     t0 = time.perf_counter()
     twins: dict[str, dict[str, Any]] = {}  # cells with the same configs share one run
