@@ -173,6 +173,24 @@ def test_evaluate_oracle_chunked(tmp_path):
     assert json.loads((tmp_path / "results.json").read_text())["episodes"] == 1
 
 
+def test_the_first_frame_shows_the_new_layout_whatever_came_before():
+    """MetaWorld's reset places the objects without recomputing positions: the first frame showed
+    them where the previous episode left them, so a dataset's first frames depended on which
+    episodes a worker had run before (and the policy's first query saw the wrong scene)."""
+    import mujoco
+
+    used = mw.MetaWorldEnv("push-v3", layout=3, image_size=64)
+    for _ in range(40):
+        used.step(used.expert_action())
+    first = used.reset(5)[mw.IMAGE_KEY]
+    fresh = mw.MetaWorldEnv("push-v3", layout=5, image_size=64)
+    assert np.array_equal(first, fresh.observation()[mw.IMAGE_KEY])
+    mujoco.mj_forward(used._env.model, used._env.data)
+    assert np.array_equal(first, used.render())  # what the state shows, nothing stale
+    used.close()
+    fresh.close()
+
+
 class SeeingPolicy:
     """Actions that depend on every pixel it is shown; keeps the frames it was shown."""
 

@@ -298,20 +298,21 @@ def test_prior_study_pilot_end_to_end_resume_and_report(toy_data, tmp_path, monk
     assert sum("trained already" in m for m in logs) == 2 and sum("done already" in m for m in logs) == 16
     monkeypatch.undo()
 
-    # a fresh machine: only the runs' result.json files are carried over (a study spanning sessions
-    # commits them); the pretraining runs are rebuilt by the same command, byte for byte the same
-    # weights, so no cell trains or evaluates again
-    shutil.move(out, tmp_path / "first_machine")
-    for f in (tmp_path / "first_machine").glob("runs/**/result.json"):
-        (out / f.parent.relative_to(tmp_path / "first_machine")).mkdir(parents=True)
-        shutil.copy(f, out / f.relative_to(tmp_path / "first_machine"))
+    # a fresh machine: only the runs' result.json files are carried over (`results_copy`, a folder a
+    # study spanning sessions commits); the pretraining runs are rebuilt by the same command (the
+    # same tensors), so no cell trains or evaluates again
+    copy = tmp_path / "committed"
+    keep = Study(**{**study.__dict__, "results_copy": str(copy)})
+    run_analysis(keep, train=False, log=logs.append)  # a report-only pass fills the copy
+    assert len(list(copy.glob("runs/prior/*/seed_*/result.json"))) == 16 and (copy / "results.md").is_file()
+    assert f"--results-copy {copy}" in (copy / "results.md").read_text()
+    elsewhere = Study(**{**keep.__dict__, "out": str(tmp_path / "second_machine")})
     monkeypatch.setattr("dit4dit.analyze.runner._train_stages", no_training)
     logs.clear()
-    run_analysis(study, progress=False, log=logs.append, evaluator=lambda p: pytest.fail("evaluated again"))
+    run_analysis(elsewhere, progress=False, log=logs.append, evaluator=lambda p: pytest.fail("evaluated again"))
+    assert "took 16 finished run(s) from " + str(copy) in logs
     assert sum("training to step 2" in m for m in logs) == 2 and sum("done already" in m for m in logs) == 16
     monkeypatch.undo()
-    shutil.rmtree(out)
-    shutil.move(tmp_path / "first_machine", out)
 
     # the video prior trains further: the cells that start from it train anew, the others stay
     small = Study(**{**study.__dict__, "pretrain_steps": 3, "arms": ("video_prior", "scratch"), "demos": (1,),

@@ -119,6 +119,8 @@ def command_line(plan: dict[str, Any]) -> str:
         args += ["--feature-samples", str(plan["feature_points"])]
     if plan.get("frame_cache"):
         args.append("--frame-cache")
+    if plan.get("results_copy"):
+        args += ["--results-copy", plan["results_copy"]]
     for o in plan["overrides"]:
         args += ["--set", o]
     return " ".join(shlex.quote(a) for a in args)

@@ -56,6 +56,11 @@ MAY_DIFFER = frozenset({"train.steps", "train.log_every", "train.save_every", "t
                         "train.image_every", "train.eval_every", "train.tensorboard", "train.wandb",
                         "train.wandb_project", "train.num_workers"})
 
+# ... and between a finished run and the request: not train.steps (a finished run trained exactly
+# these), but the paths its weights and video came from, which the run's settings hold by content
+# (a study carried to another folder or machine, `Study.results_copy`)
+RESULT_MAY_DIFFER = (MAY_DIFFER - {"train.steps"}) | {"train.init_from", "train.video_datasets"}
+
 
 def _stderr(msg: str) -> None:
     print(f"[analyze] {msg}", file=sys.stderr, flush=True)
@@ -94,6 +99,9 @@ class Study:
     arms: tuple[str, ...] = tuple(ARMS)
     demos: tuple[int, ...] = DEMOS  # demonstrations per task of the curve arms (a, b, c)
     demos_de: tuple[int, ...] = DEMOS_DE  # of the arms d and e
+    # a second home for the finished runs' result.json and the report (e.g. a repository folder):
+    # runs it holds and OUT lacks are taken at the start; a study resumes on another machine from it
+    results_copy: str | None = None
 
     def base_config(self) -> DiT4DiTConfig:
         extra = [f"train.steps={self.steps}"] if self.steps is not None else []
@@ -296,6 +304,9 @@ def run_settings(study: Study, cell: Cell, seed: int) -> tuple[list[DiT4DiTConfi
     configs = stage_configs(study, cell, seed)
     settings = {"eval": study.eval_settings(), "features": study.feature_settings() if study.wants_features(cell)
                 else None, "dataset": data_identity(study.dataset)}
+    videos = list(dict.fromkeys(v for c in configs for v in c.train.video_datasets))
+    if videos:  # co-training video, by content (the configs hold its paths)
+        settings["video_datasets"] = [data_identity(v) for v in videos]
     if cell.init:  # the shared pretraining run the first stage starts from (a new one retrains the cell)
         settings["pretrain"] = json.loads(json.dumps({  # as stored (lists, not tuples), so equal records compare equal
             "name": cell.init, "config": study.pretrain_config(cell.init).to_dict(),
@@ -372,6 +383,7 @@ def run_one(study: Study, cell: Cell, seed: int, evaluator: Evaluator, *, progre
     def finish(result: dict[str, Any]) -> dict[str, Any]:
         if twins is not None:
             twins.setdefault(key, result)
+        _copy_result(study, cell, seed, result)
         return result
 
     # 1. what the folder holds already
@@ -382,7 +394,7 @@ def run_one(study: Study, cell: Cell, seed: int, evaluator: Evaluator, *, progre
                             f"or delete that folder to rerun it")
     done = read_record(root / "result.json")
     if (done is not None and done.get("settings") == settings
-            and not _config_mismatch(done.get("configs", []), configs, ignore=MAY_DIFFER - {"train.steps"})):
+            and not _config_mismatch(done.get("configs", []), configs, ignore=RESULT_MAY_DIFFER)):
         log(f"{what}: done already (success {done['eval']['success_rate']:.0%}), skipped")
         return finish(done)
     write_record(root / "configs.json", [c.to_dict() for c in configs])
@@ -590,6 +602,8 @@ def run_analysis(study: Study, *, evaluator: Evaluator | None = None, progress: 
     # seed by seed: a study cut short (or spanning sessions) has every cell at the same seeds so far
     runs = [(c, s) for s in study.seeds for c in cells]
     total = len(runs)
+    if study.results_copy:
+        _take_results_copy(study, runs, log)
     t0 = time.perf_counter()
     twins: dict[str, dict[str, Any]] = {}  # cells with the same configs share one run
     if train:
@@ -605,7 +619,49 @@ def run_analysis(study: Study, *, evaluator: Evaluator | None = None, progress: 
     report = write_report(out, plan, cells, study.seeds)
     report["wall_time_s"] = round(time.perf_counter() - t0, 2)
     log(f"results: {out / 'results.md'}")
+    if study.results_copy:
+        for cell, seed in runs:
+            _copy_result(study, cell, seed, read_record(run_dir(out, cell, seed) / "result.json"))
+        _copy_report(out, Path(study.results_copy))
+        log(f"results copied to {study.results_copy}")
     return report
+
+
+def _copy_result(study: Study, cell: Cell, seed: int, result: dict[str, Any] | None) -> None:
+    """Keep a finished run's result in `study.results_copy` too (when there is one)."""
+    if study.results_copy and result is not None:
+        path = run_dir(study.results_copy, cell, seed) / "result.json"
+        if read_record(path) != result:
+            write_record(path, result)
+
+
+def _take_results_copy(study: Study, runs: Sequence[tuple[Cell, int]], log: Log) -> None:
+    """Put the finished runs that `study.results_copy` holds and OUT lacks into OUT. A taken run
+    counts as done only while its settings hold: the same data and prior, by content."""
+    import shutil
+
+    taken = 0
+    for cell, seed in runs:
+        src = run_dir(study.results_copy, cell, seed) / "result.json"
+        dst = run_dir(study.out, cell, seed) / "result.json"
+        if src.is_file() and not dst.exists():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dst)
+            taken += 1
+    if taken:
+        log(f"took {taken} finished run(s) from {study.results_copy}")
+
+
+def _copy_report(out: Path, copy: Path) -> None:
+    """The aggregate (results.md, results.json, plots/) beside the runs' copies."""
+    import shutil
+
+    copy.mkdir(parents=True, exist_ok=True)
+    for name in ("results.md", "results.json", "plan.json"):
+        if (out / name).is_file():
+            shutil.copyfile(out / name, copy / name)
+    if (out / "plots").is_dir():
+        shutil.copytree(out / "plots", copy / "plots", dirs_exist_ok=True)
 
 
 def _build_frame_cache(cfg: DiT4DiTConfig, dataset: str, progress: bool) -> None:

@@ -83,6 +83,10 @@ def register(subparsers: Subparsers) -> argparse.ArgumentParser:
                    help="runs at once, each in its own process (e.g. --jobs 2 --threads 1 on 2 cores)")
     p.add_argument("--frame-cache", action="store_true",
                    help="train from the dataset's frame cache (decoded once at the training resolution)")
+    p.add_argument("--results-copy", default=None, metavar="DIR",
+                   help="also keep each finished run's result.json and the report in DIR (e.g. a folder of "
+                        "the repository), and take from DIR the finished runs OUT lacks: a long study resumes "
+                        "on another machine (a run taken counts only while its data and prior are the same)")
     p.add_argument("--report-only", action="store_true", help="aggregate the runs OUT holds; train nothing")
     p.add_argument("--dry-run", action="store_true", help="list the cells and their overrides; train nothing")
     p.add_argument("--no-progress", action="store_true", help="no training progress bars")
@@ -192,7 +196,8 @@ def study_from_args(args: argparse.Namespace):
                  variants=parse_variants(variants), ablations=ablations, values=values, **prior,
                  seeds=parse_seeds(args.seeds), steps=args.steps, eval_episodes=args.episodes,
                  replan_every=args.replan_every, eval_seed=args.eval_seed, tasks=tasks, features=args.features,
-                 feature_points=args.feature_samples, device=args.device, frame_cache=args.frame_cache)
+                 feature_points=args.feature_samples, device=args.device, frame_cache=args.frame_cache,
+                 results_copy=args.results_copy)
 
 
 def cmd_analyze(args: argparse.Namespace) -> dict[str, Any]:

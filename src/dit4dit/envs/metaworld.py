@@ -397,6 +397,12 @@ class MetaWorldEnv:
             self._env.set_task(layout_task(self.task, layout))
             self.layout = int(layout)
         raw, _ = self._env.reset()
+        # MetaWorld's reset places the objects without recomputing the kinematics, so the first
+        # frame would show them where the previous episode left them (or where the model starts).
+        # mj_forward only derives positions from the state: the simulation is unchanged.
+        import mujoco
+
+        mujoco.mj_forward(self._env.model, self._env.data)
         self.raw_obs = np.asarray(raw, dtype=np.float64)
         self.steps = 0
         self.success = False
