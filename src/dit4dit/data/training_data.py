@@ -33,8 +33,6 @@ _log = logging.getLogger("dit4dit.train")
 
 REQUIRED_SAMPLE_KEYS = ("video", "state", "state_mask", "actions", "action_mask", "instruction")
 
-VIDEO_ONLY_MODES = ("video_only", "image_only")  # modes whose every row feeds the video (or image) loss
-
 
 @dataclass
 class TrainingData:
@@ -317,6 +315,6 @@ def with_action_free_video(cfg: DiT4DiTConfig, data: TrainingData) -> TrainingDa
     free = action_free_samples(tc.video_datasets, data.processor, cfg.action.action_horizon, float(rate),
                                default_instruction=tc.default_instruction, skip_bad=tc.skip_bad_videos)
     check_samples(free, cfg)
-    if cfg.mode in VIDEO_ONLY_MODES:
+    if not cfg.losses().action:  # every row feeds the encoder's own loss alone: the video is more rows
         return replace(data, samples=ConcatDataset([data.samples, free]))
     return replace(data, free=free)

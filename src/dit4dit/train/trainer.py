@@ -42,7 +42,7 @@ from torch.utils.data import ConcatDataset, Dataset
 from ..config import ConfigError, DiT4DiTConfig
 from ..data.samples import collate as default_collate
 from ..data.streams import BatchStream, MixedBatchStream
-from ..data.training_data import (VIDEO_ONLY_MODES, DatasetFolder, TrainingData, action_free_training_data,
+from ..data.training_data import (DatasetFolder, TrainingData, action_free_training_data,
                                   as_folder, build_training_data, check_processor, check_samples,
                                   is_labelled_dataset, resolve_auto_cameras, with_action_free_video)
 from ..jsonio import write_json
@@ -275,7 +275,7 @@ class Trainer:
         if processor is None and resume_from is not None and resume_from.has_processor:
             processor = resume_from.processor()
         folder = self._folder
-        if cfg.mode in VIDEO_ONLY_MODES and folder is not None and not is_labelled_dataset(cfg, folder):
+        if not cfg.losses().action and folder is not None and not is_labelled_dataset(cfg, folder):
             return action_free_training_data(cfg, folder, processor, self.collate_fn)
         samples, processor = self._labelled_samples(processor, info)
         check_processor(processor, cfg)
@@ -389,7 +389,10 @@ class Trainer:
         """The loss wrapped for ``strategy``, AdamW with per-part learning rates, the warm-up +
         cosine schedule and the EMA of the trainable weights (``train.ema_decay``)."""
         tc = cfg.train
-        find_unused = cfg.mode != "joint" or cfg.lambda_video <= 0
+        # DDP must be told when a trainable part gets no gradient: unless both the action loss and
+        # the encoder's own loss run, one part (action DiT, video DiT head or image head) sits idle
+        losses = cfg.losses()
+        find_unused = not (losses.action and losses.generative)
         wrapped = wrap(LossModule(model, self.loss_fn), model, strategy, info, find_unused_parameters=find_unused,
                        bf16=precision == "bfloat16")
         optimizer = build_optimizer(model, tc, info.device)
