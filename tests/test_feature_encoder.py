@@ -125,8 +125,15 @@ def test_weight_files(tmp_path):
     single = tmp_path / "single"
     single.mkdir()
     (single / "b.safetensors").write_bytes(b"x")
-    (single / "a.safetensors").write_bytes(b"x")
-    assert [p.name for p in weight_files(single)] == ["a.safetensors", "b.safetensors"]
+    assert [p.name for p in weight_files(single)] == ["b.safetensors"]
+    (single / "a.safetensors").write_bytes(b"x")  # two files, nothing says which: an error, not both
+    with pytest.raises(FileNotFoundError, match="2 safetensors files .*a.safetensors, b.safetensors.* no shard index"):
+        weight_files(single)
+    variants = tmp_path / "variants"  # the official name beside a variant: the official file only
+    variants.mkdir()
+    for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors"):
+        (variants / name).write_bytes(b"x")
+    assert [p.name for p in weight_files(variants)] == ["diffusion_pytorch_model.safetensors"]
 
     sharded = tmp_path / "sharded"
     sharded.mkdir()
