@@ -105,9 +105,9 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def weight_files(folder: str | os.PathLike) -> list[Path]:
-    """The weight files of a component folder (`dit4dit.models.weights.weight_files`; each shard
-    index followed by its shards, else every `*.safetensors`); BackboneError if there are none or
-    a shard is missing."""
+    """The weight files of a component folder (`dit4dit.models.weights.weight_files`: each shard
+    index followed by its shards, else the one `*.safetensors` file or the one with the official
+    name); BackboneError if there are none, a choice is ambiguous or a shard is missing."""
     return _weight_files(folder, error=BackboneError)
 
 
