@@ -188,6 +188,23 @@ def test_prior_study_dry_run_lists_the_pretraining_runs_and_every_arm(tmp_path, 
 # ------------------------------------------------------------------------------------------
 
 
+def test_claim_verdicts_follow_the_intervals():
+    from dit4dit.analyze.prior import claim_verdicts
+
+    def row(a, b, lo, hi, n=5):
+        return {"a": a, "b": b, "demos_a": n, "demos_b": n, "difference": (lo + hi) / 2, "ci": [lo, hi], "seeds": 5}
+
+    v = {x["claim"]: x["verdict"] for x in claim_verdicts([
+        row("video_prior", "scratch", 0.02, 0.2), row("video_prior", "scratch", -0.1, 0.1, 10),  # for, neutral
+        row("video_prior", "static_prior", -0.3, -0.05), row("video_prior", "static_prior", 0.01, 0.1, 10),
+        row("video_prior", "decoupled", -0.2, -0.01, 10)])}
+    assert v == {"a video prior raises success": "supported",
+                 "a video prior is more sample-efficient than a static one (paper: more than 10x)": "mixed",
+                 "joint fine-tuning beats frozen features": "contradicted"}
+    assert {x["verdict"] for x in claim_verdicts([row("video_prior", "scratch", -0.1, 0.1)])} == \
+        {"not shown", "not measured"}
+
+
 def test_paired_bootstrap_on_synthetic_outcomes():
     from dit4dit.analyze.prior import paired_bootstrap, paired_differences
 
@@ -278,13 +295,19 @@ def test_prior_study_pilot_end_to_end_resume_and_report(toy_data, tmp_path, monk
     # per-episode outcomes are stored, and the paired differences use them
     outcomes = result["eval"]["per_task"]
     assert all(len(v["outcomes"]) == 2 and sum(v["outcomes"]) == v["successes"] for v in outcomes.values())
-    comps = {(c["a"], c["b"], c["demos"]): c for c in report["comparisons"]}
-    assert set(comps) == {(a, b, n) for a, b in (("video_prior", "static_prior"), ("video_prior", "scratch"))
-                          for n in (1, 2)}
+    comps = {(c["a"], c["demos_a"], c["b"], c["demos_b"]): c for c in report["comparisons"]}
+    assert set(comps) == {("video_prior", n, b, n) for b in ("static_prior", "scratch") for n in (1, 2)} | {
+        ("video_prior", 1, "decoupled", 1), ("video_prior", 1, "cotrain", 1),  # d and e at their one count
+        ("video_prior", 1, "static_prior", 2), ("video_prior", 1, "scratch", 2)}  # fewest against most
     for c in comps.values():
         assert c["pairs"] == 8 and c["seeds"] == 2 and c["ci"][0] <= c["difference"] <= c["ci"][1]
+    claims = {v["claim"]: v for v in report["claims"]}
+    assert len(claims) == 3 and all(v["verdict"] in ("supported", "contradicted", "mixed", "not shown")
+                                    for v in claims.values())
+    assert len(claims["a video prior raises success"]["differences"]) == 2
     md = (out / "results.md").read_text()
     assert "## Video prior vs static prior" in md and "(a) − (c)" in md and "(a) − (b)" in md
+    assert "| 1 vs 2 |" in md and "| joint fine-tuning beats frozen features |" in md
     assert "--study prior" in md and "--pretrain-dataset" in md and "--demos 1,2" in md
     assert (out / "plots" / "prior_curve.png").is_file()
 

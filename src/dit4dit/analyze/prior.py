@@ -133,7 +133,24 @@ ARMS: dict[str, tuple[str, str, tuple[str, ...], str | None, bool]] = {
 }
 CURVE_ARMS = ("video_prior", "scratch", "static_prior")  # at every DEMOS value; the others at DEMOS_DE
 FEATURE_ARMS = ("video_prior", "scratch", "static_prior")  # the phase-silhouette feature analysis
-COMPARISONS = (("video_prior", "static_prior"), ("video_prior", "scratch"))  # paired differences
+# Paired differences A - B: (arm A, its demonstrations, arm B, its demonstrations); None = at every
+# demonstration count both arms have; "min" / "max" = the arm's fewest / most
+COMPARISONS = (
+    ("video_prior", None, "static_prior", None),  # (a) - (c): a video prior against a static one
+    ("video_prior", None, "scratch", None),  # (a) - (b): a video prior against none
+    ("video_prior", None, "decoupled", None),  # (a) - (d): joint fine-tuning against frozen features
+    ("video_prior", None, "cotrain", None),  # (a) - (e): pretraining then fine-tuning against co-training
+    ("video_prior", "min", "static_prior", "max"),  # sample efficiency: the fewest against the most
+    ("video_prior", "min", "scratch", "max"),
+)
+# The paper's claims and the differences that test them (A better than B: the claim holds); the
+# last field: whether differences at unequal demonstration counts count too
+CLAIMS = (
+    ("a video prior raises success", ("video_prior", "scratch"), "(a) − (b) at each count", False),
+    ("a video prior is more sample-efficient than a static one (paper: more than 10x)",
+     ("video_prior", "static_prior"), "(a) − (c) at each count, and (a) at its fewest against (c) at its most", True),
+    ("joint fine-tuning beats frozen features", ("video_prior", "decoupled"), "(a) − (d)", False),
+)
 
 
 def prior_cells(pretrain_dataset: str, arms: Sequence[str] = tuple(ARMS), demos: Sequence[int] = DEMOS,
@@ -230,24 +247,62 @@ def paired_bootstrap(diffs: dict[int, "np.ndarray"], resamples: int = 10_000, le
 
 def compare_arms(out: "Path", cells: Sequence["Cell"], seeds: Sequence[int], resamples: int = 10_000
                  ) -> list[dict[str, Any]]:
-    """The paired differences of :data:`COMPARISONS` at every demonstration count both arms have."""
+    """The paired differences of :data:`COMPARISONS` that the study's cells allow. Any two cells
+    pair up: every cell is evaluated on the same episodes (seed, task, held-out layout)."""
     from .common import read_record, run_dir
 
     by_key = {(c.arm, c.x): c for c in cells if c.group == "prior"}
-    rows = []
-    for a, b in COMPARISONS:
-        for x in sorted({x for arm, x in by_key if arm == a} & {x for arm, x in by_key if arm == b}):
-            outcomes: dict[str, dict[int, dict[str, list[int]]]] = {a: {}, b: {}}
-            for arm in (a, b):
+    counts = {arm: sorted(x for a, x in by_key if a == arm) for arm, _ in by_key}
+
+    def pick(arm: str, which: Any) -> list[Any]:
+        have = counts.get(arm, [])
+        return have if which is None else ([have[0]] if which == "min" else [have[-1]]) if have else []
+
+    rows, seen = [], set()
+    for a, xa, b, xb in COMPARISONS:
+        if xa is None and xb is None:
+            pairs = [(x, x) for x in pick(a, None) if x in counts.get(b, [])]
+        else:
+            pairs = [(na, nb) for na in pick(a, xa) for nb in pick(b, xb) if na != nb]
+        for na, nb in pairs:
+            if (a, na, b, nb) in seen:
+                continue
+            seen.add((a, na, b, nb))
+            outcomes: dict[str, dict[int, dict[str, list[int]]]] = {"a": {}, "b": {}}
+            for side, arm, x in (("a", a, na), ("b", b, nb)):
                 for s in seeds:
                     r = read_record(run_dir(out, by_key[(arm, x)], s) / "result.json")
                     o = episode_outcomes(r["eval"]) if r else None
                     if o is not None:
-                        outcomes[arm][s] = o
-            boot = paired_bootstrap(paired_differences(outcomes[a], outcomes[b]), resamples=resamples)
-            rows.append({"a": a, "b": b, "demos": x, "cells": [by_key[(a, x)].key, by_key[(b, x)].key],
+                        outcomes[side][s] = o
+            boot = paired_bootstrap(paired_differences(outcomes["a"], outcomes["b"]), resamples=resamples)
+            rows.append({"a": a, "b": b, "demos": na if na == nb else None, "demos_a": na, "demos_b": nb,
+                         "cells": [by_key[(a, na)].key, by_key[(b, nb)].key],
                          **(boot or {"difference": None, "ci": None, "pairs": 0, "seeds": 0})})
     return rows
+
+
+def claim_verdicts(comparisons: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One verdict per claim of :data:`CLAIMS` from its paired differences, by a fixed rule: a
+    difference counts for the claim when its 95% interval lies above zero and against it when it
+    lies below. "supported": some count for it and none against; "contradicted": the reverse;
+    "mixed": both; "not shown": every interval holds zero; "not measured": no pairs yet."""
+    out = []
+    for claim, (a, b), tested_by, unequal in CLAIMS:
+        rows = [c for c in comparisons if c["a"] == a and c["b"] == b and c["difference"] is not None
+                and (unequal or c["demos_a"] == c["demos_b"])]
+        above = [c for c in rows if c["ci"][0] > 0]
+        below = [c for c in rows if c["ci"][1] < 0]
+        verdict = ("not measured" if not rows else "mixed" if above and below else "supported" if above
+                   else "contradicted" if below else "not shown")
+        out.append({"claim": claim, "tested_by": tested_by, "verdict": verdict,
+                    "differences": [{"demos_a": c["demos_a"], "demos_b": c["demos_b"], "difference": c["difference"],
+                                     "ci": c["ci"], "seeds": c["seeds"]} for c in rows]})
+    return out
+
+
+def _demos(c: dict[str, Any]) -> str:
+    return f"{c['demos_a']:g}" if c["demos_a"] == c["demos_b"] else f"{c['demos_a']:g} vs {c['demos_b']:g}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -297,7 +352,8 @@ def curve_plot(rows: Sequence[dict[str, Any]], path: "Path") -> "Path | None":
 
 
 def markdown_section(plan: dict[str, Any], comparisons: Sequence[dict[str, Any]], plots: dict[str, str]) -> list[str]:
-    """The prior study's part of results.md: its pretraining runs, the differences, the plot."""
+    """The prior study's part of results.md: its pretraining runs, the plot, the differences and a
+    verdict per claim (:func:`claim_verdicts`)."""
     lines = ["## Video prior vs static prior", ""]
     pre = plan.get("pretrain") or {}
     if pre:
@@ -317,11 +373,22 @@ def markdown_section(plan: dict[str, Any], comparisons: Sequence[dict[str, Any]]
         for c in comparisons:
             name = f"({ARMS[c['a']][0]}) − ({ARMS[c['b']][0]}): {c['a']} − {c['b']}"
             if c["difference"] is None:
-                lines.append(f"| {name} | {c['demos']:g} | - | - | 0 | 0 | - |")
+                lines.append(f"| {name} | {_demos(c)} | - | - | 0 | 0 | - |")
                 continue
             lo, hi = c["ci"]
-            lines.append(f"| {name} | {c['demos']:g} | {100 * c['difference']:+.1f} | [{100 * lo:+.1f}, "
+            lines.append(f"| {name} | {_demos(c)} | {100 * c['difference']:+.1f} | [{100 * lo:+.1f}, "
                          f"{100 * hi:+.1f}] | {c['pairs']} | {c['seeds']} | {'yes' if c['excludes_zero'] else 'no'} |")
+        lines.append("")
+        lines += ["Verdict per claim, by a fixed rule (`dit4dit.analyze.prior.claim_verdicts`): a difference counts "
+                  "for the claim when its 95% interval lies above zero, against it when below; supported = some "
+                  "for and none against, contradicted = the reverse, mixed = both, not shown = every interval "
+                  "holds zero. With few seeds the intervals are wide: an interim verdict is not the study's.", "",
+                  "| claim | tested by | verdict | differences (points, 95% CI) |", "|---|---|---|---|"]
+        for v in claim_verdicts(comparisons):
+            diffs = "; ".join(f"{d['demos_a']:g}{'' if d['demos_a'] == d['demos_b'] else ' vs ' + format(d['demos_b'], 'g')}: "
+                              f"{100 * d['difference']:+.1f} [{100 * d['ci'][0]:+.1f}, {100 * d['ci'][1]:+.1f}]"
+                              for d in v["differences"]) or "-"
+            lines.append(f"| {v['claim']} | {v['tested_by']} | {v['verdict']} | {diffs} |")
         lines.append("")
     return lines
 

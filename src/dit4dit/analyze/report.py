@@ -373,6 +373,7 @@ def write_report(out: Path, plan: dict[str, Any], cells: Sequence[Cell], seeds: 
         if (p := prior.curve_plot(rows, plot_dir / "prior_curve.png")) is not None:
             plots["prior_curve"] = str(p.relative_to(out))
         report["comparisons"] = prior.compare_arms(out, cells, seeds)
+        report["claims"] = prior.claim_verdicts(report["comparisons"])
         extra = prior.markdown_section(plan, report["comparisons"], plots)
     write_record(out / "results.json", report)
     (out / "results.md").write_text(markdown(plan, rows, plots, full["x"] if full is not None else None, extra))

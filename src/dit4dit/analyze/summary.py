@@ -57,7 +57,8 @@ def summary_table(report: dict[str, Any]) -> str:
                      f"seeds {len(r['seeds'])}{sil}")
     for c in report.get("comparisons") or []:
         if c["difference"] is not None:
-            lines.append(f"{c['a']} - {c['b']} at {c['demos']:g} demos: {100 * c['difference']:+.1f} points "
+            demos = f"{c['demos_a']:g}" if c["demos_a"] == c["demos_b"] else f"{c['demos_a']:g} vs {c['demos_b']:g}"
+            lines.append(f"{c['a']} - {c['b']} at {demos} demos: {100 * c['difference']:+.1f} points "
                          f"[{100 * c['ci'][0]:+.1f}, {100 * c['ci'][1]:+.1f}] ({c['pairs']} paired episodes)")
     lines.append(f"report: {report['plan']['out']}/results.md")
     return "\n".join(lines)
