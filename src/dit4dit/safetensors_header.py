@@ -1,5 +1,7 @@
 """Cheap integrity checks of safetensors files: read the header only and check it against the file
-size, so truncation and garbage are reported with the file's name before any tensor is loaded."""
+size, so truncation and garbage are reported with the file's name before any tensor is loaded.
+And the content hash of a file's tensors (:func:`tensors_sha256`), which, unlike the file's bytes,
+is the same for the same tensors whatever order the writer gave the header."""
 
 from __future__ import annotations
 
