@@ -169,10 +169,12 @@ def test_round_trip_matches_local_policy(server, tiny_policy, good_obs):
         assert meta["action_horizon"] == 8 and meta["action_dim"] == 2 and meta["fps"] == 20.0
         assert meta["model_version"] == "test-tiny" and meta["wire_format"] == "openpi-msgpack-numpy"
         assert meta["max_message_bytes"] == 2**20
+        assert meta["max_inflight_bytes"] == 256 * 2**20
         out = client.infer(good_obs)
         acts = out["actions"]
         assert acts.shape == (8, 2) and acts.dtype == np.float32 and np.isfinite(acts).all()
-        assert set(out["server_timing"]) >= {"infer_ms", "queue_ms", "decode_ms", "prev_total_ms"}
+        assert set(out["server_timing"]) >= {"infer_ms", "queue_ms", "decode_ms", "budget_wait_ms",
+                                             "prev_total_ms"}
         assert "preprocess_ms" in out["policy_timing"]
         # same numbers as calling the policy in-process (normalisation + preprocessing on the server)
         np.testing.assert_array_equal(acts, tiny_policy.infer(good_obs)["actions"])
@@ -364,6 +366,168 @@ def test_token_authentication_and_health_check():
         ws.close()
 
 
+class GatedPolicy(FakePolicy):
+    """Answers a request with its state[0] in every entry; records the server's in-flight bytes at
+    each call; a call waits for `gate` (set it to let calls through)."""
+
+    def __init__(self):
+        super().__init__()
+        self.server = None
+        self.seen = []
+        self.gate = threading.Event()
+
+    def infer(self, obs):
+        self.calls += 1
+        self.seen.append(self.server.inflight_bytes)
+        assert self.gate.wait(60), "the test never opened the gate"
+        a = np.full((self.horizon, self.dim), float(obs["observation.state"][0]), np.float32)
+        if self.mode == "raise":
+            raise RuntimeError("boom")
+        if self.mode == "nan":
+            a[1, 0] = np.nan
+        return {"actions": a}
+
+
+def _budget_server(policy, budget):
+    srv = PolicyServer(policy, "127.0.0.1", 0, max_inflight_bytes=budget)
+    policy.server = srv
+    return srv
+
+
+def _padded_obs(value, pad):
+    """A small observation made `pad` bytes larger; its packed size does not depend on `value`."""
+    return {**_small_obs(), "observation.state": np.array([value, 0.0], np.float32), "pad": np.zeros(pad, np.uint8)}
+
+
+def _until(cond, timeout=60.0):
+    """Poll `cond` until it holds (True) or `timeout` seconds pass (False): a deadline, not a timing check."""
+    end = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def _abort(ws):
+    """Drop a connection without a closing handshake."""
+    import socket
+
+    ws.socket.shutdown(socket.SHUT_RDWR)
+    ws.socket.close()
+
+
+def test_inflight_budget_bounds_concurrent_requests():
+    n_clients, n_requests = 5, 3
+    size = len(mn.packb(_padded_obs(0.0, 20_000)))
+    cost = 2 * size  # INFLIGHT_BYTES_PER_MESSAGE_BYTE
+    budget = 5 * size  # two requests fit, three do not
+    pol = GatedPolicy()
+    with _budget_server(pol, budget).start_in_thread() as st:
+        srv = st.server
+        errors, replies = [], [[] for _ in range(n_clients)]
+        start = threading.Barrier(n_clients)
+
+        def run(i):
+            try:
+                ws, meta = _raw_connect(st.port)
+                assert meta["max_inflight_bytes"] == budget and meta["max_message_bytes"] == 16 * 2**20
+                try:
+                    start.wait(timeout=30)
+                    for k in range(n_requests):
+                        ws.send(mn.packb(_padded_obs(10.0 * i + k, 20_000)))
+                        replies[i].append(mn.unpackb(ws.recv(timeout=90))["actions"])
+                finally:
+                    ws.close()
+            except Exception as e:  # noqa: BLE001
+                errors.append(f"{i}: {type(e).__name__}: {e}")
+
+        threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(n_clients)]
+        for t in threads:
+            t.start()
+        # the first request is held in inference; one more fits the budget, the other three wait
+        assert _until(lambda: srv.stats["inflight_waits"] >= n_clients - 2 or bool(errors)), srv.stats
+        assert srv.inflight_bytes == 2 * cost and srv._budget.waiting == n_clients - 2
+        pol.gate.set()
+        for t in threads:
+            t.join(timeout=90)
+        assert not any(t.is_alive() for t in threads), "clients did not finish in time"
+        assert not errors, errors
+        for i in range(n_clients):
+            assert [float(a[0, 0]) for a in replies[i]] == [10.0 * i + k for k in range(n_requests)]
+        assert pol.calls == n_clients * n_requests
+        assert max(pol.seen) <= budget and srv.stats["inflight_peak_bytes"] == 2 * cost
+        assert srv.inflight_bytes == 0 and srv._budget.waiting == 0
+
+
+def test_inflight_budget_released_after_errors_and_disconnects():
+    size = len(mn.packb(_padded_obs(0.0, 20_000)))
+    cost = 2 * size
+    pol = GatedPolicy()
+    pol.gate.set()
+    with _budget_server(pol, 3 * size).start_in_thread() as st:  # one request at a time
+        srv = st.server
+        ws, _ = _raw_connect(st.port)
+        try:
+            for payload, kind in (("text", "bad_message"), (b"\xc1\xc1", "malformed_msgpack"),
+                                  (mn.packb([1, 2]), "bad_message")):
+                ws.send(payload)
+                assert json.loads(ws.recv(timeout=30))["error"]["type"] == kind
+                assert srv.inflight_bytes == 0  # released before the reply is sent
+            for mode, kind in (("raise", "inference_failed"), ("nan", "non_finite_actions")):
+                pol.mode = mode
+                ws.send(mn.packb(_padded_obs(1.0, 20_000)))
+                assert json.loads(ws.recv(timeout=30))["error"]["type"] == kind
+                assert srv.inflight_bytes == 0
+            pol.mode = "ok"
+        finally:
+            ws.close()
+        # abrupt disconnects: one client while its request is computed, one while its request waits
+        pol.gate.clear()
+        calls = pol.calls
+        busy, _ = _raw_connect(st.port)
+        busy.send(mn.packb(_padded_obs(2.0, 20_000)))
+        assert _until(lambda: pol.calls == calls + 1)
+        waiting, _ = _raw_connect(st.port)
+        waiting.send(mn.packb(_padded_obs(3.0, 20_000)))
+        assert _until(lambda: srv._budget.waiting == 1)
+        assert srv.inflight_bytes == cost
+        _abort(waiting)
+        assert _until(lambda: srv._budget.waiting == 0), "the closed connection kept its place in the queue"
+        _abort(busy)
+        pol.gate.set()
+        assert _until(lambda: srv.inflight_bytes == 0 and srv.active_clients == 0), (srv.inflight_bytes, srv.stats)
+        assert pol.calls == calls + 1  # the request of the client that left while waiting was never computed
+        # the whole budget is there again
+        with WebsocketClientPolicy("127.0.0.1", st.port) as c:
+            assert float(c.infer(_padded_obs(4.0, 20_000))["actions"][0, 0]) == 4.0
+        assert srv.inflight_bytes == 0 and srv._budget.waiting == 0
+
+
+def test_inflight_request_larger_than_budget_is_computed_alone():
+    big, bigger = (len(mn.packb(_padded_obs(0.0, pad))) for pad in (30_000, 40_000))
+    budget = big  # smaller than either request's cost (2 x its size)
+    pol = GatedPolicy()
+    with _budget_server(pol, budget).start_in_thread() as st:
+        srv = st.server
+        a, _ = _raw_connect(st.port)
+        b, _ = _raw_connect(st.port)
+        try:
+            a.send(mn.packb(_padded_obs(1.0, 30_000)))
+            assert _until(lambda: pol.calls == 1)  # admitted: nothing else was in flight
+            b.send(mn.packb(_padded_obs(2.0, 40_000)))
+            assert _until(lambda: srv.stats["inflight_waits"] == 1)  # waits while a's is in flight
+            assert srv.inflight_bytes == 2 * big
+            pol.gate.set()
+            assert float(mn.unpackb(a.recv(timeout=30))["actions"][0, 0]) == 1.0
+            assert float(mn.unpackb(b.recv(timeout=30))["actions"][0, 0]) == 2.0
+        finally:
+            a.close()
+            b.close()
+        assert pol.seen == [2 * big, 2 * bigger]  # each one alone
+        assert srv.stats["inflight_peak_bytes"] == 2 * bigger and srv.inflight_bytes == 0
+
+
 def test_server_defaults_to_localhost_and_max_clients():
     pol = FakePolicy()
     srv = PolicyServer(pol, port=0, max_clients=1)
@@ -465,6 +629,7 @@ def test_cli_parsers():
     assert a.host == "127.0.0.1" and a.random_weights == "toy_reach" and callable(a.func)
     a = parser.parse_args(["serve", "--checkpoint", "runs/x"])
     assert a.port == 8000 and a.max_message_mb == 16.0
+    assert a.max_inflight_mb == 256.0
     a = parser.parse_args(["eval", "libero", "--server", "h:1", "--suite", "libero_10"])
     assert a.trials == 50 and a.seed == 7 and a.suite == "libero_10"
     a = parser.parse_args(["eval", "robocasa-gr1", "--server", "h:1", "--tasks", "PnPCupToDrawerClose"])

@@ -11,7 +11,8 @@ from .output import log
 
 
 def register(sub: Subparsers) -> None:
-    from ..serve.server import DEFAULT_EVICT_IDLE_AFTER, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CLIENTS_PER_HOST
+    from ..serve.server import (DEFAULT_EVICT_IDLE_AFTER, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CLIENTS_PER_HOST,
+                                DEFAULT_MAX_INFLIGHT_BYTES, INFLIGHT_BYTES_PER_MESSAGE_BYTE)
 
     p = sub.add_parser("serve", help="websocket policy server (msgpack + numpy, openpi-client compatible)")
     src = p.add_mutually_exclusive_group(required=True)
@@ -27,6 +28,10 @@ def register(sub: Subparsers) -> None:
                    help="shared secret clients must send (Authorization: Bearer ...); also $DIT4DIT_SERVE_TOKEN")
     p.add_argument("--token-file", default=None, help="read the token from this file")
     p.add_argument("--max-message-mb", type=float, default=16.0, help="largest accepted observation message")
+    p.add_argument("--max-inflight-mb", type=float, default=DEFAULT_MAX_INFLIGHT_BYTES / 2**20,
+                   help="bound on the requests between receipt and reply over all connections, each counted as "
+                        f"{INFLIGHT_BYTES_PER_MESSAGE_BYTE} x its message size (message + decoded copy); a request "
+                        "that does not fit waits, its connection unread (default %(default)s; 0 = no bound)")
     p.add_argument("--max-clients", type=int, default=64)
     p.add_argument("--max-clients-per-host", type=int, default=DEFAULT_MAX_CLIENTS_PER_HOST,
                    help="connections one client address may hold (default %(default)s; 0 = no limit)")
@@ -79,6 +84,7 @@ def cmd_serve(args: argparse.Namespace) -> Any:
             extra = {"model_version": f"random-weights/{args.preset}/{args.random_weights}", "device": args.device}
         server = PolicyServer(policy, args.host, args.port, token=token, max_size=int(args.max_message_mb * 2**20),
                               max_clients=args.max_clients, metadata=extra,
+                              max_inflight_bytes=int(args.max_inflight_mb * 2**20) or None,
                               max_clients_per_host=args.max_clients_per_host or None,
                               idle_timeout=args.idle_timeout or None, evict_idle_after=args.evict_idle_after or None)
     except (CheckpointError, ProcessorError, FileNotFoundError) as e:

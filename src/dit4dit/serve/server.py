@@ -28,6 +28,22 @@ arrives; concurrent requests queue in arrival order. Error messages and log line
 (:data:`~dit4dit.data.validation.MAX_ERROR_CHARS`): they summarise a bad input (shape, dtype,
 size, a few entries), never echo it.
 
+In-flight budget. ``max_inflight_bytes`` (default 256 MiB) bounds the sum, over all
+connections, of the requests between receipt and reply. Each request counts as
+:data:`INFLIGHT_BYTES_PER_MESSAGE_BYTE` (2) times its message's bytes: the message plus its decoded
+copy. It is counted from its admission (as soon as its message is received, or after waiting)
+until its reply (or error frame) is built, not while the reply is sent, so a client that does not
+read its replies holds none. A request that does not fit waits before it is decoded, in arrival
+order. Only its connection waits:
+that handler stops reading, so websockets stops reading the socket once its buffer is full and TCP
+pushes back on that client, while the event loop and the other clients go on. A connection that
+closes while its request waits leaves the queue, and the request is never computed. A request
+larger than the whole budget is admitted alone, once nothing else is in flight (it never waits
+forever; while it runs, the sum is that one request). A waiting request's received message (one
+per connection) and websockets' buffer (``max_queue`` frames per connection) are not counted.
+``stats["inflight_waits"]`` counts the requests that waited, ``stats["inflight_peak_bytes"]`` is
+the largest sum reached.
+
 Idle and slow clients. A connection that sends no complete message for ``idle_timeout`` seconds
 (a client that is idle, or one that sends its message too slowly) is closed with code 1001; a
 reply the client does not read within ``idle_timeout`` closes it too. When all ``max_clients``
@@ -43,6 +59,7 @@ the upgrade. Nothing here uses pickle.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import hashlib
 import hmac
@@ -77,6 +94,14 @@ DEFAULT_IDLE_TIMEOUT = 600.0  # seconds without a complete message before a conn
 DEFAULT_EVICT_IDLE_AFTER = 10.0  # when full: a connection idle this long gives its slot to a new client
 DEFAULT_MAX_CLIENTS_PER_HOST = 16
 MIN_TOKEN_CHARS = 16  # shorter tokens are accepted with a warning
+DEFAULT_MAX_INFLIGHT_BYTES = 256 * 2**20  # sum over all connections of the requests between receipt and reply
+# What one request holds, per byte of its message: the received message plus its decoded copy.
+# DecodeLimits bounds a decode to about twice the message's bytes (arrays are copied out of the
+# message; the rest is at most max_items small objects, not counted here), and the message is
+# dropped once decoded, so 2 is the peak while decoding and an overestimate while the request
+# waits for the inference thread. The model's own working memory is not counted: inference runs
+# on one thread, so it is needed for one request at a time, whatever the number of connections.
+INFLIGHT_BYTES_PER_MESSAGE_BYTE = 2
 DECODE_WORKERS = 2
 HEALTH_PATH = "/healthz"
 PROTOCOL_VERSION = 1
@@ -124,6 +149,67 @@ class _Conn:
         self.evicted = False
 
 
+class _ByteBudget:
+    """A byte budget shared by the connections of one server, granted in arrival order.
+
+    Every method runs on the server's event loop (no locks). ``limit=None``: everything fits (the
+    sum is still counted). A request larger than ``limit`` fits when nothing else is held."""
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit
+        self.used = 0
+        self.peak = 0
+        self._queue: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._queue)
+
+    def _fits(self, n: int) -> bool:
+        return self.limit is None or self.used == 0 or self.used + n <= self.limit
+
+    def _take(self, n: int) -> None:
+        self.used += n
+        self.peak = max(self.peak, self.used)
+
+    def try_acquire(self, n: int) -> bool:
+        """Take ``n`` bytes now if nobody waits and they fit."""
+        if self._queue or not self._fits(n):
+            return False
+        self._take(n)
+        return True
+
+    def enqueue(self, n: int) -> asyncio.Future[None]:
+        """Join the queue; the future is resolved once the ``n`` bytes are taken for the caller."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.append((n, fut))
+        return fut
+
+    def withdraw(self, fut: asyncio.Future[None], n: int) -> None:
+        """Leave the queue (or give the bytes back if they were already granted)."""
+        if fut.done() and not fut.cancelled():
+            self.release(n)
+            return
+        fut.cancel()
+        for i, (_, f) in enumerate(self._queue):
+            if f is fut:
+                del self._queue[i]
+                break
+        self._grant()  # the request behind it may fit now
+
+    def release(self, n: int) -> None:
+        self.used -= n
+        self._grant()
+
+    def _grant(self) -> None:
+        while self._queue and self._fits(self._queue[0][0]):
+            n, fut = self._queue.popleft()
+            if fut.done():  # cancelled
+                continue
+            self._take(n)
+            fut.set_result(None)
+
+
 class _BadRequest(Exception):
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
@@ -137,7 +223,7 @@ class _BadRequest(Exception):
 
 
 def policy_metadata(policy: Any, extra: Mapping[str, Any] | None = None, *, max_size: int | None = None,
-                    auth: bool = False) -> dict[str, Any]:
+                    auth: bool = False, max_inflight_bytes: int | None = None) -> dict[str, Any]:
     """The metadata dict sent on connect: the policy's evaluation protocol plus server facts."""
     meta: dict[str, Any] = dict(policy.metadata()) if hasattr(policy, "metadata") else {}
     cfg = getattr(policy, "cfg", None)
@@ -151,6 +237,7 @@ def policy_metadata(policy: Any, extra: Mapping[str, Any] | None = None, *, max_
         "wire_format": WIRE_FORMAT,
         "error_frames": "text-json",
         "max_message_bytes": max_size,
+        "max_inflight_bytes": max_inflight_bytes,
         "auth": "token" if auth else None,
         "observation_keys": _observation_keys(meta),
     })
@@ -202,6 +289,9 @@ class PolicyServer:
     any). ``max_clients_per_host``: connections one peer address may hold. ``idle_timeout``:
     seconds a connection may go without sending a complete message (or without reading a reply)
     before it is closed (None: never). ``decode_limits``: bounds on one decoded message.
+    ``max_inflight_bytes``: bound on the sum of the requests between receipt and reply over all
+    connections, each counted as :data:`INFLIGHT_BYTES_PER_MESSAGE_BYTE` times its message's
+    bytes (None: no bound); see the module docstring.
     """
 
     def __init__(self, policy: Any, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *,
@@ -211,7 +301,10 @@ class PolicyServer:
                  idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
                  evict_idle_after: float | None = DEFAULT_EVICT_IDLE_AFTER,
                  max_clients_per_host: int | None = DEFAULT_MAX_CLIENTS_PER_HOST,
-                 decode_limits: DecodeLimits | None = None) -> None:
+                 decode_limits: DecodeLimits | None = None,
+                 max_inflight_bytes: int | None = DEFAULT_MAX_INFLIGHT_BYTES) -> None:
+        if max_inflight_bytes is not None and int(max_inflight_bytes) <= 0:
+            raise ValueError(f"max_inflight_bytes must be positive (or None for no bound), got {max_inflight_bytes}")
         if token is not None and (not isinstance(token, str) or not token.strip()):
             raise ValueError("the token is empty: give a non-empty secret, or no token at all (None) to serve "
                              "without authentication")
@@ -228,12 +321,15 @@ class PolicyServer:
         self.evict_idle_after = evict_idle_after
         self.max_clients_per_host = max_clients_per_host
         self.decode_limits = decode_limits or DecodeLimits()
+        self.max_inflight_bytes = None if max_inflight_bytes is None else int(max_inflight_bytes)
+        self._budget = _ByteBudget(self.max_inflight_bytes)
         self._conns: dict[int, _Conn] = {}
         # imported here, not in the handler: a first import (torch) must never stall the event loop
         from ..data.processor import ProcessorError
 
         self._processor_error = ProcessorError
-        self.metadata = policy_metadata(policy, metadata, max_size=max_size, auth=token is not None)
+        self.metadata = policy_metadata(policy, metadata, max_size=max_size, auth=token is not None,
+                                        max_inflight_bytes=self.max_inflight_bytes)
         self.metadata["idle_timeout_s"] = idle_timeout
         self._metadata_bytes = packb(self.metadata)
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
@@ -241,12 +337,18 @@ class PolicyServer:
         self._ids = itertools.count(1)
         self.active_clients = 0
         self.stats = {"connections": 0, "requests": 0, "errors": 0, "rejected_upgrades": 0, "idle_closed": 0,
-                      "evicted": 0}
+                      "evicted": 0, "inflight_waits": 0, "inflight_peak_bytes": 0}
         self._stop: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         if not _is_loopback(host) and token is None:
             log.warning("serving on %s without a token: anyone who can reach this port can drive the robot "
                         "(set --token or %s)", host, TOKEN_ENV)
+        if self.max_inflight_bytes is not None and max_size is not None and \
+                INFLIGHT_BYTES_PER_MESSAGE_BYTE * max_size > self.max_inflight_bytes:
+            log.warning("max_inflight_bytes (%d) is below %d x max_size (%d): a request over %d bytes is computed "
+                        "only when nothing else is in flight", self.max_inflight_bytes,
+                        INFLIGHT_BYTES_PER_MESSAGE_BYTE, max_size,
+                        self.max_inflight_bytes // INFLIGHT_BYTES_PER_MESSAGE_BYTE)
         if token is not None and len(token) < MIN_TOKEN_CHARS:
             log.warning("the token is only %d characters long; use at least %d random characters (e.g. "
                         "`python -c 'import secrets; print(secrets.token_urlsafe(24))'`)", len(token), MIN_TOKEN_CHARS)
@@ -331,11 +433,86 @@ class PolicyServer:
         else:
             await asyncio.wait_for(ws.send(data), self.idle_timeout)
 
-    async def _send_error(self, ws: Any, cid: int, kind: str, message: str, request: int | None) -> None:
+    def _error(self, cid: int, kind: str, message: str, request: int | None) -> str:
+        """Count and log an error; the text of its error frame."""
         self.stats["errors"] += 1
         message = clip_text(message, MAX_ERROR_CHARS)
         log.info("client %d request %s: %s: %s", cid, request, kind, clip_text(message, 300))
-        await self._send(ws, error_payload(kind, message, request))
+        return error_payload(kind, message, request)
+
+    @property
+    def inflight_bytes(self) -> int:
+        """The in-flight budget in use now (bytes, as counted against ``max_inflight_bytes``)."""
+        return self._budget.used
+
+    @staticmethod
+    def _request_cost(msg: bytes | str) -> int:
+        return INFLIGHT_BYTES_PER_MESSAGE_BYTE * len(msg)
+
+    async def _admit(self, ws: Any, cid: int, request: int, cost: int) -> bool:
+        """Take ``cost`` bytes of the in-flight budget, waiting in arrival order if they do not fit
+        (only this connection waits). False, with nothing taken, if the connection closed first."""
+        budget = self._budget
+        if not budget.try_acquire(cost):
+            self.stats["inflight_waits"] += 1
+            log.debug("client %d request %d: waits for %d bytes of the in-flight budget (%d of %s in use)", cid,
+                      request, cost, budget.used, budget.limit)
+            granted = budget.enqueue(cost)
+            closed = asyncio.ensure_future(ws.wait_closed())
+            admitted = False
+            try:
+                await asyncio.wait((granted, closed), return_when=asyncio.FIRST_COMPLETED)
+                admitted = granted.done() and not closed.done()
+            finally:
+                closed.cancel()
+                if not admitted:  # closed, or this task was cancelled: leave the queue, give back a grant
+                    budget.withdraw(granted, cost)
+            if not admitted:
+                return False
+        self.stats["inflight_peak_bytes"] = budget.peak
+        return True
+
+    async def _answer(self, cid: int, n: int, box: list[bytes | str], t0: float, ta: float,
+                      prev_total_ms: float | None) -> tuple[bytes | str, bool]:
+        """The reply to one admitted request: (packed result, True) or (error frame text, False).
+        ``box`` holds the message and is emptied, so the message is freed once decoded. ``t0``: when
+        the message was received, ``ta``: when it was admitted to the in-flight budget."""
+        ProcessorError = self._processor_error
+        loop = asyncio.get_running_loop()
+        msg = box.pop()
+        if isinstance(msg, str):
+            return self._error(cid, "bad_message", "expected one binary msgpack message holding the observation "
+                               f"dict, got a text frame ({len(msg)} characters)", n), False
+        try:
+            obs = await loop.run_in_executor(self._decoder, self._decode, msg)
+        except _BadRequest as e:
+            return self._error(cid, e.kind, e.message, n), False
+        finally:
+            del msg
+        t1 = time.perf_counter()
+        try:
+            result, ts, te = await loop.run_in_executor(self._executor, self._infer, obs)
+        except ProcessorError as e:
+            return self._error(cid, "bad_observation", str(e), n), False
+        except NonFiniteActions as e:
+            return self._error(cid, "non_finite_actions", str(e), n), False
+        except Exception as e:  # noqa: BLE001 - report, log, keep serving
+            log.error("client %d request %d: inference failed:\n%s", cid, n,
+                      clip_text(traceback.format_exc(), 4 * MAX_ERROR_CHARS))
+            return self._error(cid, "inference_failed", f"{type(e).__name__}: {e}", n), False
+        finally:
+            del obs
+        result["server_timing"] = {
+            "budget_wait_ms": (ta - t0) * 1e3,
+            "decode_ms": (t1 - ta) * 1e3,
+            "queue_ms": (ts - t1) * 1e3,
+            "infer_ms": (te - ts) * 1e3,
+            "prev_total_ms": prev_total_ms,
+        }
+        try:
+            return packb(result), True
+        except TypeError as e:
+            return self._error(cid, "inference_failed", f"cannot serialise the result: {e}", n), False
 
     def _decode(self, msg: bytes) -> dict[str, Any]:
         """Bytes -> observation dict, on a decode thread (never the event loop)."""
@@ -362,14 +539,12 @@ class PolicyServer:
     async def _handle(self, ws: Any) -> None:
         from websockets.exceptions import ConnectionClosed
 
-        ProcessorError = self._processor_error
         cid = next(self._ids)
         conn = _Conn(ws, _peer_host(ws))
         self._conns[cid] = conn
         self.active_clients = len(self._conns)
         self.stats["connections"] += 1
         log.info("client %d connected from %s (%d active)", cid, ws.remote_address, self.active_clients)
-        loop = asyncio.get_running_loop()
         prev_total_ms = None
         n = 0
         try:
@@ -389,47 +564,23 @@ class PolicyServer:
                 t0 = time.perf_counter()
                 n += 1
                 self.stats["requests"] += 1
+                cost = self._request_cost(msg)
+                box = [msg]
+                del msg
                 try:
-                    if isinstance(msg, str):
-                        await self._send_error(ws, cid, "bad_message", "expected one binary msgpack message holding "
-                                               f"the observation dict, got a text frame ({len(msg)} characters)", n)
-                        continue
+                    # the budget is held from here until the reply is built, never while it is sent:
+                    # a client that does not read its replies holds none
+                    if not await self._admit(ws, cid, n, cost):
+                        log.info("client %d: closed while request %d waited for the in-flight budget", cid, n)
+                        break
                     try:
-                        obs = await loop.run_in_executor(self._decoder, self._decode, msg)
-                    except _BadRequest as e:
-                        await self._send_error(ws, cid, e.kind, e.message, n)
-                        continue
+                        reply, ok = await self._answer(cid, n, box, t0, time.perf_counter(), prev_total_ms)
                     finally:
-                        del msg
-                    t1 = time.perf_counter()
-                    try:
-                        result, ts, te = await loop.run_in_executor(self._executor, self._infer, obs)
-                    except ProcessorError as e:
-                        await self._send_error(ws, cid, "bad_observation", str(e), n)
-                        continue
-                    except NonFiniteActions as e:
-                        await self._send_error(ws, cid, "non_finite_actions", str(e), n)
-                        continue
-                    except Exception as e:  # noqa: BLE001 - report, log, keep serving
-                        log.error("client %d request %d: inference failed:\n%s", cid, n,
-                                  clip_text(traceback.format_exc(), 4 * MAX_ERROR_CHARS))
-                        await self._send_error(ws, cid, "inference_failed", f"{type(e).__name__}: {e}", n)
-                        continue
-                    finally:
-                        obs = None
-                    result["server_timing"] = {
-                        "decode_ms": (t1 - t0) * 1e3,
-                        "queue_ms": (ts - t1) * 1e3,
-                        "infer_ms": (te - ts) * 1e3,
-                        "prev_total_ms": prev_total_ms,
-                    }
-                    try:
-                        reply = packb(result)
-                    except TypeError as e:
-                        await self._send_error(ws, cid, "inference_failed", f"cannot serialise the result: {e}", n)
-                        continue
+                        box.clear()
+                        self._budget.release(cost)
                     await self._send(ws, reply)
-                    prev_total_ms = (time.perf_counter() - t0) * 1e3
+                    if ok:
+                        prev_total_ms = (time.perf_counter() - t0) * 1e3
                 finally:
                     conn.busy = False
                     conn.last_active = time.monotonic()
