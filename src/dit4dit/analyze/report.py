@@ -131,8 +131,9 @@ def markdown(plan: dict[str, Any], rows: list[dict[str, Any]], plots: dict[str, 
     """results.md; `extra`: lines of a study's own section (the prior study's differences), placed
     after the tables."""
     steps = plan.get("train_steps", plan.get("steps"))
+    prior = plan.get("study") == "prior"
     lines = [
-        "# DiT4DiT baselines and ablations",
+        "# DiT4DiT video-prior study" if prior else "# DiT4DiT baselines and ablations",
         "",
         f"Dataset `{plan['dataset']}`; preset `{plan['preset']}`"
         + (f" with `{' '.join(plan['overrides'])}`" if plan["overrides"] else "")
@@ -144,8 +145,8 @@ def markdown(plan: dict[str, Any], rows: list[dict[str, Any]], plots: dict[str, 
            "the whole action chunk executed before replanning."),
         "",
         "Success: mean (± standard deviation) over seeds of each seed's success rate. 95% CI: Wilson "
-        "interval over the evaluation episodes of all seeds pooled. Every ablation cell is the `joint` "
-        "variant with the cell's overrides.",
+        "interval over the evaluation episodes of all seeds pooled."
+        + ("" if prior else " Every ablation cell is the `joint` variant with the cell's overrides."),
         "",
     ]
     groups = list(dict.fromkeys(r["group"] for r in rows))
