@@ -163,6 +163,18 @@ def test_prior_study_dry_run_lists_the_pretraining_runs_and_every_arm(tmp_path, 
     text = capsys.readouterr().out
     assert "pretrain/video" in text and "pretrain/static" not in text
     assert "10 runs (2 cells x 5 seeds) after 1 pretraining run(s)" in text
+    assert "stored" not in text
+
+    # runs with a stored result, in OUT or in the results copy, are listed as such
+    copy = tmp_path / "committed"
+    for home, cell, seed in ((out, "video_prior_5", 1), (copy, "video_prior_5", 0), (copy, "cotrain_10", 4)):
+        (home / "runs" / "prior" / cell / f"seed_{seed}").mkdir(parents=True)
+        (home / "runs" / "prior" / cell / f"seed_{seed}" / "result.json").write_text("{}")
+    args = parser.parse_args(argv + ["--results-copy", str(copy)])
+    plan = args.func(args)
+    capsys.readouterr()
+    stored = {c["cell"]: c["stored_seeds"] for c in plan["cells"] if c["stored_seeds"]}
+    assert stored == {"prior/video_prior_5": [0, 1], "prior/cotrain_10": [4]} and plan["stored_runs"] == 3
 
     with pytest.raises(AnalysisError, match="--pretrain-dataset"):
         args = parser.parse_args([a for a in argv if a not in ("--pretrain-dataset", str(pre))])

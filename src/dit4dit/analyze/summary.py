@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from .prior import PRETRAIN, PRETRAIN_COMMON
-from .runner import Study, pretrain_dir, pretrain_names, stage_configs
+from .runner import Study, pretrain_dir, pretrain_names, run_dir, stage_configs
 
 
 def pretrain_overrides(name: str) -> tuple[str, ...]:
@@ -21,12 +21,17 @@ def study_plan(study: Study) -> dict[str, Any]:
     pretrain = [{"pretrain": n, "folder": str(pretrain_dir(study.out, n) / "train"),
                  "overrides": list(pretrain_overrides(n)), "train_steps": study.pretrain_config(n).train.steps}
                 for n in pretrain_names(cells)]
-    return {"pretrain": pretrain,
-            "cells": [{"cell": c.key, "label": c.label, "stages": [list(s) for s in c.stages], "init": c.init,
-                       "init_from": stage_configs(study, c, study.seeds[0])[0].train.init_from,
-                       "train_steps": [cfg.train.steps for cfg in stage_configs(study, c, study.seeds[0])],
-                       "features": study.wants_features(c)}
-                      for c in cells], "seeds": list(study.seeds), "runs": len(cells) * len(study.seeds)}
+    homes = [study.out] + ([study.results_copy] if study.results_copy else [])
+
+    def stored(cell: Any) -> list[int]:  # seeds with a result.json in OUT or the results copy
+        return [s for s in study.seeds if any((run_dir(h, cell, s) / "result.json").is_file() for h in homes)]
+
+    rows = [{"cell": c.key, "label": c.label, "stages": [list(s) for s in c.stages], "init": c.init,
+             "init_from": stage_configs(study, c, study.seeds[0])[0].train.init_from,
+             "train_steps": [cfg.train.steps for cfg in stage_configs(study, c, study.seeds[0])],
+             "features": study.wants_features(c), "stored_seeds": stored(c)} for c in cells]
+    return {"pretrain": pretrain, "cells": rows, "seeds": list(study.seeds), "runs": len(cells) * len(study.seeds),
+            "stored_runs": sum(len(r["stored_seeds"]) for r in rows)}
 
 
 def format_plan(plan: dict[str, Any]) -> str:
@@ -36,9 +41,13 @@ def format_plan(plan: dict[str, Any]) -> str:
              for p in pretrain]
     for c in plan["cells"]:
         init = f"--init pretrain/{c['init']} -> " if c["init"] else ""
-        lines.append(f"{c['cell']:<36} {init}{' -> '.join(' '.join(s) for s in c['stages'])}")
+        done = f"  [stored: seed {', '.join(str(s) for s in c['stored_seeds'])}]" if c.get("stored_seeds") else ""
+        lines.append(f"{c['cell']:<36} {init}{' -> '.join(' '.join(s) for s in c['stages'])}{done}")
     lines.append(f"{plan['runs']} runs ({len(plan['cells'])} cells x {len(plan['seeds'])} seeds)"
                  + (f" after {len(pretrain)} pretraining run(s)" if pretrain else ""))
+    if plan.get("stored_runs"):
+        lines.append(f"{plan['stored_runs']} with a stored result (reused when the study runs if their data and prior "
+                     f"are the same), {plan['runs'] - plan['stored_runs']} without")
     return "\n".join(lines)
 
 
