@@ -34,6 +34,7 @@ trained anew (their old first stage, evaluation and features are moved aside).
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import time
@@ -325,8 +326,14 @@ def pretrain_weights(study: Study, name: str) -> dict[str, Any] | None:
     ckpt = latest_checkpoint(pretrain_dir(study.out, name) / "train")
     if ckpt is None:
         return None
+    files = sorted(ckpt.glob("*.safetensors"))
     return {"step": parse_step(ckpt.name),
-            "tensors_sha256": {p.name: tensors_sha256(p, AnalysisError) for p in sorted(ckpt.glob("*.safetensors"))}}
+            "tensors_sha256": {p.name: _tensors_sha256(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files}}
+
+
+@functools.lru_cache(maxsize=64)
+def _tensors_sha256(path: str, size: int, mtime_ns: int) -> str:  # once per file and process while it is unchanged
+    return tensors_sha256(path, AnalysisError)
 
 
 def _cached(path: Path, settings: dict[str, Any], step: int | None, compute: Callable[[], Any]) -> Any:
