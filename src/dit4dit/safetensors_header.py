@@ -67,13 +67,19 @@ def tensors_sha256(path: str | os.PathLike, error: type[Exception] = ValueError,
     path = Path(path)
     header = read_header(path, error, max_header)
     h = hashlib.sha256()
-    start = 8 + len(header_bytes(path, error, max_header)[0])
     with open(path, "rb") as f:
+        start = 8 + int.from_bytes(f.read(8), "little")  # read_header checked the length
         for name in sorted(k for k in header if k != "__metadata__"):
             entry = header[name]
             a, b = (int(x) for x in entry["data_offsets"])
             h.update(json.dumps([name, entry.get("dtype"), entry.get("shape"), b - a]).encode())
             f.seek(start + a)
-            h.update(f.read(b - a))
+            left = b - a
+            while left:  # in blocks: a large model's tensors need not fit in memory at once
+                block = f.read(min(left, 1 << 22))
+                if not block:
+                    raise error(f"{path}: truncated while hashing tensor {name!r}")
+                h.update(block)
+                left -= len(block)
     h.update(json.dumps(header.get("__metadata__") or {}, sort_keys=True).encode())
     return h.hexdigest()

@@ -49,7 +49,7 @@ def data_identity(path: str | Path) -> str:
     (relative paths and content; caches left out). A run stores it, so a study moved to another
     folder or machine reuses a stored run only when its data is byte for byte the same."""
     root = Path(path).expanduser().resolve()
-    stamp = [(p.as_posix(), p.stat().st_size, p.stat().st_mtime_ns) for p in _files(root)]
+    stamp = [(p.as_posix(), st.st_size, st.st_mtime_ns) for p in _files(root) for st in [p.stat()]]
     return _identity(str(root), tuple(stamp))
 
 
