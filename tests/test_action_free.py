@@ -127,11 +127,26 @@ def test_lerobot_dataset_without_actions(tmp_path):
     src = open_action_free(root, processor_for(cfg), 10.0)
     samples = ActionFreeSamples(src, processor_for(cfg), cfg.action.action_horizon)
     assert len(samples) == 24 and samples[13]["instruction"] == "watch"
-    run = train(tiny_cfg("mode=video_only"), root, tmp_path / "run", progress=False)
-    assert run["step"] == 2 and np.isfinite(run["final_loss"])
-    # schema=auto takes the dataset's cameras without a state or action to infer
-    run = train(tiny_cfg("mode=video_only", "schema=auto"), root, tmp_path / "auto", progress=False)
-    assert run["step"] == 2 and np.isfinite(run["final_loss"])
+    # start-up opens the folder once: schema, processor and samples share it
+    from dit4dit.data import lerobot
+
+    opened = []
+    real_init = lerobot.LeRobotDataset.__init__
+
+    def counting_init(self, root, *a, **kw):
+        opened.append(Path(root))
+        real_init(self, root, *a, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(lerobot.LeRobotDataset, "__init__", counting_init)
+        run = train(tiny_cfg("mode=video_only"), root, tmp_path / "run", progress=False)
+        assert run["step"] == 2 and np.isfinite(run["final_loss"])
+        assert opened == [root]
+        # schema=auto takes the dataset's cameras without a state or action to infer
+        opened.clear()
+        run = train(tiny_cfg("mode=video_only", "schema=auto"), root, tmp_path / "auto", progress=False)
+        assert run["step"] == 2 and np.isfinite(run["final_loss"])
+        assert opened == [root]
     saved = json.loads((tmp_path / "auto" / "config.json").read_text())
     assert saved["inputs"]["cameras"] == ["observation.images.front"]
 

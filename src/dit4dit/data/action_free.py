@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -238,12 +239,15 @@ class LeRobotVideos:
         return f"LeRobot dataset {self.dataset.root} ({len(self.episodes)} episodes, no actions read)"
 
 
-def open_action_free(path: str | Path, processor: Processor, rate: float, *, default_instruction: str | None = None,
+def open_action_free(path: Any, processor: Processor, rate: float, *, default_instruction: str | None = None,
                      skip_bad: bool = False) -> VideoFolder | LeRobotVideos:
-    """The action-free source at ``path``: a LeRobot dataset (``meta/info.json``) or a folder of
-    video files. Episodes shorter than one clip of ``processor.inputs`` are refused (or skipped)."""
-    path = Path(path).expanduser()
+    """The action-free source at ``path``: a LeRobot dataset (``meta/info.json``, or one already
+    opened) or a folder of video files. Episodes shorter than one clip of ``processor.inputs`` are
+    refused (or skipped)."""
     n = clip_frames(processor.inputs)
+    if not isinstance(path, (str, os.PathLike)):  # an opened LeRobotDataset
+        return LeRobotVideos(path, processor, rate, min_frames=n, skip_bad=skip_bad)
+    path = Path(path).expanduser()
     if (path / "meta" / "info.json").is_file():
         return LeRobotVideos(path, processor, rate, min_frames=n, skip_bad=skip_bad)
     if len(processor.cameras) != 1:
@@ -318,9 +322,10 @@ def lenient(processor: Processor) -> Processor:
     return Processor.from_dict({**processor.to_dict(), "strict_image_size": False})
 
 
-def action_free_samples(paths: Sequence[str | Path], processor: Processor, action_horizon: int, rate: float, *,
+def action_free_samples(paths: Sequence[Any], processor: Processor, action_horizon: int, rate: float, *,
                         default_instruction: str | None = None, skip_bad: bool = False) -> Dataset:
-    """The samples of every action-free source in ``paths`` (one dataset, concatenated)."""
+    """The samples of every action-free source in ``paths`` (one dataset, concatenated): folders,
+    or LeRobot datasets already opened (see :func:`open_action_free`)."""
     proc = lenient(processor)
     parts = []
     for p in paths:

@@ -293,7 +293,9 @@ def action_free_training_data(cfg: DiT4DiTConfig, folder: DatasetFolder, process
 
     tc = cfg.train
     processor = processor or video_only_processor(cfg, folder)
-    samples = action_free_samples([folder.path, *tc.video_datasets], processor, cfg.action.action_horizon,
+    # a LeRobot folder is the one start-up opened (its schema and processor came from it), not a second open
+    first = folder.checked_dataset() if folder.is_lerobot else folder.path
+    samples = action_free_samples([first, *tc.video_datasets], processor, cfg.action.action_horizon,
                                   training_rate(cfg, folder), default_instruction=tc.default_instruction,
                                   skip_bad=tc.skip_bad_videos)
     check_processor(processor, cfg)
