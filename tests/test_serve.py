@@ -494,6 +494,7 @@ def test_inflight_budget_released_after_errors_and_disconnects():
         assert srv.inflight_bytes == cost
         _abort(waiting)
         assert _until(lambda: srv._budget.waiting == 0), "the closed connection kept its place in the queue"
+        assert srv._budget.queued_bytes == 0
         _abort(busy)
         pol.gate.set()
         assert _until(lambda: srv.inflight_bytes == 0 and srv.active_clients == 0), (srv.inflight_bytes, srv.stats)
@@ -526,6 +527,37 @@ def test_inflight_request_larger_than_budget_is_computed_alone():
             b.close()
         assert pol.seen == [2 * big, 2 * bigger]  # each one alone
         assert srv.stats["inflight_peak_bytes"] == 2 * bigger and srv.inflight_bytes == 0
+
+
+def test_inflight_queue_is_bounded_and_a_full_queue_answers_server_busy():
+    size = len(mn.packb(_padded_obs(0.0, 20_000)))
+    budget = 3 * size  # one request in flight (cost 2 x size); the queue holds 3 waiting messages
+    pol = GatedPolicy()
+    with _budget_server(pol, budget).start_in_thread() as st:
+        srv = st.server
+        conns = [_raw_connect(st.port)[0] for _ in range(5)]
+        try:
+            conns[0].send(mn.packb(_padded_obs(0.0, 20_000)))
+            assert _until(lambda: pol.calls == 1)  # held in inference
+            for i in (1, 2, 3):
+                conns[i].send(mn.packb(_padded_obs(float(i), 20_000)))
+                assert _until(lambda i=i: srv._budget.waiting == i)
+            assert srv._budget.queued_bytes == 3 * size
+            # the queue is full: the fifth request is refused at once, never decoded or computed
+            conns[4].send(mn.packb(_padded_obs(4.0, 20_000)))
+            err = json.loads(conns[4].recv(timeout=30))["error"]
+            assert err["type"] == "server_busy" and err["request"] == 1 and str(budget) in err["message"]
+            assert srv.stats["busy_refused"] == 1 and srv._budget.waiting == 3
+            pol.gate.set()
+            for i in range(4):
+                assert float(mn.unpackb(conns[i].recv(timeout=30))["actions"][0, 0]) == float(i)
+            # the refused client's connection is still open, and the request goes through now
+            conns[4].send(mn.packb(_padded_obs(5.0, 20_000)))
+            assert float(mn.unpackb(conns[4].recv(timeout=30))["actions"][0, 0]) == 5.0
+        finally:
+            for c in conns:
+                c.close()
+        assert pol.calls == 5 and srv.inflight_bytes == 0 and srv._budget.queued_bytes == 0
 
 
 def test_server_defaults_to_localhost_and_max_clients():

@@ -17,7 +17,7 @@ with the type and message. Error types: ``bad_message`` (text frame, not a map, 
 ``malformed_msgpack``, ``bad_observation`` (the processor's validation: missing key, wrong shape
 or dtype, NaN, wrong image size or channel order), ``non_finite_actions`` (the model produced
 NaN/inf: never sent to a robot), ``inference_failed`` (anything else; the traceback stays in
-the server log). A message over ``max_size`` bytes makes websockets close *that* connection
+the server log), ``server_busy`` (the in-flight budget's queue is full, below). A message over ``max_size`` bytes makes websockets close *that* connection
 with code 1009 ("message too big", the reason names the limit) before the bytes are buffered.
 
 Inference runs on one worker thread (the model is not re-entrant), and decoding runs on a small
@@ -39,10 +39,13 @@ that handler stops reading, so websockets stops reading the socket once its buff
 pushes back on that client, while the event loop and the other clients go on. A connection that
 closes while its request waits leaves the queue, and the request is never computed. A request
 larger than the whole budget is admitted alone, once nothing else is in flight (it never waits
-forever; while it runs, the sum is that one request). A waiting request's received message (one
-per connection) and websockets' buffer (``max_queue`` frames per connection) are not counted.
-``stats["inflight_waits"]`` counts the requests that waited, ``stats["inflight_peak_bytes"]`` is
-the largest sum reached.
+forever; while it runs, the sum is that one request). The queue is bounded the same way: the
+received messages of the waiting requests sum to at most ``max_inflight_bytes`` (or it holds one
+request); a request that finds it full is answered with a ``server_busy`` error frame at once and
+dropped, and its connection stays open. websockets stops reading a connection's socket as soon
+as one frame waits beyond the message its handler holds (:data:`WS_MAX_QUEUE`).
+``stats["inflight_waits"]`` counts the requests that waited, ``stats["busy_refused"]`` those
+refused, ``stats["inflight_peak_bytes"]`` is the largest sum reached.
 
 Idle and slow clients. A connection that sends no complete message for ``idle_timeout`` seconds
 (a client that is idle, or one that sends its message too slowly) is closed with code 1001; a
@@ -108,7 +111,11 @@ PROTOCOL_VERSION = 1
 WIRE_FORMAT = "openpi-msgpack-numpy"
 TOKEN_ENV = "DIT4DIT_SERVE_TOKEN"
 
-ERROR_TYPES = ("bad_message", "malformed_msgpack", "bad_observation", "non_finite_actions", "inference_failed")
+ERROR_TYPES = ("bad_message", "malformed_msgpack", "bad_observation", "non_finite_actions", "inference_failed",
+               "server_busy")
+# websockets' high-water mark for the frames it has read and the handler has not taken: 0 = stop
+# reading a connection's socket as soon as one frame waits (the handler takes one message at a time)
+WS_MAX_QUEUE = 0
 
 
 class NonFiniteActions(RuntimeError):
@@ -153,17 +160,24 @@ class _ByteBudget:
     """A byte budget shared by the connections of one server, granted in arrival order.
 
     Every method runs on the server's event loop (no locks). ``limit=None``: everything fits (the
-    sum is still counted). A request larger than ``limit`` fits when nothing else is held."""
+    sum is still counted). A request larger than ``limit`` fits when nothing else is held. The
+    queue is bounded too: the bytes its requests hold while they wait (``held``, their received
+    messages) sum to at most ``limit``, or the queue holds one request."""
 
     def __init__(self, limit: int | None) -> None:
         self.limit = limit
         self.used = 0
         self.peak = 0
-        self._queue: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
+        self.queued_bytes = 0  # the sum of `held` over the queue
+        self._queue: collections.deque[tuple[int, asyncio.Future[None], int]] = collections.deque()
 
     @property
     def waiting(self) -> int:
         return len(self._queue)
+
+    def may_wait(self, held: int) -> bool:
+        """Whether a request holding ``held`` bytes while it waits may join the queue."""
+        return self.limit is None or not self._queue or self.queued_bytes + held <= self.limit
 
     def _fits(self, n: int) -> bool:
         return self.limit is None or self.used == 0 or self.used + n <= self.limit
@@ -179,10 +193,12 @@ class _ByteBudget:
         self._take(n)
         return True
 
-    def enqueue(self, n: int) -> asyncio.Future[None]:
-        """Join the queue; the future is resolved once the ``n`` bytes are taken for the caller."""
+    def enqueue(self, n: int, held: int) -> asyncio.Future[None]:
+        """Join the queue (holding ``held`` bytes while waiting; see :meth:`may_wait`); the future
+        is resolved once the ``n`` bytes are taken for the caller."""
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue.append((n, fut))
+        self._queue.append((n, fut, held))
+        self.queued_bytes += held
         return fut
 
     def withdraw(self, fut: asyncio.Future[None], n: int) -> None:
@@ -191,9 +207,10 @@ class _ByteBudget:
             self.release(n)
             return
         fut.cancel()
-        for i, (_, f) in enumerate(self._queue):
+        for i, (_, f, held) in enumerate(self._queue):
             if f is fut:
                 del self._queue[i]
+                self.queued_bytes -= held
                 break
         self._grant()  # the request behind it may fit now
 
@@ -203,7 +220,8 @@ class _ByteBudget:
 
     def _grant(self) -> None:
         while self._queue and self._fits(self._queue[0][0]):
-            n, fut = self._queue.popleft()
+            n, fut, held = self._queue.popleft()
+            self.queued_bytes -= held
             if fut.done():  # cancelled
                 continue
             self._take(n)
@@ -337,7 +355,7 @@ class PolicyServer:
         self._ids = itertools.count(1)
         self.active_clients = 0
         self.stats = {"connections": 0, "requests": 0, "errors": 0, "rejected_upgrades": 0, "idle_closed": 0,
-                      "evicted": 0, "inflight_waits": 0, "inflight_peak_bytes": 0}
+                      "evicted": 0, "inflight_waits": 0, "inflight_peak_bytes": 0, "busy_refused": 0}
         self._stop: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         if not _is_loopback(host) and token is None:
@@ -449,15 +467,20 @@ class PolicyServer:
     def _request_cost(msg: bytes | str) -> int:
         return INFLIGHT_BYTES_PER_MESSAGE_BYTE * len(msg)
 
-    async def _admit(self, ws: Any, cid: int, request: int, cost: int) -> bool:
+    async def _admit(self, ws: Any, cid: int, request: int, cost: int, held: int) -> str:
         """Take ``cost`` bytes of the in-flight budget, waiting in arrival order if they do not fit
-        (only this connection waits). False, with nothing taken, if the connection closed first."""
+        (only this connection waits; its message, ``held`` bytes, waits with it). ``"admitted"``;
+        ``"busy"`` (nothing taken) if the queue is full (:meth:`_ByteBudget.may_wait`);
+        ``"closed"`` (nothing taken) if the connection closed while waiting."""
         budget = self._budget
         if not budget.try_acquire(cost):
+            if not budget.may_wait(held):
+                self.stats["busy_refused"] += 1
+                return "busy"
             self.stats["inflight_waits"] += 1
             log.debug("client %d request %d: waits for %d bytes of the in-flight budget (%d of %s in use)", cid,
                       request, cost, budget.used, budget.limit)
-            granted = budget.enqueue(cost)
+            granted = budget.enqueue(cost, held)
             closed = asyncio.ensure_future(ws.wait_closed())
             admitted = False
             try:
@@ -468,9 +491,9 @@ class PolicyServer:
                 if not admitted:  # closed, or this task was cancelled: leave the queue, give back a grant
                     budget.withdraw(granted, cost)
             if not admitted:
-                return False
+                return "closed"
         self.stats["inflight_peak_bytes"] = budget.peak
-        return True
+        return "admitted"
 
     async def _answer(self, cid: int, n: int, box: list[bytes | str], t0: float, ta: float,
                       prev_total_ms: float | None) -> tuple[bytes | str, bool]:
@@ -570,9 +593,18 @@ class PolicyServer:
                 try:
                     # the budget is held from here until the reply is built, never while it is sent:
                     # a client that does not read its replies holds none
-                    if not await self._admit(ws, cid, n, cost):
+                    admission = await self._admit(ws, cid, n, cost, len(box[0]))
+                    if admission == "closed":
                         log.info("client %d: closed while request %d waited for the in-flight budget", cid, n)
                         break
+                    if admission == "busy":
+                        box.clear()
+                        b = self._budget
+                        await self._send(ws, self._error(
+                            cid, "server_busy", f"the server is at capacity: {b.used} bytes of requests in flight "
+                            f"and {b.queued_bytes} bytes waiting (each bounded by max_inflight_bytes = {b.limit}); "
+                            "the request was not computed, send it again later", n))
+                        continue
                     try:
                         reply, ok = await self._answer(cid, n, box, t0, time.perf_counter(), prev_total_ms)
                     finally:
@@ -612,7 +644,7 @@ class PolicyServer:
         logging.getLogger("websockets").setLevel(max(logging.getLogger("websockets").level, logging.WARNING))
         try:
             async with serve(self._handle, self.host, self.port, process_request=self._process_request,
-                             max_size=self.max_size, max_queue=2, compression=None,
+                             max_size=self.max_size, max_queue=WS_MAX_QUEUE, compression=None,
                              ping_interval=self.ping_interval,
                              ping_timeout=self.ping_timeout, server_header=f"dit4dit/{__version__}") as srv:
                 sock = next(iter(srv.sockets))
