@@ -16,7 +16,8 @@ from .output import emit, log, progress_bar
 def get_eval_subparsers(sub: Subparsers) -> Subparsers:
     """The `dit4dit eval` table, created on first use: each benchmark adds its own parser to it
     (`eval libero`, `eval toy`, ...)."""
-    return subcommand_table(sub, "eval", help="closed-loop evaluation (built-in toy task or simulator clients)",
+    return subcommand_table(sub, "eval", help="closed-loop evaluation (built-in toy task or simulator clients), or "
+                                                   "open-loop on a dataset (offline)",
                             dest="eval_command", metavar="BENCHMARK")
 
 
@@ -236,8 +237,81 @@ def cmd_eval_toy(args: argparse.Namespace) -> dict[str, Any]:
     return r
 
 
+# ------------------------------------------------------------------------------------------ offline
+def register_offline(esub: Subparsers) -> None:
+    p = esub.add_parser("offline", help="open-loop evaluation on a LeRobot dataset (no simulator): action error "
+                                        "against the recorded chunks and validation losses")
+    p.add_argument("--checkpoint", required=True, help="run folder, its checkpoints/ folder or one checkpoint")
+    p.add_argument("--dataset", required=True, help="local LeRobot dataset folder (v2.1 or v3.0)")
+    p.add_argument("--episodes", default=None,
+                   help="episode indices, e.g. 10-19 or 0,5,7 (default: every episode; use episodes the run "
+                        "did not train on)")
+    p.add_argument("--samples", type=int, default=256,
+                   help="(episode, step) samples spread evenly over the episodes (0 = all)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0, help="the draws of the losses and of the sampler's noise")
+    p.add_argument("--num-steps", type=int, default=None, help="Euler steps of the action sampler (default: the "
+                                                                  "checkpoint's)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--backbone", default=None, help="local Cosmos-Predict2.5 folder for the frozen parts")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--out", default=None, help="also write the result as JSON to this file")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_eval_offline)
+
+
+def cmd_eval_offline(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from ..config import ConfigError
+    from ..data.lerobot import DatasetError
+    from ..eval.offline import OfflineEvalError, evaluate_offline, parse_episodes
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        episodes = parse_episodes(args.episodes)
+        bars: list = []
+
+        def bar(done: int, total: int) -> None:  # the total is known once the samples are chosen
+            if not bars:
+                bars.append(progress_bar(total, "eval offline"))
+            bars[0](done, total)
+
+        r = evaluate_offline(args.checkpoint, args.dataset, episodes=episodes, samples=args.samples,
+                             batch_size=args.batch_size, seed=args.seed, num_steps=args.num_steps,
+                             device=args.device, backbone=args.backbone, progress=bar)
+    except (OfflineEvalError, DatasetError, FileNotFoundError) as e:
+        raise ConfigError(str(e)) from e
+    if args.out:
+        write_json(Path(args.out), r)
+
+    def num(v: float | None) -> str:
+        return "-" if v is None else f"{v:.4g}"
+
+    def human(r: dict) -> str:
+        lines = [f"offline: {r['checkpoint']} (step {r['step']}) on {r['dataset']}, {r['samples']} samples of "
+                 f"{len(r['episodes'])} episodes",
+                 "  losses: " + ", ".join(f"{k} {num(v)}" for k, v in r["losses"].items())]
+        a = r.get("actions")
+        if a:
+            lines.append(f"  actions ({a['sampler_steps']} sampler steps): MAE {num(a['mae'])}, RMSE {num(a['rmse'])}, "
+                         f"first action MAE {num(a['first_action_mae'])}; centre baseline MAE "
+                         f"{num(a['center_baseline_mae'])}")
+            for d, v in a["mae_per_dim"].items():
+                lines.append(f"    {d:<24} MAE {num(v)}  (baseline {num(a['center_baseline_mae_per_dim'][d])})")
+            for t, v in a["per_task"].items():
+                lines.append(f"    task {t!r}: MAE {num(v['mae'])} over {v['samples']} samples")
+        if args.out:
+            lines.append(f"  written to {args.out}")
+        return "\n".join(lines)
+
+    emit(args, r, human)
+    return r
+
+
 BENCHMARKS: tuple[Callable[[Subparsers], None], ...] = (register_libero, register_robocasa_gr1, register_metaworld,
-                                                         register_toy)
+                                                         register_toy, register_offline)
 """The benchmarks of `dit4dit eval`, in help order; each adds its parser to the `eval` table."""
 
 
