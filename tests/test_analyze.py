@@ -512,3 +512,16 @@ def test_sample_efficiency_curve_ends_at_the_whole_dataset(toy_data):
     assert full_data_point([joint], str(toy_data)) == {**joint, "x": n, "label": f"{n} (all, = joint)"}
     assert full_data_point([{**joint, "success_mean": None}], str(toy_data)) is None
     assert demos_per_task(str(toy_data) + "-missing") is None
+
+
+def test_per_task_table_pools_each_task_over_the_seeds():
+    from dit4dit.analyze.report import _per_task_table
+
+    rows = [{"cell": "a", "per_task": {"push-v3": {"successes": 3, "episodes": 40, "success_rate": 3 / 40},
+                                       "drawer-open-v3": {"successes": 40, "episodes": 40, "success_rate": 1.0}}},
+            {"cell": "b", "per_task": {"drawer-open-v3": {"successes": 0, "episodes": 20, "success_rate": 0.0}}}]
+    lines = _per_task_table(rows)
+    assert lines[2] == "| cell | push | drawer-open |"
+    assert lines[4] == "| `a` | 3/40 (7.5%) | 40/40 (100.0%) |"
+    assert lines[5] == "| `b` | - | 0/20 (0.0%) |"
+    assert _per_task_table([{"cell": "c", "per_task": {}}]) == []

@@ -126,6 +126,23 @@ def command_line(plan: dict[str, Any]) -> str:
     return " ".join(shlex.quote(a) for a in args)
 
 
+def _per_task_table(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Success per evaluation task of each cell, pooled over its seeds (successes / episodes)."""
+    tasks = list(dict.fromkeys(t for r in rows for t in r["per_task"]))
+    if not tasks:
+        return []
+    lines = ["Per task, pooled over seeds (successes / episodes):", "",
+             "| cell | " + " | ".join(t.removesuffix("-v3") for t in tasks) + " |",
+             "|---|" + "---:|" * len(tasks)]
+    for r in rows:
+        cells = []
+        for t in tasks:
+            v = r["per_task"].get(t)
+            cells.append(f"{v['successes']}/{v['episodes']} ({_pct(v['success_rate'])})" if v and v["episodes"] else "-")
+        lines.append(f"| `{r['cell']}` | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def markdown(plan: dict[str, Any], rows: list[dict[str, Any]], plots: dict[str, str],
              full_demos: int | None = None, extra: Sequence[str] = ()) -> str:
     """results.md; `extra`: lines of a study's own section (the prior study's differences), placed
@@ -182,6 +199,7 @@ def markdown(plan: dict[str, Any], rows: list[dict[str, Any]], plots: dict[str, 
             line += f" {_num(enc / 1e6 if enc else None, '{:.2f} M')} | {_num(r['train_s_mean'], '{:.0f} s')} |"
             lines.append(line)
         lines.append("")
+        lines += _per_task_table(rs)
         if g in plots:
             lines += [f"![{g}]({plots[g]})", ""]
         if g == "demos" and full_demos is not None:
