@@ -87,6 +87,15 @@ def test_a_policy_that_outputs_the_normaliser_centre_scores_the_centre_baseline(
     assert a["center_baseline_mae"] == pytest.approx(float(np.concatenate(errs).mean()), rel=1e-5)
 
 
+def test_trace_figures(trained, tmp_path):
+    ds, joint, _ = trained
+    r = evaluate_offline(joint, ds, episodes=[1, 2, 3], samples=4, plot_episodes=2, plot_dir=tmp_path / "plots")
+    assert [Path(p).name for p in r["plots"]] == ["episode_1.png", "episode_2.png"]
+    assert all(Path(p).stat().st_size > 1000 for p in r["plots"])
+    with pytest.raises(OfflineEvalError, match="plot_dir"):
+        evaluate_offline(joint, ds, samples=4, plot_episodes=1)
+
+
 def test_video_only_checkpoint_reports_its_video_loss_only(trained):
     ds, _, video = trained
     r = evaluate_offline(video, ds, samples=6, batch_size=3)

@@ -256,6 +256,10 @@ def register_offline(esub: Subparsers) -> None:
     p.add_argument("--backbone", default=None, help="local Cosmos-Predict2.5 folder for the frozen parts")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--out", default=None, help="also write the result as JSON to this file")
+    p.add_argument("--plot", type=int, default=0, metavar="N",
+                   help="trace figures of the first N chosen episodes: recorded actions and predicted chunks "
+                        "(needs --plot-dir)")
+    p.add_argument("--plot-dir", default=None, help="where the trace figures go")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval_offline)
 
@@ -280,7 +284,8 @@ def cmd_eval_offline(args: argparse.Namespace) -> dict[str, Any]:
 
         r = evaluate_offline(args.checkpoint, args.dataset, episodes=episodes, samples=args.samples,
                              batch_size=args.batch_size, seed=args.seed, num_steps=args.num_steps,
-                             device=args.device, backbone=args.backbone, progress=bar)
+                             device=args.device, backbone=args.backbone, plot_episodes=args.plot,
+                             plot_dir=args.plot_dir, progress=bar)
     except (OfflineEvalError, DatasetError, FileNotFoundError) as e:
         raise ConfigError(str(e)) from e
     if args.out:
@@ -302,6 +307,7 @@ def cmd_eval_offline(args: argparse.Namespace) -> dict[str, Any]:
                 lines.append(f"    {d:<24} MAE {num(v)}  (baseline {num(a['center_baseline_mae_per_dim'][d])})")
             for t, v in a["per_task"].items():
                 lines.append(f"    task {t!r}: MAE {num(v['mae'])} over {v['samples']} samples")
+        lines += [f"  figure {p}" for p in r.get("plots", [])]
         if args.out:
             lines.append(f"  written to {args.out}")
         return "\n".join(lines)

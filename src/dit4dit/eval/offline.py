@@ -19,6 +19,10 @@ episodes (the training samples' frame plan, ``dit4dit.data.samples``):
   compared on the same draws. Video losses are in the codec's latent space: compare them only
   between checkpoints whose codec is the same (a run and the runs initialised from it).
 
+- **Traces** (``plot_episodes``): for the first episodes chosen, one figure per episode with,
+  for each action dimension, the recorded actions over the episode and the chunks the policy
+  predicts every ``horizon // 2`` steps drawn from where they start.
+
 Open-loop error is not closed-loop success: it does not see the compounding of errors or the
 recovery from them. It is what can be measured without the robot, and it tells a policy that
 has not learnt the data from one that has.
@@ -36,7 +40,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-__all__ = ["evaluate_offline", "parse_episodes", "OfflineEvalError"]
+__all__ = ["evaluate_offline", "parse_episodes", "plot_episode_trace", "OfflineEvalError"]
 
 
 class OfflineEvalError(ValueError):
@@ -96,16 +100,21 @@ def _select(n_items: int, samples: int) -> np.ndarray:
 def evaluate_offline(checkpoint: str | os.PathLike, dataset: str | os.PathLike, *,
                      episodes: Sequence[int] | None = None, samples: int = 256, batch_size: int = 16, seed: int = 0,
                      num_steps: int | None = None, device: str = "cpu", backbone: str | None = None,
+                     plot_episodes: int = 0, plot_dir: str | os.PathLike | None = None,
                      progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Open-loop evaluation of ``checkpoint`` on the LeRobot dataset at ``dataset`` (see the module
     docstring). ``episodes``: the episode indices to use (default: all); ``samples``: how many
     (episode, step) samples, spread evenly over them (0 = all); ``seed``: the draws of the losses
     and of the sampler's noise; ``num_steps``: the action sampler's Euler steps (default: the
-    checkpoint's). ``progress(done, total)`` is called with the samples done after each batch."""
+    checkpoint's). ``plot_episodes``: trace figures (:func:`plot_episode_trace`) of that many of the
+    chosen episodes, written to ``plot_dir`` (listed under ``"plots"``). ``progress(done, total)``
+    is called with the samples done after each batch."""
     from ..data.lerobot import LeRobotDataset
     from ..data.samples import TrainingSamples, collate
     from ..policy import Policy
 
+    if plot_episodes > 0 and plot_dir is None:
+        raise OfflineEvalError("plot_episodes needs plot_dir (where the figures go)")
     t_start = time.perf_counter()
     policy = Policy.from_checkpoint(checkpoint, device=device, backbone=backbone)
     model, processor, cfg = policy.model, policy.processor, policy.model.cfg
@@ -210,8 +219,63 @@ def evaluate_offline(checkpoint: str | os.PathLike, dataset: str | os.PathLike, 
             "mae_per_chunk_step": [_nanmean(ae[:, h]) for h in range(ae.shape[1])],
             "per_task": per_task,
         }
+    if plot_episodes > 0 and which.action:
+        pick = sorted(episodes if episodes is not None else known)[:plot_episodes]
+        result["plots"] = [str(plot_episode_trace(model, processor, ds, ep, os.path.join(plot_dir, f"episode_{ep}.png"),
+                                                  names=names, seed=seed, num_steps=num_steps,
+                                                  batch_size=batch_size)) for ep in pick]
     result["seconds"] = round(time.perf_counter() - t_start, 2)
     return result
+
+
+def plot_episode_trace(model: Any, processor: Any, ds: Any, episode: int, path: str | os.PathLike, *,
+                       names: Sequence[str] | None = None, seed: int = 0, num_steps: int | None = None,
+                       every: int | None = None, batch_size: int = 16) -> str:
+    """One figure for one episode: per action dimension, the recorded actions against time and the
+    chunks the policy predicts at every ``every``-th step (default: half the horizon), each drawn
+    from the step it starts at. Returns the path written."""
+    from ..analyze.common import pyplot
+    from ..data.samples import TrainingSamples, collate
+
+    horizon = model.cfg.action.action_horizon
+    every = every or max(1, horizon // 2)
+    items = TrainingSamples(ds, processor=processor, episodes=[episode])
+    starts = list(range(0, len(items), every))
+    gen = torch.Generator(device=model.device)
+    gen.manual_seed(int(seed) + 2)
+    chunks = []
+    with torch.no_grad():
+        for i in range(0, len(starts), batch_size):
+            batch = collate([items[t] for t in starts[i:i + batch_size]])
+            nc = model.cfg.inputs.num_cond_frames
+            pred = model.predict_action(batch["video"][:, :, :nc], batch["state"], list(batch["instruction"]),
+                                        generator=gen, num_steps=num_steps)
+            chunks.append(processor.unnormalize_actions(pred))
+    pred = np.concatenate(chunks)  # (len(starts), H, A)
+    recorded = processor.schema.extract(ds.episode_data(episode), "action")
+    names = list(names or [f"a{i}" for i in range(recorded.shape[1])])
+    plt = pyplot()
+    fig, axes = plt.subplots(len(names), 1, figsize=(7.0, 1.6 * len(names) + 0.6), sharex=True, squeeze=False)
+    t = np.arange(len(recorded))
+    for d, ax in enumerate(axes[:, 0]):
+        ax.plot(t, recorded[:, d], color="black", lw=1.2, label="recorded")
+        for k, t0 in enumerate(starts):
+            steps = np.arange(t0, min(t0 + horizon, len(recorded)))
+            ax.plot(steps, pred[k, : len(steps), d], color="#d6603b", lw=0.9, alpha=0.8,
+                    label="predicted chunks" if k == 0 else None)
+            ax.plot(steps[:1], pred[k, :1, d], "o", color="#d6603b", ms=2)
+        ax.set_ylabel(names[d], fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=7, loc="best")
+    axes[-1, 0].set_xlabel("step")
+    task = ds.task(episode)
+    fig.suptitle(f"episode {episode} ({task}): recorded actions and the chunks predicted every {every} steps",
+                 fontsize=9)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return str(path)
 
 
 def _nanmean(x: np.ndarray) -> float | None:
