@@ -560,6 +560,37 @@ def test_inflight_queue_is_bounded_and_a_full_queue_answers_server_busy():
         assert pol.calls == 5 and srv.inflight_bytes == 0 and srv._budget.queued_bytes == 0
 
 
+def test_client_retries_a_busy_server_when_asked():
+    size = len(mn.packb(_padded_obs(0.0, 20_000)))
+    pol = GatedPolicy()
+    with _budget_server(pol, 3 * size).start_in_thread() as st:  # one in flight, three waiting fill it
+        srv = st.server
+        conns = [_raw_connect(st.port)[0] for _ in range(4)]
+        try:
+            conns[0].send(mn.packb(_padded_obs(0.0, 20_000)))
+            assert _until(lambda: pol.calls == 1)
+            for i in (1, 2, 3):
+                conns[i].send(mn.packb(_padded_obs(float(i), 20_000)))
+                assert _until(lambda i=i: srv._budget.waiting == i)
+            with WebsocketClientPolicy("127.0.0.1", st.port) as c:
+                with pytest.raises(PolicyServerError) as e:  # no retry: the refusal is raised
+                    c.infer(_padded_obs(7.0, 20_000))
+                assert e.value.type == "server_busy"
+                c.busy_retry_s = 60.0
+                opener = threading.Timer(0.5, pol.gate.set)  # capacity comes back while the client retries
+                opener.start()
+                try:
+                    assert float(c.infer(_padded_obs(8.0, 20_000))["actions"][0, 0]) == 8.0
+                finally:
+                    opener.cancel()
+            assert srv.stats["busy_refused"] >= 2
+            for i in range(4):
+                assert float(mn.unpackb(conns[i].recv(timeout=30))["actions"][0, 0]) == float(i)
+        finally:
+            for c in conns:
+                c.close()
+
+
 def test_server_defaults_to_localhost_and_max_clients():
     pol = FakePolicy()
     srv = PolicyServer(pol, port=0, max_clients=1)

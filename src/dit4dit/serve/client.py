@@ -12,7 +12,9 @@
 Errors the server reports (bad observation, malformed message, ...) raise
 :class:`PolicyServerError` with ``.type`` and ``.message``; the connection stays usable. If the
 connection is lost (server restart, message over the server's size limit), the call raises and
-the next call reconnects.
+the next call reconnects. A server at capacity answers ``server_busy`` without computing the
+request; with ``busy_retry_s`` the client sends it again (backing off from 50 ms to 1 s) until
+that many seconds have passed.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from .msgpack_numpy import Packer, unpackb
 class PolicyServerError(RuntimeError):
     """An error the server reported, or a failed connection. ``type`` is one of the server's error
     types (``bad_observation``, ``malformed_msgpack``, ``bad_message``, ``non_finite_actions``,
-    ``inference_failed``) or a client-side one (``unauthorized``, ``message_too_big``,
+    ``inference_failed``, ``server_busy``) or a client-side one (``unauthorized``, ``message_too_big``,
     ``connection_closed``, ``connection_failed``, ``bad_reply``)."""
 
     def __init__(self, type: str, message: str, request: int | None = None) -> None:  # noqa: A002
@@ -54,11 +56,13 @@ def parse_address(address: str, default_port: int = 8000) -> tuple[str, int]:
 class WebsocketClientPolicy:
     """Connects on construction (retrying for up to ``wait_for_server`` seconds) and reads the
     server metadata. ``host`` may also be a full ``ws://`` / ``wss://`` URI (then ``port`` is
-    ignored). ``timeout``: seconds to wait for each reply (None = forever)."""
+    ignored). ``timeout``: seconds to wait for each reply (None = forever). ``busy_retry_s``: how
+    long :meth:`infer` keeps resending a request the server refused as ``server_busy`` (0 =
+    raise at once)."""
 
     def __init__(self, host: str = "127.0.0.1", port: int | None = 8000, token: str | None = None, *,
                  timeout: float | None = 120.0, open_timeout: float = 10.0, wait_for_server: float = 0.0,
-                 max_size: int | None = None) -> None:
+                 max_size: int | None = None, busy_retry_s: float = 0.0) -> None:
         if host.startswith(("ws://", "wss://")):
             self._uri = host
         else:
@@ -68,6 +72,7 @@ class WebsocketClientPolicy:
         self.timeout = timeout
         self._open_timeout = open_timeout
         self._max_size = max_size
+        self.busy_retry_s = float(busy_retry_s)
         self._packer = Packer()
         self._ws: Any = None
         self._metadata: dict[str, Any] = {}
@@ -132,10 +137,23 @@ class WebsocketClientPolicy:
 
     def infer(self, obs: Mapping[str, Any]) -> dict[str, Any]:
         """Send one observation dict, return the server's reply (``actions``, timings)."""
+        data = self._packer.pack(dict(obs))
+        deadline = time.monotonic() + self.busy_retry_s
+        pause = 0.05
+        while True:
+            try:
+                return self._request(data)
+            except PolicyServerError as e:
+                if e.type != "server_busy" or time.monotonic() + pause > deadline:
+                    raise
+            time.sleep(pause)
+            pause = min(2 * pause, 1.0)
+
+    def _request(self, data: bytes) -> dict[str, Any]:
+        """One packed observation out, its reply back (or the server's error raised)."""
         from websockets.exceptions import ConnectionClosed
 
         self._ensure_connected()
-        data = self._packer.pack(dict(obs))
         try:
             self._ws.send(data)
             reply = self._ws.recv(timeout=self.timeout)
