@@ -68,11 +68,3 @@ def _identity(root: str, stamp: tuple) -> str:  # hashed once per process while 
     return "sha256:" + h.hexdigest()
 
 
-def pyplot() -> Any:
-    """``matplotlib.pyplot`` on the file-only Agg backend (imported on first use)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt

@@ -315,7 +315,7 @@ def curve_plot(rows: Sequence[dict[str, Any]], path: "Path") -> "Path | None":
     Wilson 95% interval as error bars; arms at a single count are single points."""
     import numpy as np
 
-    from .common import pyplot
+    from ..eval.report import pyplot
 
     rows = [r for r in rows if r["group"] == "prior" and r["success_mean"] is not None and r.get("arm")]
     if not rows:

@@ -15,7 +15,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..stats import wilson_interval
-from .common import pyplot, read_record, run_dir, write_record
+from ..eval.report import pyplot
+from .common import read_record, run_dir, write_record
 from .grid import Cell
 
 PHASE_COLOURS = ("#3b6fd6", "#e8b90c", "#d63b3b")  # early blue, middle yellow, late red (as the paper)

@@ -234,7 +234,7 @@ def plot_episode_trace(model: Any, processor: Any, ds: Any, episode: int, path: 
     """One figure for one episode: per action dimension, the recorded actions against time and the
     chunks the policy predicts at every ``every``-th step (default: half the horizon), each drawn
     from the step it starts at. Returns the path written."""
-    from ..analyze.common import pyplot
+    from .report import pyplot
     from ..data.samples import TrainingSamples, collate
 
     horizon = model.cfg.action.action_horizon

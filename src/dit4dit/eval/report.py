@@ -37,6 +37,16 @@ def save_gif(frames: np.ndarray, path: str | Path, fps: float = 10, scale: int =
     return path
 
 
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the file-only Agg backend (imported on first use)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def plot_curves(metrics_jsonl: str | Path, out_png: str | Path, keys: Sequence[str] = ("loss", "loss_action",
                                                                                          "loss_video")) -> Path | None:
     """Training curves from the run's `metrics.jsonl` (one JSON object per logged step)."""
@@ -47,11 +57,7 @@ def plot_curves(metrics_jsonl: str | Path, out_png: str | Path, keys: Sequence[s
     rows = [r for r in rows if "step" in r]
     if not rows:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.2), dpi=110)
     for k in keys:
         pts = [(r["step"], r[k]) for r in rows if k in r]
