@@ -67,16 +67,13 @@ def parse_episodes(text: str | None) -> list[int] | None:
     return sorted(set(out))
 
 
-def _action_names(processor: Any) -> list[str]:
-    """One name per action dimension, in schema order (``key[i]`` where the part names none)."""
-    names: list[str] = []
-    for part in processor.schema.action:
-        if part.names:
-            names += list(part.names)
-        else:
-            short = part.key.rsplit(".", 1)[-1]
-            names += [f"{short}[{i}]" for i in range(part.dim)]
-    return names
+def _predicted_chunks(model: Any, processor: Any, batch: dict[str, Any], generator: torch.Generator,
+                      num_steps: int | None) -> np.ndarray:
+    """The chunks the serving path predicts for a batch of samples, in robot units (B, H, A)."""
+    nc = model.cfg.inputs.num_cond_frames
+    pred = model.predict_action(batch["video"][:, :, :nc], batch["state"], list(batch["instruction"]),
+                                generator=generator, num_steps=num_steps)
+    return processor.unnormalize_actions(pred)
 
 
 @contextmanager
@@ -130,7 +127,7 @@ def evaluate_offline(checkpoint: str | os.PathLike, dataset: str | os.PathLike, 
         raise OfflineEvalError(f"{ds.root}: the chosen episodes hold no sample")
     chosen = _select(len(items), samples)
     which = cfg.losses()
-    names = _action_names(processor)
+    names = processor.schema.action_names
     a_dim = len(names)
     gen = torch.Generator(device=model.device)
     gen.manual_seed(int(seed))
@@ -167,10 +164,7 @@ def evaluate_offline(checkpoint: str | os.PathLike, dataset: str | os.PathLike, 
                 loss_sums[k] = loss_sums.get(k, 0.0) + float(v) * b
             n_loss += b
             if which.action:
-                nc = cfg.inputs.num_cond_frames
-                pred = model.predict_action(batch["video"][:, :, :nc], batch["state"], list(batch["instruction"]),
-                                            generator=sample_gen, num_steps=num_steps)
-                pred = processor.unnormalize_actions(pred).astype(np.float64)
+                pred = _predicted_chunks(model, processor, batch, sample_gen, num_steps).astype(np.float64)
                 true = np.stack([recorded_chunk(int(e), int(t))
                                  for e, t in zip(batch["episode_index"], batch["frame_index"])])
                 err = pred - true  # NaN past the episode end
@@ -247,10 +241,7 @@ def plot_episode_trace(model: Any, processor: Any, ds: Any, episode: int, path: 
     with torch.no_grad():
         for i in range(0, len(starts), batch_size):
             batch = collate([items[t] for t in starts[i:i + batch_size]])
-            nc = model.cfg.inputs.num_cond_frames
-            pred = model.predict_action(batch["video"][:, :, :nc], batch["state"], list(batch["instruction"]),
-                                        generator=gen, num_steps=num_steps)
-            chunks.append(processor.unnormalize_actions(pred))
+            chunks.append(_predicted_chunks(model, processor, batch, gen, num_steps))
     pred = np.concatenate(chunks)  # (len(starts), H, A)
     recorded = processor.schema.extract(ds.episode_data(episode), "action")
     names = list(names or [f"a{i}" for i in range(recorded.shape[1])])
