@@ -217,6 +217,21 @@ def test_claim_verdicts_follow_the_intervals():
         {"not shown", "not measured"}
 
 
+def test_verdicts_are_marked_interim_until_every_planned_run_has_a_result():
+    from dit4dit.analyze.prior import markdown_section, runs_finished
+
+    rows = [{"group": "prior", "seeds": [0, 1, 2]}, {"group": "prior", "seeds": [0, 1]},
+            {"group": "baseline", "seeds": [0, 1, 2]}]  # another study's rows do not count
+    assert runs_finished(rows, [0, 1, 2]) == {"finished": 5, "planned": 6}
+    comparisons = [{"a": "video_prior", "b": "scratch", "demos_a": 5, "demos_b": 5, "difference": 0.1,
+                    "ci": [0.02, 0.2], "pairs": 100, "seeds": 3, "excludes_zero": True}]
+    text = "\n".join(markdown_section({}, comparisons, {}, runs_finished(rows, [0, 1, 2])))
+    assert "INTERIM: 5 of 6 planned runs have finished" in text and "the study's verdicts" not in text
+    rows[1]["seeds"].append(2)
+    text = "\n".join(markdown_section({}, comparisons, {}, runs_finished(rows, [0, 1, 2])))
+    assert "All 6 planned runs have finished: these are the study's verdicts." in text and "INTERIM" not in text
+
+
 def test_paired_bootstrap_on_synthetic_outcomes():
     from dit4dit.analyze.prior import paired_bootstrap, paired_differences
 

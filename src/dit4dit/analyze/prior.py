@@ -351,9 +351,19 @@ def curve_plot(rows: Sequence[dict[str, Any]], path: "Path") -> "Path | None":
     return path
 
 
-def markdown_section(plan: dict[str, Any], comparisons: Sequence[dict[str, Any]], plots: dict[str, str]) -> list[str]:
+def runs_finished(rows: Sequence[dict[str, Any]], seeds: Sequence[int]) -> dict[str, int]:
+    """How many of the study's planned fine-tuning runs (every `prior` cell at every seed) have a
+    result: {"finished", "planned"}."""
+    prior_rows = [r for r in rows if r.get("group") == "prior"]
+    return {"finished": sum(len(r.get("seeds") or []) for r in prior_rows),
+            "planned": len(prior_rows) * len(seeds)}
+
+
+def markdown_section(plan: dict[str, Any], comparisons: Sequence[dict[str, Any]], plots: dict[str, str],
+                     runs: dict[str, int]) -> list[str]:
     """The prior study's part of results.md: its pretraining runs, the plot, the differences and a
-    verdict per claim (:func:`claim_verdicts`)."""
+    verdict per claim (:func:`claim_verdicts`), marked interim while `runs` (:func:`runs_finished`)
+    says some planned run has no result yet."""
     lines = ["## Video prior vs static prior", ""]
     pre = plan.get("pretrain") or {}
     if pre:
@@ -382,7 +392,11 @@ def markdown_section(plan: dict[str, Any], comparisons: Sequence[dict[str, Any]]
         lines += ["Verdict per claim, by a fixed rule (`dit4dit.analyze.prior.claim_verdicts`): a difference counts "
                   "for the claim when its 95% interval lies above zero, against it when below; supported = some "
                   "for and none against, contradicted = the reverse, mixed = both, not shown = every interval "
-                  "holds zero. With few seeds the intervals are wide: an interim verdict is not the study's.", "",
+                  "holds zero. " + (f"All {runs['planned']} planned runs have finished: these are the study's verdicts."
+                                    if runs["finished"] >= runs["planned"] else
+                                    f"INTERIM: {runs['finished']} of {runs['planned']} planned runs have finished; "
+                                    "with few seeds the intervals are wide, and an interim verdict is not the study's."),
+                  "",
                   "| claim | tested by | verdict | differences (points, 95% CI) |", "|---|---|---|---|"]
         for v in claim_verdicts(comparisons):
             diffs = "; ".join(f"{d['demos_a']:g}{'' if d['demos_a'] == d['demos_b'] else ' vs ' + format(d['demos_b'], 'g')}: "

@@ -394,7 +394,8 @@ def write_report(out: Path, plan: dict[str, Any], cells: Sequence[Cell], seeds: 
             plots["prior_curve"] = str(p.relative_to(out))
         report["comparisons"] = prior.compare_arms(out, cells, seeds)
         report["claims"] = prior.claim_verdicts(report["comparisons"])
-        extra = prior.markdown_section(plan, report["comparisons"], plots)
+        report["runs"] = prior.runs_finished(rows, seeds)
+        extra = prior.markdown_section(plan, report["comparisons"], plots, report["runs"])
     write_record(out / "results.json", report)
     (out / "results.md").write_text(markdown(plan, rows, plots, full["x"] if full is not None else None, extra))
     return report
