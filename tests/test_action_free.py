@@ -20,6 +20,7 @@ from dit4dit.data.action_free import (ActionFreeSamples, VideoFolder, action_fre
                                       open_action_free, resample)
 from dit4dit.data.video import DatasetError  # noqa: E402
 from dit4dit.train import checkpoint as ckpt  # noqa: E402
+from dit4dit.train import init_from  # noqa: E402
 from dit4dit.train.trainer import train  # noqa: E402
 
 SMALL = [
@@ -276,7 +277,7 @@ def test_init_from_a_video_only_run(video_folder, tmp_path):
 
     cfg = tiny_cfg("action.mlp_hidden=48")
     model = DiT4DiT.from_config(cfg)
-    report = ckpt.init_weights_from(model, vo, config=cfg)
+    report = init_from.init_weights_from(model, vo, config=cfg)
     for name, t in model.video_dit.state_dict().items():
         assert torch.equal(t, prior_ema[f"video_dit.{name}"]), name
     assert torch.equal(model.codec.components, prior_ema["codec.components"]) and model.codec.fitted
@@ -307,7 +308,7 @@ def test_init_with_another_text_encoder_is_an_error(video_folder, tmp_path):
           progress=False)
     cfg = tiny_cfg("text.max_length=16")
     with pytest.raises(ckpt.CheckpointError, match="another text encoder.*text.max_length"):
-        ckpt.init_weights_from(DiT4DiT.from_config(cfg), vo, config=cfg)
+        init_from.init_weights_from(DiT4DiT.from_config(cfg), vo, config=cfg)
 
 
 # ------------------------------------------------------------------------------------------

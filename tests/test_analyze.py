@@ -19,6 +19,7 @@ from test_train import tiny_cfg  # noqa: E402
 from dit4dit.config import ConfigError, get_preset  # noqa: E402
 from dit4dit.models.dit4dit import DiT4DiT, parameter_counts  # noqa: E402
 from dit4dit.train import checkpoint as ckpt  # noqa: E402
+from dit4dit.train import init_from  # noqa: E402
 from dit4dit.train.optim import param_groups  # noqa: E402
 from dit4dit.bench.synthetic import SyntheticSamples  # noqa: E402
 from dit4dit.data.samples import collate as default_collate  # noqa: E402
@@ -225,7 +226,7 @@ def test_freeze_video_and_init_from_errors(tmp_path):
     small = tiny_cfg("train.steps=1")
     train(small, SyntheticSamples(small, num_samples=4), tmp_path / "small", progress=False)
     other = tiny_cfg("action.num_layers=3")
-    report = ckpt.init_weights_from(DiT4DiT.from_config(other, random_weights=True), tmp_path / "small")
+    report = init_from.init_weights_from(DiT4DiT.from_config(other, random_weights=True), tmp_path / "small")
     assert report["missing"] and all(n.startswith("action_dit.blocks.2.") or n.startswith("action_dit.")
                                      for n in report["missing"])
     assert report["loaded"]["video_dit"] > 0 and not report["mismatched"]

@@ -26,6 +26,7 @@ from dit4dit.config import ConfigError  # noqa: E402
 from dit4dit.models.backbone import Backbone, BackboneError, codec_identity  # noqa: E402
 from dit4dit.models.dit4dit import DiT4DiT  # noqa: E402
 from dit4dit.train import checkpoint as ckpt  # noqa: E402
+from dit4dit.train import tensor_files  # noqa: E402
 
 GiB = 2**30
 
@@ -237,8 +238,8 @@ def test_checkpoint_records_the_backbone_hash(env, tmp_path, monkeypatch, capsys
     state = json.loads((folder / "trainer_state.json").read_text())
     want = Backbone(env["bb"]).content_hash
     assert state["backbone"]["hash"] == want and state["backbone"]["path"] == str(env["bb"].resolve())
-    assert ckpt.safetensors_metadata(folder / "model.safetensors")["backbone_hash"] == want
-    weights = ckpt.read_safetensors(folder / "model.safetensors")
+    assert tensor_files.safetensors_metadata(folder / "model.safetensors")["backbone_hash"] == want
+    weights = tensor_files.read_safetensors(folder / "model.safetensors")
     assert not any(k.startswith(("codec.", "text_encoder.")) for k in weights)  # frozen parts are not saved
 
     def no_video_read(*a, **k):  # the checkpoint holds every video-DiT weight: the backbone's are not read
@@ -247,7 +248,7 @@ def test_checkpoint_records_the_backbone_hash(env, tmp_path, monkeypatch, capsys
     monkeypatch.setattr(VideoDiT, "from_pretrained", no_video_read)
     model, processor, _ = ckpt.load_policy(folder)  # recorded backbone and text cache
     assert model.text_encoder is None and model.video_dtype == torch.bfloat16
-    saved = ckpt.read_safetensors(folder / "model.safetensors")
+    saved = tensor_files.read_safetensors(folder / "model.safetensors")
     assert all(torch.equal(v, saved[f"video_dit.{k}"].to(v.dtype)) for k, v in model.video_dit.state_dict().items())
 
     other = _copy(env["bb"], tmp_path / "other")

@@ -24,6 +24,7 @@ from test_train import (SMALL, assert_same_training, build_model, read_metrics, 
 
 from dit4dit.config import get_preset  # noqa: E402
 from dit4dit.train import checkpoint as ckpt  # noqa: E402
+from dit4dit.train import tensor_files, train_state  # noqa: E402
 from dit4dit.train.distributed import DistInfo, gather_tensors  # noqa: E402
 from dit4dit.train.optim import EMA, build_optimizer  # noqa: E402
 from dit4dit.bench.synthetic import SyntheticSamples  # noqa: E402
@@ -64,14 +65,14 @@ def test_round_trip_weights_optimizer_ema_rng(tmp_path):
     batch = _batch(cfg)
     _step(model, opt, ema, batch, gen)
 
-    rng = gather_tensors(ckpt.capture_rng(gen), DistInfo())
+    rng = gather_tensors(train_state.capture_rng(gen), DistInfo())
     path = ckpt.save_checkpoint(tmp_path / "run", 1, config=cfg, model_state=ckpt.trainable_state_dict(model),
                                 trainer_state={"epoch": 0, "batch_in_epoch": 1},
                                 ema_state=dict(ema.named_shadows()),
-                                optimizer_state=ckpt.optimizer_state_tensors(opt), rng_state=rng)
+                                optimizer_state=train_state.optimizer_state_tensors(opt), rng_state=rng)
     assert path == tmp_path / "run" / "checkpoints" / "step_000001"
     expected_draws = (torch.rand(3), np.random.rand(2), random.random(), torch.rand(2, generator=gen))
-    ckpt.restore_rng(ckpt.rank_rng(ckpt.read_safetensors(path / "rng.safetensors"), 0), gen)
+    train_state.restore_rng(train_state.rank_rng(tensor_files.read_safetensors(path / "rng.safetensors"), 0), gen)
     ref_loss = _step(model, opt, ema, batch, gen)  # the continuation we must reproduce
 
     # a stranger rebuilds everything from the folder
@@ -88,7 +89,7 @@ def test_round_trip_weights_optimizer_ema_rng(tmp_path):
     model2 = DiT4DiT.from_config(cfg)
     ckpt.load_weights(model2, weights)
     opt2 = build_optimizer(model2, cfg.train)
-    ckpt.load_optimizer_state(opt2, *loaded.optimizer_state())
+    train_state.load_optimizer_state(opt2, *loaded.optimizer_state())
     ema2 = EMA([(n, p) for g in opt2.param_groups for n, p in zip(g["param_names"], g["params"])], 0.9)
     from dit4dit.train.distributed import place_like
 
@@ -96,11 +97,11 @@ def test_round_trip_weights_optimizer_ema_rng(tmp_path):
     gen2 = torch.Generator()
     # scramble every RNG, then restore from the checkpoint
     torch.manual_seed(999), np.random.seed(999), random.seed(999), gen2.manual_seed(999)
-    ckpt.restore_rng(ckpt.rank_rng(loaded.rng_state(), 0), gen2)
+    train_state.restore_rng(train_state.rank_rng(loaded.rng_state(), 0), gen2)
     draws = (torch.rand(3), np.random.rand(2), random.random(), torch.rand(2, generator=gen2))
     assert torch.equal(draws[0], expected_draws[0]) and np.array_equal(draws[1], expected_draws[1])
     assert draws[2] == expected_draws[2] and torch.equal(draws[3], expected_draws[3])
-    ckpt.restore_rng(ckpt.rank_rng(loaded.rng_state(), 0), gen2)
+    train_state.restore_rng(train_state.rank_rng(loaded.rng_state(), 0), gen2)
 
     # the optimiser state is complete: the next step matches bit for bit
     g_state = {k: v for k, v in opt2.state[opt2.param_groups[0]["params"][0]].items()}
@@ -174,7 +175,7 @@ def test_missing_and_corrupted_files_are_clear_errors(tmp_path):
     with pytest.raises(ckpt.CheckpointError, match="corrupted safetensors"):
         ckpt.load_checkpoint(run)
     with pytest.raises(ckpt.CheckpointError, match="corrupted safetensors"):
-        ckpt.read_safetensors(model_file)
+        tensor_files.read_safetensors(model_file)
 
     model_file.write_bytes(good)
     assert ckpt.load_checkpoint(run).model_state().keys() == _fake_state(0).keys()
@@ -216,10 +217,10 @@ def test_train_from_dataset_then_load_policy(tmp_path):
     model, processor, loaded_cfg = ckpt.load_policy(folder, "cpu")
     assert loaded_cfg == cfg and isinstance(processor, Processor) and not model.training
     assert processor.inputs == cfg.inputs and processor.action_horizon == cfg.action.action_horizon
-    ema = ckpt.read_safetensors(folder / "ema.safetensors")
+    ema = tensor_files.read_safetensors(folder / "ema.safetensors")
     assert all(torch.equal(v, ema[f"action_dit.{k}"]) for k, v in model.action_dit.state_dict().items())
     raw_model, _, _ = ckpt.load_policy(tmp_path / "run", use_ema=False)
-    raw = ckpt.read_safetensors(folder / "model.safetensors")
+    raw = tensor_files.read_safetensors(folder / "model.safetensors")
     assert all(torch.equal(v, raw[f"video_dit.{k}"]) for k, v in raw_model.video_dit.state_dict().items())
     h, w = cfg.inputs.image_size
     out = model.predict_action(torch.zeros(1, 3, cfg.inputs.num_cond_frames, h, w), torch.zeros(1, 64), ["push"])

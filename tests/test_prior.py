@@ -22,6 +22,7 @@ from test_train import tiny_cfg  # noqa: E402
 from dit4dit.config import ConfigError  # noqa: E402
 from dit4dit.models.dit4dit import DiT4DiT  # noqa: E402
 from dit4dit.train import checkpoint as ckpt  # noqa: E402
+from dit4dit.train import init_from  # noqa: E402
 from dit4dit.train.optim import param_groups  # noqa: E402
 from dit4dit.bench.synthetic import SyntheticSamples  # noqa: E402
 from dit4dit.data.samples import collate as default_collate  # noqa: E402
@@ -98,16 +99,16 @@ def test_init_parts_takes_the_pretrained_encoder_and_leaves_the_action_dit_fresh
     torch.manual_seed(3)
     model = DiT4DiT.from_config(cfg, random_weights=True)
     fresh = {k: v.clone() for k, v in model.action_dit.state_dict().items()}
-    report = ckpt.init_weights_from(model, tmp_path / "pre", config=cfg, parts=["image_encoder", "text_encoder"])
+    report = init_from.init_weights_from(model, tmp_path / "pre", config=cfg, parts=["image_encoder", "text_encoder"])
     assert report["not_taken"] == ["action_dit"] and set(report["loaded"]) >= {"image_encoder", "text_encoder"}
     assert all(torch.equal(v, weights[f"image_encoder.{k}"]) for k, v in model.image_encoder.state_dict().items())
     assert all(torch.equal(v, fresh[k]) for k, v in model.action_dit.state_dict().items())
     assert not all(torch.equal(fresh[k], weights[f"action_dit.{k}"]) for k in fresh)  # another init (seed 3)
     # the pretraining head has no place in the fine-tuning model: reported unused, never an error
     assert report["unused"] and all(n.startswith("image_head.") for n in report["unused"])
-    assert any("not taken" in line for line in ckpt.describe_init(report))
+    assert any("not taken" in line for line in init_from.describe_init(report))
     with pytest.raises(ckpt.CheckpointError, match="unknown part"):
-        ckpt.init_weights_from(model, tmp_path / "pre", config=cfg, parts=["encoder"])
+        init_from.init_weights_from(model, tmp_path / "pre", config=cfg, parts=["encoder"])
 
 
 # ------------------------------------------------------------------------------------------

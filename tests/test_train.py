@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # lerobot_fixtures
 
 from dit4dit.config import ConfigError, get_preset, override  # noqa: E402
 from dit4dit.train import checkpoint as ckpt  # noqa: E402
+from dit4dit.train import init_from, train_state  # noqa: E402
 from dit4dit.train.logging import read_metrics  # noqa: E402
 from dit4dit.train.optim import EMA, WarmupCosine, build_optimizer, clip_gradients, lr_at, param_groups  # noqa: E402
 from dit4dit.bench.train import bench_train  # noqa: E402
@@ -300,7 +301,7 @@ def test_pca_codec_is_fitted_on_the_training_frames_and_travels_with_the_checkpo
     assert torch.equal(resumed.codec.components, model.codec.components)
     # a staged run (train.init_from) takes the basis its video DiT was trained with
     m = DiT4DiT.from_config(cfg)
-    ckpt.init_weights_from(m, tmp_path / "run")
+    init_from.init_weights_from(m, tmp_path / "run")
     assert m.codec.fitted and fit_codec(m, other, seed=0) is None
     assert torch.equal(m.codec.components, model.codec.components)
     # a codec that is fitted on the data cannot have its latents cached ahead of training
@@ -556,7 +557,7 @@ def assert_same_training(ref_dir, got_dir, strategy, tol=1e-5):
         worst = max((a[k].double() - b[k].double()).abs().max().item() for k in a)
         assert worst < tol, (strategy, worst)
     rng = got.rng_state()  # both ranks' RNG states are in the checkpoint
-    assert ckpt.rank_rng(rng, 0) is not None and ckpt.rank_rng(rng, 1) is not None
+    assert train_state.rank_rng(rng, 0) is not None and train_state.rank_rng(rng, 1) is not None
     ref_rows, got_rows = read_metrics(ref_dir), read_metrics(got_dir)
     assert [r["step"] for r in got_rows] == [r["step"] for r in ref_rows]
     assert [r["loss"] for r in got_rows] == pytest.approx([r["loss"] for r in ref_rows], rel=1e-5)

@@ -41,6 +41,10 @@ dimensions): a model and a processor that disagree are refused, not served.
 Reading: :func:`load_checkpoint` accepts a run folder, its ``checkpoints/`` folder or one
 checkpoint folder; :func:`load_policy` rebuilds the model (EMA weights when present) and the
 processor from a checkpoint folder alone — that is how a stranger loads one.
+
+Beside this module: ``tensor_files`` (the safetensors files themselves), ``train_state`` (the
+optimiser and RNG states a resume restores) and ``init_from`` (``--init``: a model started from
+another run's weights).
 """
 
 from __future__ import annotations
@@ -48,25 +52,23 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import re
 import shutil
 import time
 import uuid
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Iterator, Mapping
-from typing import Any, Callable, Iterable, Sequence
+from collections.abc import Mapping
+from typing import Any, Callable, Iterable
 
-import numpy as np
 import torch
 from torch import nn
 
 from ..config import ConfigError, DiT4DiTConfig
 from ..filehash import file_sha256
-from ..jsonio import read_json, to_jsonable, write_json
-from ..safetensors_header import read_header
+from ..jsonio import read_json, write_json
+from .tensor_files import (CheckpointError, LazySafetensors, fsync_path, read_safetensors, stored_shape,
+                           tensor_header, tensor_shape, write_safetensors)
 
 log = logging.getLogger("dit4dit.train")
 
@@ -97,10 +99,6 @@ RESUME_MAY_DIFFER = frozenset({
 SAVE_PAUSE_ENV = "DIT4DIT_TEST_SAVE_PAUSE"
 
 _STEP_RE = re.compile(r"^step_(\d+)$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, incomplete, corrupted or does not match the model/config."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -170,112 +168,6 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 
 
 # --------------------------------------------------------------------------------------------
-# Low-level writing (fsync) and reading (validation)
-# --------------------------------------------------------------------------------------------
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(str(path), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:  # some filesystems refuse fsync on directories
-        pass
-    finally:
-        os.close(fd)
-
-
-def _prepare_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Contiguous CPU tensors, none sharing storage (safetensors refuses shared storage)."""
-    out: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
-    for k, t in tensors.items():
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{k}: expected a tensor, got {type(t).__name__}")
-        t = t.detach()
-        if t.device.type != "cpu":
-            t = t.cpu()
-        t = t.contiguous()
-        storage = t.untyped_storage()
-        ptr = storage.data_ptr()
-        if ptr in seen or storage.nbytes() != t.numel() * t.element_size():
-            t = t.clone()
-            ptr = t.untyped_storage().data_ptr()
-        if t.numel():
-            seen.add(ptr)
-        out[k] = t
-    return out
-
-
-def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any] | None = None) -> None:
-    from safetensors.torch import save_file
-
-    meta = {k: str(v) for k, v in (metadata or {}).items()}
-    save_file(_prepare_tensors(tensors), str(path), metadata=meta)
-    _fsync_path(path)
-
-
-def _safetensors_header(path: Path) -> dict[str, Any]:
-    """Parse and check a safetensors header against the file size (catches truncation and garbage)."""
-    return read_header(path, CheckpointError, 512 * 1024 * 1024)
-
-
-def read_safetensors(path: str | os.PathLike, what: str | None = None) -> dict[str, torch.Tensor]:
-    """All tensors of a safetensors file on CPU, with clear errors for missing/corrupted files."""
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: missing {what or 'file'}")
-    _safetensors_header(path)
-    try:
-        return load_file(str(path), device="cpu")
-    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
-        raise CheckpointError(f"{path}: corrupted safetensors file ({type(e).__name__}: {e})") from e
-
-
-class LazySafetensors(Mapping):
-    """Read-only ``{name: tensor}`` view of a safetensors file that reads one tensor at a time
-    (memory-mapped): resuming a large model on many ranks never holds the whole file per rank.
-    ``shape(name)`` reads no data."""
-
-    def __init__(self, path: str | os.PathLike, what: str | None = None):
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise CheckpointError(f"{self.path}: missing {what or 'file'}")
-        header = _safetensors_header(self.path)
-        self._shapes = {k: tuple(int(x) for x in v["shape"]) for k, v in header.items() if k != "__metadata__"}
-        self._handle = None
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        if key not in self._shapes:
-            raise KeyError(key)
-        from safetensors import safe_open
-
-        try:
-            if self._handle is None:
-                self._handle = safe_open(str(self.path), framework="pt", device="cpu")
-            return self._handle.get_tensor(key)
-        except Exception as e:  # noqa: BLE001
-            raise CheckpointError(f"{self.path}: corrupted safetensors file ({type(e).__name__}: {e})") from e
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._shapes
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._shapes)
-
-    def __len__(self) -> int:
-        return len(self._shapes)
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return self._shapes[key]
-
-
-def safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
-    return dict(_safetensors_header(Path(path)).get("__metadata__") or {})
-
-
-# --------------------------------------------------------------------------------------------
 # State dicts of the trainable parts
 # --------------------------------------------------------------------------------------------
 
@@ -304,24 +196,16 @@ def trainable_state_dict(model: nn.Module, to_cpu: Callable[[torch.Tensor], torc
     return out
 
 
-def _shape(t: torch.Tensor) -> tuple[int, ...]:
-    return tuple(int(s) for s in t.shape)
-
-
-def _stored_shape(state: Mapping[str, torch.Tensor], key: str) -> tuple[int, ...]:
-    return state.shape(key) if isinstance(state, LazySafetensors) else _shape(state[key])
-
-
 def check_weights(model: nn.Module, state: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
     """Raise :class:`CheckpointError` naming missing/unexpected keys and shape mismatches."""
     expected: dict[str, tuple[int, ...]] = {}
     for part, module in saved_parts(model).items():
         for k, v in module.state_dict().items():
-            expected[f"{part}.{k}"] = _shape(v)
+            expected[f"{part}.{k}"] = tensor_shape(v)
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
-    mismatched = [(k, _stored_shape(state, k), expected[k]) for k in expected
-                  if k in state and _stored_shape(state, k) != expected[k]]
+    mismatched = [(k, stored_shape(state, k), expected[k]) for k in expected
+                  if k in state and stored_shape(state, k) != expected[k]]
     if not (missing or unexpected or mismatched):
         return
     lines = []
@@ -348,143 +232,6 @@ def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], source: st
     for part, module in saved_parts(model).items():
         for k, target in module.state_dict().items():
             target.copy_(place_like(state[f"{part}.{k}"], target))
-
-
-# --------------------------------------------------------------------------------------------
-# Optimiser state <-> tensors + JSON
-# --------------------------------------------------------------------------------------------
-
-
-def optimizer_state_tensors(optimizer: torch.optim.Optimizer,
-                            to_cpu: Callable[[torch.Tensor], torch.Tensor] | None = None
-                            ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """``({"<weight>/<key>": tensor}, json_meta)`` for an optimiser built by ``optim.build_optimizer``.
-
-    Collective under FSDP2 (every rank calls it; gathers shards in a fixed order).
-    """
-    from .distributed import to_full_cpu
-
-    conv = to_cpu or to_full_cpu
-    tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, dict[str, Any]] = {}
-    groups = []
-    for g in optimizer.param_groups:
-        names = g.get("param_names")
-        if names is None or len(names) != len(g["params"]):
-            raise ValueError("optimizer groups must carry 'param_names' (build it with optim.build_optimizer)")
-        for name, p in zip(names, g["params"]):
-            st = optimizer.state.get(p, {})
-            for k in sorted(st):
-                v = st[k]
-                if isinstance(v, torch.Tensor):
-                    tensors[f"{name}/{k}"] = conv(v)
-                else:
-                    scalars.setdefault(name, {})[k] = to_jsonable(v)
-        groups.append({k: to_jsonable(v) for k, v in g.items() if k != "params"})
-    meta = {"format": FORMAT, "version": FORMAT_VERSION, "class": type(optimizer).__name__,
-            "param_groups": groups, "scalar_state": scalars}
-    return tensors, meta
-
-
-@torch.no_grad()
-def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: Mapping[str, torch.Tensor], meta: dict[str, Any],
-                         source: str = "optimizer") -> None:
-    """Restore moments and step counts saved by :func:`optimizer_state_tensors` (DTensor-aware).
-
-    Hyper-parameters stay those of the current optimiser (the resumed config is checked to
-    match); the groups and the weights in each group must be the same.
-    """
-    from .distributed import place_like
-
-    saved = meta.get("param_groups", [])
-    cur_names = [g.get("name") for g in optimizer.param_groups]
-    saved_names = [g.get("name") for g in saved]
-    if cur_names != saved_names:
-        raise CheckpointError(f"{source}: parameter groups {saved_names} in the checkpoint, {cur_names} in the "
-                              f"optimiser")
-    for g, s in zip(optimizer.param_groups, saved):
-        a, b = list(g["param_names"]), list(s.get("param_names", []))
-        if a != b:
-            only_ckpt = sorted(set(b) - set(a))[:5]
-            only_model = sorted(set(a) - set(b))[:5]
-            raise CheckpointError(f"{source}: group {g['name']!r} holds different weights (checkpoint only: "
-                                  f"{only_ckpt}, model only: {only_model}, or a different order)")
-    keys_by_param: dict[str, list[tuple[str, str]]] = {}
-    for key in tensors.keys():
-        name, _, k = key.rpartition("/")
-        keys_by_param.setdefault(name, []).append((k, key))
-    scalars = meta.get("scalar_state", {})
-    for g in optimizer.param_groups:
-        on_device = bool(g.get("fused") or g.get("capturable"))
-        for name, p in zip(g["param_names"], g["params"]):
-            saved_keys = keys_by_param.get(name)
-            if not saved_keys:
-                optimizer.state.pop(p, None)
-                continue
-            st: dict[str, Any] = {}
-            for k, key in saved_keys:
-                t = tensors[key]  # read one tensor at a time (lazy files)
-                if k == "step":
-                    dev = (p.to_local().device if hasattr(p, "to_local") else p.device) if on_device else "cpu"
-                    st[k] = t.to(device=dev, dtype=torch.float32).clone()
-                else:
-                    if _shape(t) != _shape(p):
-                        raise CheckpointError(f"{source}: state {k!r} of {name}: checkpoint shape {_shape(t)} vs "
-                                              f"parameter shape {_shape(p)}")
-                    st[k] = place_like(t, p).clone() if t.dtype == p.dtype else place_like(t.to(p.dtype), p).clone()
-            st.update(scalars.get(name, {}))
-            optimizer.state[p] = st
-
-
-# --------------------------------------------------------------------------------------------
-# RNG states as tensors
-# --------------------------------------------------------------------------------------------
-
-
-def capture_rng(generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-    """This process's RNG states as tensors: torch CPU (+ CUDA), numpy, python ``random`` and
-    the loss-noise generator."""
-    out: dict[str, torch.Tensor] = {"torch_cpu": torch.get_rng_state().clone()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        out["torch_cuda"] = torch.cuda.get_rng_state().clone()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    out["numpy_keys"] = torch.from_numpy(np.asarray(keys, dtype=np.int64).copy())
-    out["numpy_meta"] = torch.tensor([int(pos), int(has_gauss)], dtype=torch.int64)
-    out["numpy_gauss"] = torch.tensor([float(cached)], dtype=torch.float64)
-    version, internal, gauss_next = random.getstate()
-    out["python_state"] = torch.tensor(list(internal), dtype=torch.int64)
-    out["python_meta"] = torch.tensor([int(version), int(gauss_next is not None)], dtype=torch.int64)
-    out["python_gauss"] = torch.tensor([0.0 if gauss_next is None else float(gauss_next)], dtype=torch.float64)
-    if generator is not None:
-        out["loss_generator"] = generator.get_state().clone()
-    return out
-
-
-def restore_rng(state: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> None:
-    """Inverse of :func:`capture_rng` (a CUDA state is skipped, with a warning, on a CPU-only host)."""
-    torch.set_rng_state(state["torch_cpu"].to(torch.uint8))
-    if "torch_cuda" in state:
-        if torch.cuda.is_available():
-            torch.cuda.set_rng_state(state["torch_cuda"].to(torch.uint8))
-        else:
-            log.warning("the checkpoint holds a CUDA RNG state but CUDA is not available: not restored")
-    keys = state["numpy_keys"].numpy().astype(np.uint32)
-    pos, has_gauss = (int(x) for x in state["numpy_meta"].tolist())
-    np.random.set_state(("MT19937", keys, pos, has_gauss, float(state["numpy_gauss"][0])))
-    version, has_next = (int(x) for x in state["python_meta"].tolist())
-    gauss = float(state["python_gauss"][0]) if has_next else None
-    random.setstate((version, tuple(int(x) for x in state["python_state"].tolist()), gauss))
-    if generator is not None:
-        if "loss_generator" not in state:
-            raise CheckpointError("the checkpoint holds no loss-noise generator state")
-        generator.set_state(state["loss_generator"].to(torch.uint8))
-
-
-def rank_rng(all_states: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor] | None:
-    """The ``rank{r}/...`` entries of a gathered RNG dict, without the prefix (None if absent)."""
-    prefix = f"rank{rank}/"
-    out = {k[len(prefix):]: v for k, v in all_states.items() if k.startswith(prefix)}
-    return out or None
 
 
 # --------------------------------------------------------------------------------------------
@@ -523,7 +270,7 @@ def write_latest(root: Path, name: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, root / LATEST_FILE)
-    _fsync_path(root)
+    fsync_path(root)
 
 
 def prune_checkpoints(run_dir: str | os.PathLike, keep_last: int, protect: Iterable[Path] = ()) -> list[Path]:
@@ -564,20 +311,20 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, config: DiT4DiTCon
         meta["backbone_hash"] = str(backbone["hash"])
     try:
         write_json(tmp / CONFIG_FILE, json.loads(config.to_json()), sort_keys=True)
-        _write_safetensors(tmp / MODEL_FILE, model_state, {**meta, "content": "trainable weights"})
+        write_safetensors(tmp / MODEL_FILE, model_state, {**meta, "content": "trainable weights"})
         if ema_state is not None:
-            _write_safetensors(tmp / EMA_FILE, ema_state, {**meta, "content": "EMA of the trainable weights"})
+            write_safetensors(tmp / EMA_FILE, ema_state, {**meta, "content": "EMA of the trainable weights"})
         _maybe_pause(step, tmp)
         if optimizer_state is not None:
             tensors, ometa = optimizer_state
-            _write_safetensors(tmp / OPTIMIZER_FILE, tensors, meta)
+            write_safetensors(tmp / OPTIMIZER_FILE, tensors, meta)
             write_json(tmp / OPTIMIZER_META_FILE, ometa, sort_keys=True)
         if rng_state is not None:
-            _write_safetensors(tmp / RNG_FILE, rng_state, meta)
+            write_safetensors(tmp / RNG_FILE, rng_state, meta)
         if processor is not None:
             processor.save(tmp)
             if (tmp / PROCESSOR_FILE).is_file():
-                _fsync_path(tmp / PROCESSOR_FILE)
+                fsync_path(tmp / PROCESSOR_FILE)
         state = dict(trainer_state)
         if backbone is not None:
             state["backbone"] = dict(backbone)
@@ -587,14 +334,14 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, config: DiT4DiTCon
                       "hashes": {p.name: "sha256:" + file_sha256(p) for p in sorted(tmp.iterdir())
                                  if p.is_file() and p.name.endswith(".safetensors")}})
         write_json(tmp / STATE_FILE, state, sort_keys=True)  # written last: its presence marks a complete folder
-        _fsync_path(tmp)
+        fsync_path(tmp)
         final = root / name
         old = None
         if final.exists():
             old = root / f".old-{name}-{uuid.uuid4().hex[:8]}"
             os.replace(final, old)
         os.replace(tmp, final)
-        _fsync_path(root)
+        fsync_path(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -700,7 +447,7 @@ def load_checkpoint(path: str | os.PathLike, validate: bool = True, verify_hashe
                                       f"truncated or was modified")
         for fname in present:
             if fname.endswith(".safetensors"):
-                _safetensors_header(ck / fname)
+                tensor_header(ck / fname)
         if verify_hashes:
             verify_file_hashes(ck, state)
     cfg_dict = read_json(ck / CONFIG_FILE, "config", error=CheckpointError)
@@ -819,115 +566,6 @@ def check_resume_config(checkpoint: Checkpoint, requested: DiT4DiTConfig) -> Non
         lines = "\n  - ".join(f"{k}: checkpoint {a!r}, requested {b!r}" for k, a, b in diffs[:20])
         raise ConfigError(f"cannot resume from {checkpoint.path}: the requested config differs from the "
                           f"checkpoint's (only {', '.join(sorted(RESUME_MAY_DIFFER))} may change):\n  - {lines}")
-
-
-@torch.no_grad()
-def _text_differences(a: Any, b: Any) -> list[str]:
-    """Fields of two ``TextConfig`` that make them different text encoders (the folder path aside)."""
-    da, db = dataclasses.asdict(a), dataclasses.asdict(b)
-    return [f"text.{k}: {da[k]!r} vs {db[k]!r}" for k in da if k != "path" and da[k] != db.get(k)]
-
-
-# The parts a model may save (``DiT4DiT.saved_modules``), which ``train.init_parts`` may name.
-INIT_PARTS = ("video_dit", "image_encoder", "image_head", "action_dit", "text_encoder", "codec")
-
-
-@torch.no_grad()
-def init_weights_from(model: nn.Module, path: str | os.PathLike, use_ema: bool = True,
-                      config: DiT4DiTConfig | None = None, parts: Sequence[str] = ()) -> dict[str, Any]:
-    """Initialise ``model`` from another run or checkpoint folder (``train.init_from``, ``--init``).
-
-    Tensor by tensor over :func:`saved_parts` (the EMA weights when the checkpoint has them and
-    ``use_ema``, else the raw ones; the optimiser state is never read): a tensor whose name and
-    shape match loads; every other keeps its fresh initialisation. A codec that learns from the
-    data (the ``pca`` basis) is taken whole from the checkpoint, so the video DiT keeps seeing the
-    latents it was trained on; a different text encoder (``config.text`` differing from the
-    checkpoint's in anything but its folder) is an error. ``parts`` (``train.init_parts``): only
-    these parts load (a fitted codec always does); the others keep their fresh initialisation and
-    are listed under ``"not_taken"``. Returns the report the trainer logs:
-    ``{"checkpoint", "step", "weights", "loaded": {part: n}, "loaded_tensors", "kept": {part: n},
-    "mismatched": [{"name", "checkpoint", "model"}], "missing": [names], "unused": [names],
-    "codec"}``.
-    """
-    ck = load_checkpoint(path)
-    if config is not None:
-        diff = _text_differences(config.text, ck.config.text)
-        if diff:
-            raise CheckpointError(f"--init {ck.path}: it was trained with another text encoder ({'; '.join(diff)}); "
-                                  f"its video DiT reads that encoder's embeddings, so it cannot initialise this "
-                                  f"model")
-    ema = use_ema and ck.has_ema
-    state = ck.ema_state(lazy=True) if ema else ck.model_state(lazy=True)
-    source = f"--init {ck.path / (EMA_FILE if ema else MODEL_FILE)}"
-    from .distributed import place_like
-
-    wanted = tuple(parts)
-    parts = saved_parts(model)
-    codec = parts.get("codec")
-    unknown = [p for p in wanted if p not in INIT_PARTS]
-    if unknown:
-        raise CheckpointError(f"train.init_parts {list(wanted)}: unknown part(s) {unknown}; parts: "
-                              f"{', '.join(INIT_PARTS)}")  # a known part this model lacks (a frozen text encoder) is no error
-    not_taken = sorted(k for k in parts if wanted and k not in wanted and k != "codec")
-    parts = {k: m for k, m in parts.items() if k not in not_taken}
-    report: dict[str, Any] = {"checkpoint": str(ck.path), "step": ck.step, "weights": "ema" if ema else "model",
-                              "loaded": {}, "kept": {}, "mismatched": [], "missing": [], "codec": None,
-                              "not_taken": not_taken}
-    held = set(state.keys())
-    expected = set()
-    for part, module in parts.items():
-        for k, target in module.state_dict().items():
-            name = f"{part}.{k}"
-            expected.add(name)
-            if name not in held:
-                report["missing"].append(name)
-                report["kept"][part] = report["kept"].get(part, 0) + 1
-                continue
-            shape = _stored_shape(state, name)
-            if shape != _shape(target):
-                if module is codec:  # the latents the video DiT was trained on: all or an error
-                    raise CheckpointError(f"{source}: its codec tensor {name} has shape {shape}, this model's "
-                                          f"{_shape(target)}: the codecs differ (codec.* in the configs)")
-                report["mismatched"].append({"name": name, "checkpoint": list(shape), "model": list(_shape(target))})
-                report["kept"][part] = report["kept"].get(part, 0) + 1
-                continue
-            target.copy_(place_like(state[name], target))
-            report["loaded"][part] = report["loaded"].get(part, 0) + 1
-    if codec is not None:
-        names = [f"codec.{k}" for k in codec.state_dict()]
-        if any(n in report["missing"] for n in names):
-            if ck.config.codec.kind == "pca":
-                raise CheckpointError(f"{source}: holds no fitted pca codec; this model's codec must be the one its "
-                                      f"video DiT was trained on")
-        else:
-            report["codec"] = "loaded from the initialising checkpoint"
-    report["unused"] = sorted(k for k in held - expected if k.split(".", 1)[0] not in not_taken)
-    report["loaded_tensors"] = sum(report["loaded"].values())
-    if report["loaded_tensors"] == 0:
-        raise CheckpointError(f"--init {ck.path}: no tensor of it matches this model by name and shape (it holds "
-                              f"{sorted({k.split('.', 1)[0] for k in held})}, the model {sorted(parts)})")
-    return report
-
-
-def describe_init(report: Mapping[str, Any]) -> list[str]:
-    """Log lines for an :func:`init_weights_from` report: what loaded, what did not, and why."""
-    loaded = ", ".join(f"{p} {n}" for p, n in report["loaded"].items()) or "none"
-    lines = [f"initialised from {report['checkpoint']} ({report['weights']} weights, step {report['step']}): "
-             f"{report['loaded_tensors']} tensors loaded ({loaded})"]
-    for m in report["mismatched"]:
-        lines.append(f"  kept fresh: {m['name']}: shape {tuple(m['checkpoint'])} in the checkpoint, "
-                     f"{tuple(m['model'])} in this model")
-    if report["missing"]:
-        lines.append(f"  kept fresh: {len(report['missing'])} tensors the checkpoint does not hold: "
-                     + ", ".join(report["missing"][:8]) + (" ..." if len(report["missing"]) > 8 else ""))
-    if report["unused"]:
-        lines.append(f"  not used: {len(report['unused'])} checkpoint tensors this model does not have: "
-                     + ", ".join(report["unused"][:8]) + (" ..." if len(report["unused"]) > 8 else ""))
-    if report.get("codec"):
-        lines.append(f"  codec: {report['codec']}")
-    if report.get("not_taken"):
-        lines.append(f"  not taken (train.init_parts): {', '.join(report['not_taken'])} (fresh initialisation)")
-    return lines
 
 
 def recorded_backbone(state: Mapping[str, Any]) -> dict[str, Any] | None:

@@ -47,6 +47,7 @@ from ..data.training_data import (DatasetFolder, TrainingData, action_free_train
                                   is_labelled_dataset, resolve_auto_cameras, with_action_free_video)
 from ..jsonio import write_json
 from . import checkpoint as ckpt
+from . import init_from, train_state
 from .codec_fit import codec_latent_rms, fit_codec
 from .distributed import (DistInfo, ShardedBatchSampler, Wrapped, all_reduce_mean, barrier, broadcast_flag,
                           choose_strategy, gather_tensors, init_distributed, is_dtensor, seed_for, shutdown, wrap)
@@ -374,7 +375,7 @@ class Trainer:
     def _init_from(self, model: Any, cfg: DiT4DiTConfig, info: DistInfo) -> None:
         """``train.init_from``: another run's weights (``init.json`` in the run folder says which)."""
         tc = cfg.train
-        self.init_report = ckpt.init_weights_from(model, tc.init_from, config=cfg, parts=tc.init_parts)
+        self.init_report = init_from.init_weights_from(model, tc.init_from, config=cfg, parts=tc.init_parts)
         fresh = [n for n in self.init_report["missing"] + [m["name"] for m in self.init_report["mismatched"]]
                  if n.split(".", 1)[0] in VIDEO_PARTS]
         if tc.freeze_video and fresh:
@@ -443,7 +444,7 @@ class Trainer:
             for line in getattr(data, "describe", lambda: [])():
                 logger.info("%s", line)
         if self.init_report is not None:
-            for line in ckpt.describe_init(self.init_report):
+            for line in init_from.describe_init(self.init_report):
                 logger.info("%s", line)
             rms = self.init_report.get("codec_latent_rms")
             if rms is not None and not 1 / 3 <= rms <= 3:
@@ -580,8 +581,8 @@ class Trainer:
                 # Frozen weights (train.freeze_video) have no shadow: their average is themselves.
                 for n, t in model_state.items():
                     ema_state.setdefault(n, t)
-            opt_state = ckpt.optimizer_state_tensors(r.optimizer, full)
-        rng = gather_tensors(ckpt.capture_rng(r.generator), info)
+            opt_state = train_state.optimizer_state_tensors(r.optimizer, full)
+        rng = gather_tensors(train_state.capture_rng(r.generator), info)
         path = None
         if main:
             data = self.data if isinstance(self.data, (str, os.PathLike)) else type(self.data).__name__
@@ -621,7 +622,7 @@ class Trainer:
         ckpt.load_weights(model, found.model_state(lazy=True), str(found.path / ckpt.MODEL_FILE))
         if found.has_optimizer:
             tensors, meta = found.optimizer_state(lazy=True)
-            ckpt.load_optimizer_state(optimizer, tensors, meta, str(found.path / ckpt.OPTIMIZER_FILE))
+            train_state.load_optimizer_state(optimizer, tensors, meta, str(found.path / ckpt.OPTIMIZER_FILE))
         else:
             raise ckpt.CheckpointError(f"{found.path}: no optimiser state, cannot resume training exactly "
                                        f"(load the weights with load_policy to fine-tune instead)")
@@ -661,9 +662,9 @@ class Trainer:
                                                               stream.free.batches_per_epoch))
         # RNG last, right before the loop.
         rng = found.rng_state()
-        mine = ckpt.rank_rng(rng, info.rank) if rng is not None else None
+        mine = train_state.rank_rng(rng, info.rank) if rng is not None else None
         if mine is not None:
-            ckpt.restore_rng(mine, generator)
+            train_state.restore_rng(mine, generator)
         else:
             generator.manual_seed(seed_for(self.cfg.train.seed, 1, info.rank, found.step))
             torch.manual_seed(seed_for(self.cfg.train.seed, 2, info.rank, found.step))
